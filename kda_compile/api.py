@@ -1,0 +1,172 @@
+"""Public API: ``chunk_kda`` and ``fused_recurrent_kda``, FLA-compatible (design.md section 3).
+
+Both check their inputs (:mod:`kda_compile.checks`), then call the ``kda_compile::`` custom ops
+(:mod:`kda_compile.ops`), inside which the dispatch picks a backend.  ``explain`` answers, for the same
+arguments, which backend a call would use and why, without running it.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import dispatch, ops  # noqa: F401  (ops registers the custom ops)
+from .checks import check_inputs, reject_unknown_keywords
+from .reference import KDAOptions
+
+
+def _options(q, scale, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval,
+             lower_bound, chunk_size, state_v_first) -> KDAOptions:
+    return KDAOptions(
+        scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
+        use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel), use_gate_in_kernel=bool(use_gate_in_kernel),
+        use_beta_sigmoid_in_kernel=bool(use_beta_sigmoid_in_kernel), allow_neg_eigval=bool(allow_neg_eigval),
+        # lower_bound only shapes the gate computed in the kernel; a precomputed g is used as given.
+        lower_bound=None if lower_bound is None or not use_gate_in_kernel else float(lower_bound),
+        chunk_size=int(chunk_size), state_v_first=bool(state_v_first))
+
+
+def _check_backend(backend) -> str:
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a string such as 'reference', 'triton' or 'tilelang', or None; "
+                        f"got {type(backend).__name__}")
+    return backend or ""
+
+
+def _requires_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+              use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False,
+              allow_neg_eigval=False, safe_gate=False, lower_bound=None, disable_recompute=False,
+              return_intermediate_states=False, state_v_first=False, cu_seqlens=None, cu_seqlens_cpu=None, *,
+              chunk_size=64, A_log=None, dt_bias=None, backend=None, **kwargs):
+    """Chunkwise KDA, the prefill/training path; same arguments and meaning as ``fla.ops.kda.chunk_kda``.
+
+    Shapes: ``q, k [B, T, H, K]``, ``v [B, T, HV, V]`` (HV a multiple of H), ``g [B, T, HV, K]`` (log decay,
+    or the raw gate with ``use_gate_in_kernel``), ``beta [B, T, HV]``, ``initial_state [N, HV, K, V]``
+    float32 (``[N, HV, V, K]`` with ``state_v_first``).  With ``cu_seqlens`` (``[N + 1]``) B must be 1.
+
+    Returns ``(o [B, T, HV, V], final_state or None)``, or ``(o, final_state, h)`` with
+    ``return_intermediate_states`` (inference only; ``h`` is the state entering each chunk).
+    ``backend`` forces ``"tilelang"``, ``"triton"`` or ``"reference"``; ``disable_recompute`` is accepted
+    for compatibility and has no effect on the reference backward.
+    """
+    reject_unknown_keywords(kwargs, "chunk_kda")
+    check_inputs(q, k, v, g, beta, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                 cu_seqlens_cpu=cu_seqlens_cpu, A_log=A_log, dt_bias=dt_bias, scale=scale,
+                 use_gate_in_kernel=use_gate_in_kernel, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+                 allow_neg_eigval=allow_neg_eigval, safe_gate=safe_gate, lower_bound=lower_bound,
+                 chunk_size=chunk_size, state_v_first=state_v_first)
+    opts = _options(q, scale, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
+                    allow_neg_eigval, lower_bound, chunk_size, state_v_first)
+    backend = _check_backend(backend)
+    tensors = (q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias)
+    if return_intermediate_states:
+        if _requires_grad(q, k, v, g, beta, initial_state, A_log, dt_bias):
+            raise ValueError("return_intermediate_states=True is for inference only: run under "
+                             "torch.inference_mode() or torch.no_grad()")
+        o, final, h = torch.ops.kda_compile.chunk_kda_fwd_states(*tensors, *_astuple(opts))
+        return o, (final if output_final_state else None), h
+    o, final = torch.ops.kda_compile.chunk_kda_fwd(*tensors, *_astuple(opts), bool(output_final_state), backend)
+    return o, (final if output_final_state else None)
+
+
+def fused_recurrent_kda(q, k, v, g, beta, A_log=None, dt_bias=None, scale=None, initial_state=None,
+                        output_final_state=False, use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False,
+                        use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False, lower_bound=None,
+                        state_v_first=False, cu_seqlens=None, *, ssm_state_indices=None, num_accepted_tokens=None,
+                        inplace_final_state=False, backend=None, **kwargs):
+    """Token-by-token KDA, the decode/serving path; same arguments as ``fla.ops.kda.fused_recurrent_kda``.
+
+    Serving extras: ``initial_state`` may be a pool ``[P, HV, K, V]`` indexed by ``ssm_state_indices``
+    (``[N]``: slot of sequence n; ``[N, S]``: one slot per draft token, the initial state read from column
+    ``num_accepted_tokens[n] - 1``).  With ``inplace_final_state`` the new state is written into
+    ``initial_state`` (1-D indices: the final state to ``idx[n]``; 2-D: the state after token t to
+    ``idx[n, t]``) and the returned state is None.  Returns ``(o, final_state or None)``.
+    """
+    reject_unknown_keywords(kwargs, "fused_recurrent_kda")
+    pooled = ssm_state_indices is not None
+    problem = check_inputs(q, k, v, g, beta, initial_state=initial_state, cu_seqlens=cu_seqlens, A_log=A_log,
+                           dt_bias=dt_bias, scale=scale, use_gate_in_kernel=use_gate_in_kernel,
+                           use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
+                           lower_bound=lower_bound, state_v_first=state_v_first, state_is_pool=pooled)
+    _check_serving(problem, initial_state, ssm_state_indices, num_accepted_tokens, inplace_final_state)
+    opts = _options(q, scale, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
+                    allow_neg_eigval, lower_bound, 64, state_v_first)
+    backend = _check_backend(backend)
+    tensors = (q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices, num_accepted_tokens)
+    if inplace_final_state:
+        if _requires_grad(q, k, v, g, beta, initial_state, A_log, dt_bias):
+            raise ValueError("inplace_final_state=True is for inference only: run under torch.no_grad()")
+        o = torch.ops.kda_compile.recurrent_kda_inplace(*tensors, *_astuple(opts), backend)
+        return o, None
+    if pooled and _requires_grad(q, k, v, g, beta, initial_state, A_log, dt_bias):
+        raise ValueError("ssm_state_indices / num_accepted_tokens are for inference only: run under torch.no_grad()")
+    o, final = torch.ops.kda_compile.recurrent_kda_fwd(*tensors, *_astuple(opts), bool(output_final_state), backend)
+    return o, (final if output_final_state else None)
+
+
+def _check_serving(problem, initial_state, ssm_state_indices, num_accepted_tokens, inplace_final_state) -> None:
+    if inplace_final_state and initial_state is None:
+        raise ValueError("inplace_final_state=True needs initial_state (the state, or state pool, to update)")
+    if num_accepted_tokens is not None and ssm_state_indices is None:
+        raise ValueError("num_accepted_tokens needs ssm_state_indices of shape [N, S] (speculative decoding)")
+    if ssm_state_indices is None:
+        return
+    if initial_state is None:
+        raise ValueError("ssm_state_indices needs initial_state: the state pool [P, HV, K, V] it indexes")
+    if not isinstance(ssm_state_indices, torch.Tensor) or ssm_state_indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError("ssm_state_indices must be an int32 or int64 tensor of shape [N] or [N, S]")
+    if ssm_state_indices.dim() not in (1, 2) or ssm_state_indices.shape[0] != problem.N:
+        raise ValueError(f"ssm_state_indices must have shape [N] or [N, S] with N={problem.N}, "
+                         f"got {list(ssm_state_indices.shape)}")
+    if num_accepted_tokens is not None:
+        if ssm_state_indices.dim() != 2:
+            raise ValueError("num_accepted_tokens needs 2-D ssm_state_indices [N, S]")
+        if not isinstance(num_accepted_tokens, torch.Tensor) or tuple(num_accepted_tokens.shape) != (problem.N,):
+            raise ValueError(f"num_accepted_tokens must be an integer tensor of shape [N] = [{problem.N}]")
+    if not torch.compiler.is_compiling():
+        pool = initial_state.shape[0]
+        if ssm_state_indices.numel() and (int(ssm_state_indices.min()) < 0 or int(ssm_state_indices.max()) >= pool):
+            raise ValueError(f"ssm_state_indices must lie in [0, {pool}) (the pool size, initial_state.shape[0])")
+        if num_accepted_tokens is not None and num_accepted_tokens.numel():
+            lo, hi = int(num_accepted_tokens.min()), int(num_accepted_tokens.max())
+            if lo < 1 or hi > ssm_state_indices.shape[1]:
+                raise ValueError(f"num_accepted_tokens must lie in [1, {ssm_state_indices.shape[1]}], got {lo}..{hi}")
+
+
+def _astuple(opts: KDAOptions) -> tuple:
+    return (opts.scale, opts.use_qk_l2norm_in_kernel, opts.use_gate_in_kernel, opts.use_beta_sigmoid_in_kernel,
+            opts.allow_neg_eigval, opts.lower_bound, opts.chunk_size, opts.state_v_first)
+
+
+def explain(q, k, v, g, beta, op: str = "chunk", **kwargs) -> dispatch.Choice:
+    """Which backend (and config) a ``chunk_kda`` (``op="chunk"``) or ``fused_recurrent_kda``
+    (``op="recurrent"``) call with these arguments would use, and why each other backend would not.
+    Nothing is computed; ``print(explain(...))`` gives a readable report."""
+    if op not in dispatch.OPS:
+        raise ValueError(f"op must be one of {dispatch.OPS}, got {op!r}")
+    backend = _check_backend(kwargs.pop("backend", None))
+    known = ("scale", "initial_state", "output_final_state", "use_qk_l2norm_in_kernel", "use_gate_in_kernel",
+             "use_beta_sigmoid_in_kernel", "allow_neg_eigval", "safe_gate", "lower_bound", "state_v_first",
+             "cu_seqlens", "cu_seqlens_cpu", "chunk_size", "A_log", "dt_bias", "ssm_state_indices",
+             "num_accepted_tokens", "inplace_final_state", "disable_recompute", "return_intermediate_states")
+    reject_unknown_keywords({key: None for key in kwargs if key not in known}, "explain")
+    a = dict(kwargs)
+    problem = check_inputs(q, k, v, g, beta, initial_state=a.get("initial_state"), cu_seqlens=a.get("cu_seqlens"),
+                           cu_seqlens_cpu=a.get("cu_seqlens_cpu"), A_log=a.get("A_log"), dt_bias=a.get("dt_bias"),
+                           scale=a.get("scale"), use_gate_in_kernel=a.get("use_gate_in_kernel", False),
+                           use_beta_sigmoid_in_kernel=a.get("use_beta_sigmoid_in_kernel", False),
+                           allow_neg_eigval=a.get("allow_neg_eigval", False), safe_gate=a.get("safe_gate", False),
+                           lower_bound=a.get("lower_bound"), chunk_size=a.get("chunk_size", 64),
+                           state_v_first=a.get("state_v_first", False),
+                           state_is_pool=a.get("ssm_state_indices") is not None)
+    opts = _options(q, a.get("scale"), a.get("use_qk_l2norm_in_kernel", False), a.get("use_gate_in_kernel", False),
+                    a.get("use_beta_sigmoid_in_kernel", False), a.get("allow_neg_eigval", False),
+                    a.get("lower_bound"), a.get("chunk_size", 64), a.get("state_v_first", False))
+    call = dispatch.KDACall(op, problem, opts, q, k, v, g, beta, a.get("initial_state"), a.get("cu_seqlens"),
+                            a.get("A_log"), a.get("dt_bias"), output_final_state=bool(a.get("output_final_state")),
+                            ssm_state_indices=a.get("ssm_state_indices"),
+                            num_accepted_tokens=a.get("num_accepted_tokens"),
+                            inplace_final_state=bool(a.get("inplace_final_state")))
+    return dispatch.choose(call, backend or None)

@@ -1,0 +1,184 @@
+"""Input checking for the public API.
+
+Every bad input becomes a ``ValueError`` (shapes, values) or ``TypeError`` (types, dtypes) that names the
+argument and what was expected -- never a kernel crash, silent garbage or a hang.  The result of a successful
+check is a :class:`Problem`: the sizes every backend and the dispatch need.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# FLA keywords that have no meaning here: refused loudly, never ignored (design.md section 3).
+UNSUPPORTED_FLA_KEYWORDS = ("cp_context", "use_graph", "max_num_seqs")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Sizes of one KDA call (N = number of sequences: B, or len(cu_seqlens) - 1)."""
+
+    B: int
+    T: int
+    H: int
+    HV: int
+    K: int
+    V: int
+    N: int
+    varlen: bool
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _shape(x: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in x.shape) + "]"
+
+
+def _tensor(name: str, x, *, ndim: int | None = None, expected: str = "") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor{' of shape ' + expected if expected else ''}, "
+                        f"got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have shape {expected} ({ndim} dims), got {_shape(x)}")
+    return x
+
+
+def _float(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def _expect_shape(name: str, x: torch.Tensor, shape: tuple, text: str) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {text} = {list(shape)}, got {_shape(x)}")
+
+
+def reject_unknown_keywords(kwargs: dict, function: str) -> None:
+    """FLA-only keywords raise a clear ValueError; anything else is an ordinary unexpected keyword."""
+    for key in kwargs:
+        if key in UNSUPPORTED_FLA_KEYWORDS:
+            raise ValueError(f"{function}: `{key}` (flash-linear-attention context parallel / graph mode) is "
+                             f"not supported by kda_compile; remove it")
+        raise TypeError(f"{function}() got an unexpected keyword argument '{key}'")
+
+
+def check_cu_seqlens(cu_seqlens, T: int, B: int, cu_seqlens_cpu=None, device=None) -> int:
+    """Validate varlen offsets; returns N.  Values are read from ``cu_seqlens_cpu`` when given (no sync)."""
+    _tensor("cu_seqlens", cu_seqlens, ndim=1, expected="[N + 1]")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must have shape [N + 1] with N >= 1, got {_shape(cu_seqlens)}")
+    if B != 1:
+        raise ValueError(f"with cu_seqlens the batch size B must be 1 (sequences packed along T), got B={B}")
+    if device is not None and cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
+    if cu_seqlens_cpu is not None:
+        _tensor("cu_seqlens_cpu", cu_seqlens_cpu, ndim=1, expected="[N + 1]")
+        if cu_seqlens_cpu.shape != cu_seqlens.shape:
+            raise ValueError(f"cu_seqlens_cpu must have the shape of cu_seqlens {_shape(cu_seqlens)}, "
+                             f"got {_shape(cu_seqlens_cpu)}")
+    if torch.compiler.is_compiling():  # values are data; reading them would break the graph
+        return cu_seqlens.shape[0] - 1
+    values = (cu_seqlens_cpu if cu_seqlens_cpu is not None else cu_seqlens).tolist()
+    if values[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {values[0]}")
+    if any(b < a for a, b in zip(values[:-1], values[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing (sequence lengths >= 0), got {values}")
+    if values[-1] != T:
+        raise ValueError(f"cu_seqlens must end at T = {T} (the packed token count), got {values[-1]}")
+    return len(values) - 1
+
+
+def check_state(name: str, state, N: int, HV: int, K: int, V: int, state_v_first: bool, q: torch.Tensor,
+                pool: bool = False) -> None:
+    """The recurrent state: ``[N, HV, K, V]`` (``[N, HV, V, K]`` with state_v_first), float32 (float64 for
+    float64 inputs).  With ``pool`` the first dimension is the pool size, not N."""
+    layout = "[N, HV, V, K]" if state_v_first else "[N, HV, K, V]"
+    _tensor(name, state, ndim=4, expected=layout)
+    tail = (HV, V, K) if state_v_first else (HV, K, V)
+    if tuple(state.shape[1:]) != tail or (not pool and state.shape[0] != N):
+        want = ["pool size" if pool else N, *tail]
+        raise ValueError(f"{name} must have shape {layout} = {want}, got {_shape(state)}")
+    allowed = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
+    if state.dtype not in allowed:
+        raise TypeError(f"{name} must be float32{' or float64' if len(allowed) > 1 else ''}, got {state.dtype}")
+    if state.device != q.device:
+        raise ValueError(f"{name} is on {state.device} but q is on {q.device}")
+
+
+def check_inputs(q, k, v, g, beta, *, initial_state=None, cu_seqlens=None, cu_seqlens_cpu=None,
+                 A_log=None, dt_bias=None, scale=None, use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False,
+                 allow_neg_eigval=False, safe_gate=False, lower_bound=None, chunk_size=64, state_v_first=False,
+                 state_is_pool=False) -> Problem:
+    """Check the arguments shared by ``chunk_kda`` and ``fused_recurrent_kda``; returns the :class:`Problem`."""
+    _tensor("q", q, ndim=4, expected="[B, T, H, K]")
+    B, T, H, K = q.shape
+    _tensor("k", k, ndim=4, expected="[B, T, H, K]")
+    _expect_shape("k", k, q.shape, "[B, T, H, K] (the shape of q)")
+    _tensor("v", v, ndim=4, expected="[B, T, HV, V]")
+    if tuple(v.shape[:2]) != (B, T):
+        raise ValueError(f"v must have shape [B, T, HV, V] with B={B}, T={T} (from q), got {_shape(v)}")
+    HV, V = v.shape[2], v.shape[3]
+    if H == 0 or HV % H != 0:
+        raise ValueError(f"the value heads HV={HV} (v.shape[2]) must be a positive multiple of the key heads "
+                         f"H={H} (q.shape[2])")
+    if K == 0 or V == 0:
+        raise ValueError(f"head dims must be positive, got K={K}, V={V}")
+    _tensor("g", g, ndim=4, expected="[B, T, HV, K]")
+    _expect_shape("g", g, (B, T, HV, K), "[B, T, HV, K]")
+    _tensor("beta", beta, ndim=3, expected="[B, T, HV]")
+    _expect_shape("beta", beta, (B, T, HV), "[B, T, HV]")
+
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+        _float(name, x)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    for name, x in (("k", k), ("v", v), ("g", g), ("beta", beta)):
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; all inputs must share a device")
+
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if chunk_size not in (32, 64):
+        raise ValueError(f"chunk_size must be 32 or 64, got {chunk_size}")
+    if allow_neg_eigval and not use_beta_sigmoid_in_kernel:
+        raise ValueError("allow_neg_eigval=True requires use_beta_sigmoid_in_kernel=True (beta given as logits)")
+    if lower_bound is not None and not isinstance(lower_bound, (int, float)):
+        raise TypeError(f"lower_bound must be a float or None, got {type(lower_bound).__name__}")
+    if safe_gate and use_gate_in_kernel:
+        if lower_bound is None:
+            raise ValueError("safe_gate=True with use_gate_in_kernel=True needs lower_bound (e.g. -5)")
+        if not -5 <= lower_bound < 0:
+            raise ValueError(f"lower_bound must lie in the safe range [-5, 0), got {lower_bound}")
+
+    if use_gate_in_kernel:
+        if A_log is None and lower_bound is None:
+            raise ValueError("use_gate_in_kernel=True needs A_log of shape [HV] (or lower_bound for the "
+                             "sigmoid gate without A_log)")
+        if A_log is not None:
+            _tensor("A_log", A_log, expected="[HV]")
+            _float("A_log", A_log)
+            if A_log.numel() != HV:
+                raise ValueError(f"A_log must have shape [HV] = [{HV}], got {_shape(A_log)}")
+            if A_log.device != q.device:
+                raise ValueError(f"A_log is on {A_log.device} but q is on {q.device}")
+        if dt_bias is not None:
+            _tensor("dt_bias", dt_bias, expected="[HV * K]")
+            _float("dt_bias", dt_bias)
+            if dt_bias.numel() != HV * K:
+                raise ValueError(f"dt_bias must have shape [HV * K] = [{HV * K}], got {_shape(dt_bias)}")
+            if dt_bias.device != q.device:
+                raise ValueError(f"dt_bias is on {dt_bias.device} but q is on {q.device}")
+
+    if cu_seqlens is not None:
+        N = check_cu_seqlens(cu_seqlens, T, B, cu_seqlens_cpu, device=q.device)
+    else:
+        if cu_seqlens_cpu is not None:
+            raise ValueError("cu_seqlens_cpu was given without cu_seqlens")
+        N = B
+    if initial_state is not None:
+        check_state("initial_state", initial_state, N, HV, K, V, state_v_first, q, pool=state_is_pool)
+    return Problem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=N, varlen=cu_seqlens is not None, dtype=q.dtype,
+                   device=q.device)

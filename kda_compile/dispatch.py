@@ -1,0 +1,176 @@
+"""Backend registry and per-call dispatch (design.md section 4, style.md "FlashInfer").
+
+Backends are declared, not branched: each is a :class:`Backend` with a ``supports(call) -> reason | None``
+check.  For every call the dispatch picks, in order of precedence:
+
+1. an explicit ``backend=`` argument (an error if that backend cannot run the call),
+2. the ``KDA_COMPILE_BACKEND`` environment variable (a preference: falls back, with the reason, if it cannot),
+3. the default order of the registered backends (fastest first; the reference last, it runs everything).
+
+Kernel packages (``kda_compile.kernels_tl``, ``kda_compile.kernels_triton``) register themselves on import
+through :func:`register_backend`; a package that cannot import records why, and :func:`explain` shows it.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .checks import Problem
+from .reference import KDAOptions
+
+ENV_BACKEND = "KDA_COMPILE_BACKEND"
+OPS = ("chunk", "recurrent")
+# Kernel packages tried on first use; each registers its backend when its kernels exist and can import.
+PLUGIN_PACKAGES = {"tilelang": "kda_compile.kernels_tl", "triton": "kda_compile.kernels_triton"}
+
+
+@dataclass
+class KDACall:
+    """Everything a backend needs to run one call: tensors as the user gave them, options and sizes."""
+
+    op: str                                   # "chunk" or "recurrent"
+    problem: Problem
+    opts: KDAOptions
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    g: torch.Tensor
+    beta: torch.Tensor
+    initial_state: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    A_log: torch.Tensor | None = None
+    dt_bias: torch.Tensor | None = None
+    output_final_state: bool = False
+    ssm_state_indices: torch.Tensor | None = None   # recurrent only: state slots in a pool
+    num_accepted_tokens: torch.Tensor | None = None  # recurrent only: speculative decoding
+    inplace_final_state: bool = False                # recurrent only: write the state back into the pool
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A way to run KDA.  ``run(call, config) -> (o, final_state or None)``; ``supports(call)`` returns
+    None when it can run the call, else the reason it cannot."""
+
+    name: str
+    supports: Callable[[KDACall], str | None]
+    run: Callable[[KDACall, dict], tuple]
+    description: str = ""
+    default_config: Callable[[KDACall], dict] = field(default=lambda call: {})
+
+
+@dataclass
+class Choice:
+    """The outcome of dispatch: the backend, its kernel config, why, and why each other backend was not
+    used.  ``str(choice)`` is what :func:`explain` prints."""
+
+    op: str
+    backend: Backend
+    config: dict
+    reason: str
+    rejected: dict[str, str]
+
+    def __str__(self) -> str:
+        lines = [f"kda_compile {self.op}: backend '{self.backend.name}' ({self.reason})"]
+        if self.config:
+            lines.append("  config: " + ", ".join(f"{k}={v}" for k, v in sorted(self.config.items())))
+        for name, why in self.rejected.items():
+            lines.append(f"  not {name}: {why}")
+        return "\n".join(lines)
+
+
+_REGISTRY: dict[str, Backend] = {}
+_ORDER: list[str] = []            # default preference, fastest first
+_UNAVAILABLE: dict[str, str] = {}  # backend name -> why it did not register
+_plugins_loaded = False
+
+
+def register_backend(backend: Backend, *, before: str | None = None) -> None:
+    """Add (or replace) a backend.  It is preferred over ``before`` (default: over the reference)."""
+    _REGISTRY[backend.name] = backend
+    _UNAVAILABLE.pop(backend.name, None)
+    if backend.name in _ORDER:
+        _ORDER.remove(backend.name)
+    anchor = before if before in _ORDER else ("reference" if "reference" in _ORDER else None)
+    _ORDER.insert(_ORDER.index(anchor) if anchor else len(_ORDER), backend.name)
+
+
+def mark_unavailable(name: str, reason: str) -> None:
+    """Record why a backend did not register (shown by explain)."""
+    if name not in _REGISTRY:
+        _UNAVAILABLE[name] = reason
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    importlib.import_module("kda_compile.reference_backend")  # always present
+    for name, module in PLUGIN_PACKAGES.items():
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # a missing optional compiler degrades to the next backend
+            mark_unavailable(name, f"{module} failed to import: {type(exc).__name__}: {exc}")
+        else:
+            mark_unavailable(name, f"{module} registered no backend (no kernels for this platform yet)")
+
+
+def backends() -> list[str]:
+    """Registered backend names in default preference order."""
+    _load_plugins()
+    return list(_ORDER)
+
+
+def get_backend(name: str) -> Backend:
+    _load_plugins()
+    if name not in _REGISTRY:
+        known = sorted(set(_REGISTRY) | set(_UNAVAILABLE))
+        why = f": {_UNAVAILABLE[name]}" if name in _UNAVAILABLE else f"; known backends: {known}"
+        raise ValueError(f"backend {name!r} is not available{why}")
+    return _REGISTRY[name]
+
+
+def choose(call: KDACall, backend: str | None = None) -> Choice:
+    """Pick backend and config for ``call`` (see the module docstring for the precedence)."""
+    _load_plugins()
+    rejected: dict[str, str] = dict(_UNAVAILABLE)
+    if backend:
+        chosen = get_backend(backend)
+        why_not = chosen.supports(call)
+        if why_not:
+            raise ValueError(f"backend={backend!r} cannot run this {call.op} call: {why_not}")
+        return Choice(call.op, chosen, chosen.default_config(call), "forced by backend= argument", rejected)
+
+    candidates = list(_ORDER)
+    reason_prefix = "default order"
+    preferred = os.environ.get(ENV_BACKEND, "").strip()
+    if preferred:
+        if preferred in _REGISTRY:
+            candidates.remove(preferred)
+            candidates.insert(0, preferred)
+            reason_prefix = f"{ENV_BACKEND}={preferred}"
+        else:
+            rejected[preferred] = f"named by {ENV_BACKEND} but not registered"
+    for name in candidates:
+        candidate = _REGISTRY[name]
+        why_not = candidate.supports(call)
+        if why_not is None:
+            if name != preferred and preferred in _REGISTRY:
+                reason = f"{ENV_BACKEND}={preferred} cannot run it; next in default order"
+            elif name == preferred:
+                reason = reason_prefix
+            else:
+                reason = "first backend in default order that supports the call"
+            return Choice(call.op, candidate, candidate.default_config(call), reason, rejected)
+        rejected[name] = why_not
+    raise RuntimeError("no KDA backend can run this call: " + "; ".join(f"{k}: {v}" for k, v in rejected.items()))
+
+
+def run(call: KDACall, backend: str | None = None):
+    """Dispatch and execute ``call``; returns ``(o, final_state or None)``."""
+    choice = choose(call, backend)
+    return choice.backend.run(call, choice.config)

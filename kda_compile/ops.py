@@ -1,0 +1,214 @@
+"""``torch.library`` custom ops in the ``kda_compile`` namespace.
+
+The ops are what ``torch.compile`` sees: opaque nodes with fake (meta) implementations, so a model traces
+with ``fullgraph=True``; dispatch to a backend happens inside, at run time.  Autograd goes through
+``kda_compile::kda_bwd``, itself an op (backward through the PyTorch reference for now), so compiled
+training graphs stay whole too.
+
+    chunk_kda_fwd          (o, final_state)        chunk form, differentiable
+    chunk_kda_fwd_states   (o, final_state, h)     chunk form + state entering each chunk (inference only)
+    recurrent_kda_fwd      (o, final_state)        token recurrence (decode), differentiable without a pool
+    recurrent_kda_inplace  o                       token recurrence writing the new state into the pool
+    kda_bwd                gradients of all tensor inputs
+
+A tensor output that the caller did not ask for (the final state) is returned with 0 elements, since custom
+ops cannot return None; :mod:`kda_compile.api` maps it back to None.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+from .checks import Problem
+from .reference import KDAOptions, compute_dtype, kda_reference, kda_reference_chunk_states
+
+_INPUTS = "Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor? initial_state, Tensor? cu_seqlens, " \
+          "Tensor? A_log, Tensor? dt_bias"
+_OPTIONS = "float scale, bool use_qk_l2norm_in_kernel, bool use_gate_in_kernel, bool use_beta_sigmoid_in_kernel, " \
+           "bool allow_neg_eigval, float? lower_bound, int chunk_size, bool state_v_first"
+_SERVING = "Tensor? ssm_state_indices, Tensor? num_accepted_tokens"
+_N_OPTIONS = 8
+_GRAD_INPUTS = ("q", "k", "v", "g", "beta", "initial_state", "A_log", "dt_bias")
+
+
+def _options(args) -> KDAOptions:
+    return KDAOptions(*args)
+
+
+def _problem(q, v, cu_seqlens) -> Problem:
+    B, T, H, K = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return Problem(B, T, H, v.shape[2], K, v.shape[3], N, cu_seqlens is not None, q.dtype, q.device)
+
+
+def _state_shape(q, v, N: int, state_v_first: bool):
+    K, HV, V = q.shape[-1], v.shape[2], v.shape[3]
+    return (N, HV, V, K) if state_v_first else (N, HV, K, V)
+
+
+def _no_state(q: torch.Tensor) -> torch.Tensor:
+    """Stand-in for a final state nobody asked for (custom ops cannot return None)."""
+    return q.new_empty(0, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------- chunk fwd
+
+@torch.library.custom_op(
+    "kda_compile::chunk_kda_fwd", mutates_args=(),
+    schema=f"({_INPUTS}, {_OPTIONS}, bool output_final_state, str backend) -> (Tensor, Tensor)")
+def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
+    opts, (output_final_state, backend) = _options(rest[:_N_OPTIONS]), rest[_N_OPTIONS:]
+    call = dispatch.KDACall("chunk", _problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state,
+                            cu_seqlens, A_log, dt_bias, output_final_state=output_final_state)
+    o, final = dispatch.run(call, backend or None)
+    return o, (final if output_final_state and final is not None else _no_state(q))
+
+
+@chunk_kda_fwd.register_fake
+def _(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
+    opts, output_final_state = _options(rest[:_N_OPTIONS]), rest[_N_OPTIONS]
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    state_dtype = compute_dtype(q.dtype)
+    final = (q.new_empty(_state_shape(q, v, N, opts.state_v_first), dtype=state_dtype) if output_final_state
+             else _no_state(q))
+    return torch.empty_like(v, memory_format=torch.contiguous_format), final
+
+
+# -------------------------------------------------------------------------------- chunk fwd + chunk states
+
+@torch.library.custom_op(
+    "kda_compile::chunk_kda_fwd_states", mutates_args=(),
+    schema=f"({_INPUTS}, {_OPTIONS}) -> (Tensor, Tensor, Tensor)")
+def chunk_kda_fwd_states(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
+    return kda_reference_chunk_states(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias,
+                                      _options(rest))
+
+
+@chunk_kda_fwd_states.register_fake
+def _(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
+    opts = _options(rest)
+    if cu_seqlens is None:
+        B, NT = q.shape[0], -(-q.shape[1] // opts.chunk_size)
+    else:  # total number of chunks depends on the offsets' values
+        B, NT = 1, torch.library.get_ctx().new_dynamic_size()
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    state = _state_shape(q, v, N, opts.state_v_first)
+    h = q.new_empty((B, NT, *state[1:]), dtype=k.dtype)
+    return torch.empty_like(v), q.new_empty(state, dtype=compute_dtype(q.dtype)), h
+
+
+# ------------------------------------------------------------------------------------------- recurrent
+
+@torch.library.custom_op(
+    "kda_compile::recurrent_kda_fwd", mutates_args=(),
+    schema=f"({_INPUTS}, {_SERVING}, {_OPTIONS}, bool output_final_state, str backend) -> (Tensor, Tensor)")
+def recurrent_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices,
+                      num_accepted_tokens, *rest):
+    opts, (output_final_state, backend) = _options(rest[:_N_OPTIONS]), rest[_N_OPTIONS:]
+    call = dispatch.KDACall("recurrent", _problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state,
+                            cu_seqlens, A_log, dt_bias, output_final_state=output_final_state,
+                            ssm_state_indices=ssm_state_indices, num_accepted_tokens=num_accepted_tokens)
+    o, final = dispatch.run(call, backend or None)
+    return o, (final if output_final_state and final is not None else _no_state(q))
+
+
+@recurrent_kda_fwd.register_fake
+def _(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices, num_accepted_tokens,
+      *rest):
+    opts, output_final_state = _options(rest[:_N_OPTIONS]), rest[_N_OPTIONS]
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    final = (q.new_empty(_state_shape(q, v, N, opts.state_v_first), dtype=compute_dtype(q.dtype))
+             if output_final_state else _no_state(q))
+    return torch.empty_like(v, memory_format=torch.contiguous_format), final
+
+
+@torch.library.custom_op(
+    "kda_compile::recurrent_kda_inplace", mutates_args=("initial_state",),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor(a!) initial_state, Tensor? cu_seqlens, "
+           f"Tensor? A_log, Tensor? dt_bias, {_SERVING}, {_OPTIONS}, str backend) -> Tensor")
+def recurrent_kda_inplace(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices,
+                          num_accepted_tokens, *rest):
+    opts, backend = _options(rest[:_N_OPTIONS]), rest[_N_OPTIONS]
+    call = dispatch.KDACall("recurrent", _problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state,
+                            cu_seqlens, A_log, dt_bias, output_final_state=True,
+                            ssm_state_indices=ssm_state_indices, num_accepted_tokens=num_accepted_tokens,
+                            inplace_final_state=True)
+    o, _ = dispatch.run(call, backend or None)
+    return o
+
+
+@recurrent_kda_inplace.register_fake
+def _(q, k, v, *rest):
+    return torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+# -------------------------------------------------------------------------------------------- backward
+
+@torch.library.custom_op(
+    "kda_compile::kda_bwd", mutates_args=(),
+    schema=f"(Tensor grad_o, Tensor? grad_final_state, {_INPUTS}, {_OPTIONS}) -> "
+           "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def kda_bwd(grad_o, grad_final_state, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
+    """Gradients of (q, k, v, g, beta, initial_state, A_log, dt_bias); absent inputs get 0-element tensors.
+    Computed by ``torch.func.vjp`` through the chunkwise reference (float32, or float64 for float64 inputs);
+    ``torch.func`` because the autograd keys are off inside a custom op's kernel."""
+    opts = _options(rest)
+    inputs = dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state, A_log=A_log, dt_bias=dt_bias)
+    names = [name for name, x in inputs.items() if x is not None]
+
+    def forward(*primals):
+        a = dict(zip(names, primals))
+        return kda_reference(a["q"], a["k"], a["v"], a["g"], a["beta"], a.get("initial_state"), cu_seqlens,
+                             a.get("A_log"), a.get("dt_bias"), opts, algorithm="chunk")
+
+    with torch.enable_grad():
+        (o, final), pullback = torch.func.vjp(forward, *[inputs[n].detach() for n in names])
+        d_final = (grad_final_state.to(final.dtype) if grad_final_state is not None and grad_final_state.numel()
+                   else torch.zeros_like(final))
+        found = pullback((grad_o.to(o.dtype), d_final))
+    by_name = dict(zip(names, found))
+    return tuple(q.new_empty(0) if inputs[name] is None else by_name[name].to(inputs[name].dtype).contiguous()
+                 for name in _GRAD_INPUTS)
+
+
+@kda_bwd.register_fake
+def _(grad_o, grad_final_state, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
+    inputs = (q, k, v, g, beta, initial_state, A_log, dt_bias)
+    return tuple(q.new_empty(0) if x is None else torch.empty_like(x, memory_format=torch.contiguous_format)
+                 for x in inputs)
+
+
+def _backward(ctx, grad_o, grad_final_state):
+    q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias = ctx.saved_tensors
+    if grad_final_state is not None and grad_final_state.numel() == 0:
+        grad_final_state = None
+    grads = torch.ops.kda_compile.kda_bwd(grad_o.contiguous(), grad_final_state, q, k, v, g, beta, initial_state,
+                                          cu_seqlens, A_log, dt_bias, *ctx.options)
+    dq, dk, dv, dg, dbeta, dh0, dA, ddt = grads
+    return (dq, dk, dv, dg, dbeta, dh0 if initial_state is not None else None, None,
+            dA if A_log is not None else None, ddt if dt_bias is not None else None)
+
+
+def _chunk_setup(ctx, inputs, output):
+    _save(ctx, inputs[:9], inputs[9:9 + _N_OPTIONS])
+
+
+def _recurrent_setup(ctx, inputs, output):
+    _save(ctx, inputs[:9], inputs[11:11 + _N_OPTIONS])
+
+
+def _save(ctx, tensors, options):
+    ctx.save_for_backward(*tensors)
+    ctx.options = tuple(options)
+
+
+def _chunk_backward(ctx, grad_o, grad_final_state):
+    return _backward(ctx, grad_o, grad_final_state) + (None,) * (_N_OPTIONS + 2)
+
+
+def _recurrent_backward(ctx, grad_o, grad_final_state):
+    return _backward(ctx, grad_o, grad_final_state)[:9] + (None, None) + (None,) * (_N_OPTIONS + 2)
+
+
+chunk_kda_fwd.register_autograd(_chunk_backward, setup_context=_chunk_setup)
+recurrent_kda_fwd.register_autograd(_recurrent_backward, setup_context=_recurrent_setup)
