@@ -53,13 +53,16 @@ class KDACall:
 @dataclass(frozen=True)
 class Backend:
     """A way to run KDA.  ``run(call, config) -> (o, final_state or None)``; ``supports(call)`` returns
-    None when it can run the call, else the reason it cannot."""
+    None when it can run the call, else the reason it cannot.  ``configs(call)`` lists the kernel configs
+    (tile sizes, stages, warps/threads) worth trying for that call: the autotuner's search space;
+    ``default_config(call)`` is the one used when no tuned table says otherwise."""
 
     name: str
     supports: Callable[[KDACall], str | None]
     run: Callable[[KDACall, dict], tuple]
     description: str = ""
     default_config: Callable[[KDACall], dict] = field(default=lambda call: {})
+    configs: Callable[[KDACall], list] = field(default=lambda call: [{}])
 
 
 @dataclass
