@@ -29,6 +29,8 @@ _OPTIONS = "float scale, bool use_qk_l2norm_in_kernel, bool use_gate_in_kernel, 
 _SERVING = "Tensor? ssm_state_indices, Tensor? num_accepted_tokens"
 _N_OPTIONS = 8
 _GRAD_INPUTS = ("q", "k", "v", "g", "beta", "initial_state", "A_log", "dt_bias")
+# Dispatch-key state of plain eager code, recorded at import (see kda_bwd).
+_EAGER_DISPATCH_TLS = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
 
 
 def _options(args) -> KDAOptions:
@@ -150,25 +152,32 @@ def _(q, k, v, *rest):
            "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def kda_bwd(grad_o, grad_final_state, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
     """Gradients of (q, k, v, g, beta, initial_state, A_log, dt_bias); absent inputs get 0-element tensors.
-    Computed by ``torch.func.vjp`` through the chunkwise reference (float32, or float64 for float64 inputs);
-    ``torch.func`` because the autograd keys are off inside a custom op's kernel."""
+    Computed by autograd through the chunkwise reference (float32, or float64 for float64 inputs)."""
     opts = _options(rest)
     inputs = dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state, A_log=A_log, dt_bias=dt_bias)
-    names = [name for name, x in inputs.items() if x is not None]
-
-    def forward(*primals):
-        a = dict(zip(names, primals))
-        return kda_reference(a["q"], a["k"], a["v"], a["g"], a["beta"], a.get("initial_state"), cu_seqlens,
-                             a.get("A_log"), a.get("dt_bias"), opts, algorithm="chunk")
-
-    with torch.enable_grad():
-        (o, final), pullback = torch.func.vjp(forward, *[inputs[n].detach() for n in names])
-        d_final = (grad_final_state.to(final.dtype) if grad_final_state is not None and grad_final_state.numel()
-                   else torch.zeros_like(final))
-        found = pullback((grad_o.to(o.dtype), d_final))
-    by_name = dict(zip(names, found))
-    return tuple(q.new_empty(0) if inputs[name] is None else by_name[name].to(inputs[name].dtype).contiguous()
-                 for name in _GRAD_INPUTS)
+    # A custom op's kernel runs with the autograd keys (and, under a dispatch mode, most others) excluded;
+    # restore the dispatch state of ordinary eager code for this self-contained inner computation.
+    with torch._C._ForceDispatchKeyGuard(*_EAGER_DISPATCH_TLS), torch.enable_grad():
+        leaves = {name: x.detach().requires_grad_(True) for name, x in inputs.items() if x is not None}
+        o, final = kda_reference(leaves["q"], leaves["k"], leaves["v"], leaves["g"], leaves["beta"],
+                                 leaves.get("initial_state"), cu_seqlens, leaves.get("A_log"),
+                                 leaves.get("dt_bias"), opts, algorithm="chunk")
+        outputs, cotangents = [o], [grad_o.to(o.dtype)]
+        if grad_final_state is not None and grad_final_state.numel():
+            outputs.append(final)
+            cotangents.append(grad_final_state.to(final.dtype))
+        found = torch.autograd.grad(outputs, list(leaves.values()), cotangents, allow_unused=True)
+    by_name = dict(zip(leaves, found))
+    result = []
+    for name in _GRAD_INPUTS:
+        x = inputs[name]
+        if x is None:
+            result.append(q.new_empty(0))
+        elif by_name[name] is None:
+            result.append(torch.zeros_like(x, memory_format=torch.contiguous_format))
+        else:
+            result.append(by_name[name].to(x.dtype).contiguous())
+    return tuple(result)
 
 
 @kda_bwd.register_fake

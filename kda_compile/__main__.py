@@ -1,0 +1,46 @@
+"""Command line: ``python -m kda_compile demo`` (end-to-end check) and ``python -m kda_compile info``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info(args) -> int:
+    import torch
+
+    from . import __version__, dispatch
+    print(f"kda_compile {__version__}, torch {torch.__version__}, "
+          f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
+    print("registered backends (default order): " + ", ".join(dispatch.backends()))
+    for name, why in dispatch._UNAVAILABLE.items():
+        print(f"  {name}: unavailable ({why})")
+    return 0
+
+
+def _demo(args) -> int:
+    import torch
+
+    from .demo import run_kda_step
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = run_kda_step(T=args.tokens, device=device, seed=args.seed)
+    return 0 if result["ok"] else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kda_compile",
+                                     description="Kimi Delta Attention, compiled: demo and environment info.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run KDA through the public API and check it against the float64 "
+                                       "recurrence (CPU is fine)")
+    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    demo.add_argument("--tokens", type=int, default=1000, help="sequence length of the prefill (default 1000)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.set_defaults(func=_demo)
+    info = sub.add_parser("info", help="show versions and which backends can run here")
+    info.set_defaults(func=_info)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Building blocks of the hybrid decoder (:mod:`kda_compile.model`): norms, SwiGLU MLP, the KDA layer and the
+MLA layer.
+
+Every layer is *functional* about its cache: it takes the cached tensors of the tokens before the current ones
+(or None) and returns new tensors, never writing into what it was given.  That keeps ``torch.compile`` graphs
+free of mutation and lets the ONNX exporter treat the cache as plain inputs and outputs.
+
+Architecture after Kimi Linear (Kimi Team, "Kimi Linear: An Expressive, Efficient Attention Architecture",
+arXiv:2510.26692): KDA layers with a short causal convolution on q/k/v, a low-rank gate projection into
+``-exp(A_log) * softplus(x + dt_bias)``, sigmoid beta and a gated RMSNorm on the output; and multi-head latent
+attention (MLA, DeepSeek-V2, arXiv:2405.04434) without rotary embedding, whose cache is one compressed latent
+vector per token.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import api as kda_api
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / rms(x) * weight`` over the last dimension, computed in float32 (written out, not ``F.rms_norm``,
+    so that every exporter and compiler sees the same three plain ops)."""
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm with a learned scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class GatedRMSNorm(RMSNorm):
+    """``rms_norm(x) * weight * sigmoid(gate)`` per head (the KDA output norm; the gate comes from a low-rank
+    projection of the layer input)."""
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return (rms_norm(x, self.weight, self.eps).float() * torch.sigmoid(gate.float())).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` (Shazeer, "GLU Variants Improve Transformer", arXiv:2002.05202)."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor | None):
+    """Short causal depthwise convolution over time, continuing from ``conv_state``.
+
+    ``x [B, T, C]``, ``weight [C, W]``, ``conv_state [B, C, W - 1]`` (the last W - 1 inputs before x, zeros
+    at the start of a sequence, or None for zeros).  Returns ``(y [B, T, C], new_conv_state [B, C, W - 1])``;
+    prefill in pieces equals prefill at once because the state carries exactly the inputs the next output
+    window needs.
+    """
+    B, T, C = x.shape
+    W = weight.shape[-1]
+    xt = x.transpose(1, 2)                                              # [B, C, T]
+    if conv_state is None:
+        conv_state = xt.new_zeros(B, C, W - 1)
+    window = torch.cat([conv_state.to(xt.dtype), xt], dim=-1)          # [B, C, W - 1 + T]
+    if T == 1:  # decode: one dot product per channel, no convolution launch
+        y = (window * weight.to(xt.dtype)).sum(-1, keepdim=True)
+    else:
+        y = F.conv1d(window, weight.to(xt.dtype).unsqueeze(1), groups=C)
+    return y.transpose(1, 2), window[:, :, window.shape[-1] - (W - 1):]
+
+
+class KDALayer(nn.Module):
+    """Kimi Delta Attention token mixer.
+
+    q/k/v projections -> short causal conv + SiLU -> KDA (q/k L2 norm, gate ``-exp(A_log) * softplus(f +
+    dt_bias)`` and ``beta = sigmoid(b)`` all applied inside the op, as its fused prologues) -> gated RMSNorm
+    with a low-rank sigmoid output gate -> output projection.  ``f`` comes from a low-rank projection
+    (hidden -> gate_rank -> HV * K).  Prefill (T > 1) runs :func:`kda_compile.chunk_kda`, a decode step
+    (T == 1) :func:`kda_compile.fused_recurrent_kda`; the dispatch picks the kernels.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.H, self.HV, self.K, self.V = c.num_heads, c.kda_num_v_heads, c.head_dim, c.v_head_dim
+        self.conv_size, self.chunk_size, self.backend = c.conv_size, c.chunk_size, c.kda_backend
+        hidden, rank = c.hidden_size, c.kda_gate_rank
+        self.q_proj = nn.Linear(hidden, self.H * self.K, bias=False)
+        self.k_proj = nn.Linear(hidden, self.H * self.K, bias=False)
+        self.v_proj = nn.Linear(hidden, self.HV * self.V, bias=False)
+        # One depthwise filter per channel of the concatenated [q | k | v] (one conv state per layer).
+        self.conv_weight = nn.Parameter(torch.empty(self.conv_channels, c.conv_size))
+        self.f_proj = nn.Sequential(nn.Linear(hidden, rank, bias=False), nn.Linear(rank, self.HV * self.K, bias=False))
+        self.b_proj = nn.Linear(hidden, self.HV, bias=False)
+        self.A_log = nn.Parameter(torch.empty(self.HV))
+        self.dt_bias = nn.Parameter(torch.empty(self.HV * self.K))
+        self.g_proj = nn.Sequential(nn.Linear(hidden, rank, bias=False), nn.Linear(rank, self.HV * self.V, bias=True))
+        self.o_norm = GatedRMSNorm(self.V, eps=c.rms_norm_eps)
+        self.o_proj = nn.Linear(self.HV * self.V, hidden, bias=False)
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.H * self.K + self.HV * self.V
+
+    @torch.no_grad()
+    def reset_kda_parameters(self) -> None:
+        """Kimi/Mamba-style init: ``A = exp(A_log)`` uniform in [1, 16], ``softplus(dt_bias)`` log-uniform in
+        [1e-3, 1e-1] (so the initial decay per token spans slow and fast forgetting)."""
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+        dt = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp()
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))          # inverse softplus
+        nn.init.uniform_(self.conv_weight, -1 / math.sqrt(self.conv_size), 1 / math.sqrt(self.conv_size))
+
+    def forward(self, x: torch.Tensor, conv_state: torch.Tensor | None = None,
+                recurrent_state: torch.Tensor | None = None, want_state: bool = True):
+        """``x [B, T, hidden]`` -> ``(y [B, T, hidden], new conv_state, new recurrent_state or None)``."""
+        B, T, _ = x.shape
+        H, HV, K, V = self.H, self.HV, self.K, self.V
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv, new_conv_state = causal_depthwise_conv(qkv, self.conv_weight, conv_state)
+        q, k, v = F.silu(qkv).split([H * K, H * K, HV * V], dim=-1)
+        q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, HV, V)
+        g = self.f_proj(x).reshape(B, T, HV, K)                         # raw gate, activated in the op
+        beta = self.b_proj(x)                                           # logits, sigmoid in the op
+        flags = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                     A_log=self.A_log, dt_bias=self.dt_bias, initial_state=recurrent_state,
+                     output_final_state=want_state, backend=self.backend)
+        if T == 1:
+            o, new_state = kda_api.fused_recurrent_kda(q, k, v, g, beta, **flags)
+        else:
+            o, new_state = kda_api.chunk_kda(q, k, v, g, beta, chunk_size=self.chunk_size, **flags)
+        gate = self.g_proj(x).reshape(B, T, HV, V)
+        o = self.o_norm(o, gate).reshape(B, T, HV * V)
+        return self.o_proj(o), new_conv_state, new_state
+
+
+class MLALayer(nn.Module):
+    """Multi-head latent attention without rotary embedding (Kimi Linear's global layers are NoPE).
+
+    Each token is compressed to one latent ``c = rms_norm(kv_a(x)) [kv_lora_rank]``; keys and values of every
+    head are ``kv_b(c)``.  The cache holds only the latents ``[B, L, kv_lora_rank]``.  Prefill expands the
+    latents and runs scaled-dot-product attention; a decode step (one query) uses the absorbed form
+    (DeepSeek-V2 section 2.1.2): ``q_h . (W_uk_h c) = (W_uk_h^T q_h) . c`` and ``W_uv_h (sum p c)``, so it
+    reads each cached latent once instead of expanding L latents for H heads.  Both forms are the same math.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.H, self.dk, self.dv, self.rank = c.mla_num_heads, c.mla_qk_head_dim, c.mla_v_head_dim, c.kv_lora_rank
+        hidden = c.hidden_size
+        if c.q_lora_rank:
+            self.q_proj = nn.Sequential(nn.Linear(hidden, c.q_lora_rank, bias=False),
+                                        RMSNorm(c.q_lora_rank, c.rms_norm_eps),
+                                        nn.Linear(c.q_lora_rank, self.H * self.dk, bias=False))
+        else:
+            self.q_proj = nn.Linear(hidden, self.H * self.dk, bias=False)
+        self.kv_a_proj = nn.Linear(hidden, self.rank, bias=False)
+        self.kv_a_norm = RMSNorm(self.rank, c.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.rank, self.H * (self.dk + self.dv), bias=False)
+        self.o_proj = nn.Linear(self.H * self.dv, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, latent_prefix: torch.Tensor | None = None):
+        """``x [B, T, hidden]``, ``latent_prefix [B, P, rank]`` (P cached tokens, may be 0, or None) ->
+        ``(y [B, T, hidden], latents [B, P + T, rank])``.  Query i sits at position P + i (causal offset)."""
+        B, T, _ = x.shape
+        latent = self.kv_a_norm(self.kv_a_proj(x))
+        if latent_prefix is not None:
+            latent = torch.cat([latent_prefix.to(latent.dtype), latent], dim=1)
+        q = self.q_proj(x).reshape(B, T, self.H, self.dk)
+        if T == 1:
+            o = self._attend_absorbed(q[:, 0], latent).unsqueeze(1)
+        else:
+            o = self._attend_expanded(q, latent)
+        return self.o_proj(o.reshape(B, T, self.H * self.dv)), latent
+
+    def _attend_expanded(self, q: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        B, T, H, _ = q.shape
+        L = latent.shape[1]
+        k, v = self.kv_b_proj(latent).reshape(B, L, H, self.dk + self.dv).split([self.dk, self.dv], dim=-1)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if L == T:  # no cached prefix: plain causal attention (lets SDPA pick its fused kernels)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.dk ** -0.5)
+        else:       # cached prefix of P = L - T tokens: query i sees keys j <= P + i
+            keep = torch.arange(L, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + (L - T)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.dk ** -0.5)
+        return o.transpose(1, 2)                                        # [B, T, H, dv]
+
+    def _attend_absorbed(self, q: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """One query per sequence ``q [B, H, dk]`` against all latents ``[B, L, rank]`` -> ``[B, H, dv]``."""
+        w = self.kv_b_proj.weight.reshape(self.H, self.dk + self.dv, self.rank)
+        w_uk, w_uv = w[:, :self.dk], w[:, self.dk:]                     # [H, dk, rank], [H, dv, rank]
+        f = torch.promote_types(q.dtype, torch.float32)                # accumulate in >= float32
+        lat = latent.to(f)
+        q_latent = torch.einsum("bhd,hdr->bhr", q.to(f), w_uk.to(f))
+        scores = (q_latent @ lat.transpose(1, 2)) * self.dk ** -0.5    # [B, H, L]
+        o_latent = torch.softmax(scores, dim=-1) @ lat                  # [B, H, rank]
+        return torch.einsum("bhr,hdr->bhd", o_latent, w_uv.to(f)).to(q.dtype)

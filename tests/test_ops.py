@@ -1,0 +1,103 @@
+"""The torch.library custom ops: opcheck, gradients (gradcheck in float64), torch.compile without breaks."""
+import pytest
+import torch
+
+from kda_compile import chunk_kda, fused_recurrent_kda
+from kda_compile.api import _astuple, _options
+
+from kda_inputs import make_inputs, rel_err
+
+OPS = torch.ops.kda_compile
+
+
+def op_args(args, **flags):
+    """Positional arguments of the kda_compile ops for an inputs dict."""
+    opts = _options(args["q"], None, flags.get("use_qk_l2norm_in_kernel", False),
+                    flags.get("use_gate_in_kernel", False), flags.get("use_beta_sigmoid_in_kernel", False), False,
+                    flags.get("lower_bound"), 64, False)
+    tensors = tuple(args.get(n) for n in ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "A_log",
+                                          "dt_bias"))
+    return tensors, _astuple(opts)
+
+
+CASES = [
+    dict(make=dict(B=2, T=19, H=1, HV=2, K=8, V=4), flags={}),
+    dict(make=dict(H=2, K=8, V=8, cu_seqlens=[0, 5, 21], gate="raw", beta_logits=True),
+         flags=dict(use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True, use_qk_l2norm_in_kernel=True)),
+    dict(make=dict(B=1, T=9, K=4, V=4, initial_state=False), flags={}),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["gva", "varlen-prologues", "no-state"])
+def test_opcheck_forward_ops(case):
+    args = make_inputs(dtype=torch.float64, requires_grad=True, **case["make"])
+    tensors, options = op_args(args, **case["flags"])
+    torch.library.opcheck(OPS.chunk_kda_fwd.default, (*tensors, *options, True, ""))
+    torch.library.opcheck(OPS.recurrent_kda_fwd.default, (*tensors, None, None, *options, True, ""))
+
+
+def test_opcheck_inplace_and_backward_ops():
+    args = make_inputs(B=2, T=1, K=8, V=8, dtype=torch.float32)
+    tensors, options = op_args(args)
+    torch.library.opcheck(OPS.recurrent_kda_inplace.default,
+                          (*tensors[:5], args["initial_state"].clone(), None, None, None, None, None, *options, ""))
+    args = make_inputs(B=1, T=12, K=8, V=8, dtype=torch.float64)
+    tensors, options = op_args(args)
+    grad_o = torch.randn_like(args["v"])
+    torch.library.opcheck(OPS.kda_bwd.default, (grad_o, None, *tensors, *options))
+    torch.library.opcheck(OPS.chunk_kda_fwd_states.default, (*tensors, *options))
+
+
+@pytest.mark.parametrize("fn", ["chunk", "recurrent"])
+@pytest.mark.parametrize("gate", ["log", "raw"])
+def test_gradcheck_float64(fn, gate):
+    args = make_inputs(B=1, T=6, H=1, HV=2, K=3, V=2, gate=gate, beta_logits=gate == "raw", requires_grad=True)
+    flags = dict(use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True, use_qk_l2norm_in_kernel=True) \
+        if gate == "raw" else {}
+    names = [n for n in ("q", "k", "v", "g", "beta", "initial_state", "A_log", "dt_bias") if n in args]
+    f = chunk_kda if fn == "chunk" else fused_recurrent_kda
+
+    def run(*xs):
+        a = dict(zip(names, xs))
+        q, k, v, g, beta = (a.pop(n) for n in ("q", "k", "v", "g", "beta"))
+        kwargs = dict(initial_state=a.get("initial_state"), output_final_state=True, A_log=a.get("A_log"),
+                      dt_bias=a.get("dt_bias"), **flags)
+        if fn == "chunk":
+            kwargs["chunk_size"] = 32
+        return f(q, k, v, g, beta, **kwargs)
+
+    assert torch.autograd.gradcheck(run, tuple(args[n] for n in names), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_gradients_equal_autograd_through_the_recurrence():
+    """The backward op equals plain autograd through the token loop (an independent derivation)."""
+    from kda_compile.reference import KDAOptions, kda_reference
+    args = make_inputs(B=2, T=40, H=2, K=8, V=8, requires_grad=True)
+    names = ("q", "k", "v", "g", "beta", "initial_state")
+    o, s = chunk_kda(*(args[n] for n in names[:5]), initial_state=args["initial_state"], output_final_state=True)
+    (o.square().sum() + s.sum()).backward()
+    ours = [args[n].grad.clone() for n in names]
+    for n in names:
+        args[n].grad = None
+    o, s = kda_reference(*(args[n] for n in names), opts=KDAOptions(scale=8 ** -0.5), algorithm="recurrent")
+    (o.square().sum() + s.sum()).backward()
+    for n, mine in zip(names, ours):
+        assert rel_err(mine, args[n].grad) < 1e-10, n
+
+
+def test_torch_compile_fullgraph_no_breaks():
+    args = make_inputs(B=2, T=21, H=2, K=8, V=8, dtype=torch.float32, gate="raw", beta_logits=True)
+    flags = dict(use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True, use_qk_l2norm_in_kernel=True,
+                 A_log=args["A_log"], dt_bias=args["dt_bias"])
+
+    def f(q, k, v, g, beta, h0):
+        o, s = chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, **flags)
+        o1, s1 = fused_recurrent_kda(q[:, -1:], k[:, -1:], v[:, -1:], g[:, -1:], beta[:, -1:], initial_state=s,
+                                     output_final_state=True, **flags)
+        return o, o1, s1
+
+    inputs = tuple(args[n] for n in ("q", "k", "v", "g", "beta", "initial_state"))
+    assert torch._dynamo.explain(f)(*inputs).graph_break_count == 0
+    compiled = torch.compile(f, fullgraph=True)
+    for got, want in zip(compiled(*inputs), f(*inputs)):
+        assert rel_err(got, want) < 1e-6
