@@ -5,7 +5,11 @@ check.  For every call the dispatch picks, in order of precedence:
 
 1. an explicit ``backend=`` argument (an error if that backend cannot run the call),
 2. the ``KDA_COMPILE_BACKEND`` environment variable (a preference: falls back, with the reason, if it cannot),
-3. the default order of the registered backends (fastest first; the reference last, it runs everything).
+3. the table ``python -m kda_compile.autotune`` measured on this GPU (:mod:`kda_compile.tuning_table`),
+4. a table we measured and ship for this GPU model (``kda_compile/tables/``),
+5. the default order of the registered backends (fastest first; the reference last, it runs everything).
+
+A forced or preferred backend still takes its kernel config from the tables when they measured it.
 
 Kernel packages (``kda_compile.kernels_tl``, ``kda_compile.kernels_triton``) register themselves on import
 through :func:`register_backend`; a package that cannot import records why, and :func:`explain` shows it.
@@ -19,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from . import tuning_table
 from .checks import Problem
 from .reference import KDAOptions
 
@@ -101,6 +106,13 @@ def register_backend(backend: Backend, *, before: str | None = None) -> None:
     _ORDER.insert(_ORDER.index(anchor) if anchor else len(_ORDER), backend.name)
 
 
+def unregister_backend(name: str) -> None:
+    """Remove a backend (tests, or a plugin that finds at run time that it cannot work)."""
+    _REGISTRY.pop(name, None)
+    if name in _ORDER:
+        _ORDER.remove(name)
+
+
 def mark_unavailable(name: str, reason: str) -> None:
     """Record why a backend did not register (shown by explain)."""
     if name not in _REGISTRY:
@@ -137,39 +149,60 @@ def get_backend(name: str) -> Backend:
     return _REGISTRY[name]
 
 
+def _tuned_config(record: dict | None, backend: Backend, call: KDACall) -> dict:
+    """The config the tables measured for ``backend`` in this bucket, else the backend's default."""
+    if record:
+        if record.get("backend") == backend.name:
+            return dict(record.get("config", {}))
+        best = record.get("per_backend", {}).get(backend.name)
+        if best:
+            return dict(best.get("config", {}))
+    return backend.default_config(call)
+
+
 def choose(call: KDACall, backend: str | None = None) -> Choice:
     """Pick backend and config for ``call`` (see the module docstring for the precedence)."""
     _load_plugins()
     rejected: dict[str, str] = dict(_UNAVAILABLE)
+    found = tuning_table.lookup(call)
+    record, source = found if found else (None, None)
     if backend:
         chosen = get_backend(backend)
         why_not = chosen.supports(call)
         if why_not:
             raise ValueError(f"backend={backend!r} cannot run this {call.op} call: {why_not}")
-        return Choice(call.op, chosen, chosen.default_config(call), "forced by backend= argument", rejected)
+        return Choice(call.op, chosen, _tuned_config(record, chosen, call), "forced by backend= argument", rejected)
 
-    candidates = list(_ORDER)
-    reason_prefix = "default order"
     preferred = os.environ.get(ENV_BACKEND, "").strip()
     if preferred:
-        if preferred in _REGISTRY:
-            candidates.remove(preferred)
-            candidates.insert(0, preferred)
-            reason_prefix = f"{ENV_BACKEND}={preferred}"
-        else:
+        if preferred not in _REGISTRY:
             rejected[preferred] = f"named by {ENV_BACKEND} but not registered"
-    for name in candidates:
+        else:
+            why_not = _REGISTRY[preferred].supports(call)
+            if why_not is None:
+                chosen = _REGISTRY[preferred]
+                return Choice(call.op, chosen, _tuned_config(record, chosen, call), f"{ENV_BACKEND}={preferred}",
+                              rejected)
+            rejected[preferred] = f"named by {ENV_BACKEND} but cannot run it: {why_not}"
+
+    if record is not None:
+        name = record.get("backend")
+        why_not = _REGISTRY[name].supports(call) if name in _REGISTRY else "not registered in this process"
+        if why_not is None:
+            timing = f", {record['time_ms']:.3g} ms at {record.get('shape', 'its shape')}" if "time_ms" in record else ""
+            return Choice(call.op, _REGISTRY[name], dict(record.get("config", {})),
+                          f"{source}, bucket {record.get('bucket', '?')}{timing}", rejected)
+        rejected[f"{name} (from {source})"] = why_not
+
+    for name in _ORDER:
         candidate = _REGISTRY[name]
         why_not = candidate.supports(call)
         if why_not is None:
-            if name != preferred and preferred in _REGISTRY:
-                reason = f"{ENV_BACKEND}={preferred} cannot run it; next in default order"
-            elif name == preferred:
-                reason = reason_prefix
-            else:
-                reason = "first backend in default order that supports the call"
-            return Choice(call.op, candidate, candidate.default_config(call), reason, rejected)
-        rejected[name] = why_not
+            reason = "first backend in default order that supports the call"
+            if record is None:
+                reason += " (no tuned table entry for this shape bucket)"
+            return Choice(call.op, candidate, _tuned_config(record, candidate, call), reason, rejected)
+        rejected.setdefault(name, why_not)
     raise RuntimeError("no KDA backend can run this call: " + "; ".join(f"{k}: {v}" for k, v in rejected.items()))
 
 

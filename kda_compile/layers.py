@@ -22,12 +22,17 @@ from torch import nn
 from . import api as kda_api
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32 for half types, else the dtype itself (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x / rms(x) * weight`` over the last dimension, computed in float32 (written out, not ``F.rms_norm``,
-    so that every exporter and compiler sees the same three plain ops)."""
-    x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    """``x / rms(x) * weight`` over the last dimension, computed in at least float32 (written out, not
+    ``F.rms_norm``, so that every exporter and compiler sees the same plain ops)."""
+    xf = x.to(_acc(x.dtype))
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.to(xf.dtype)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -47,7 +52,8 @@ class GatedRMSNorm(RMSNorm):
     projection of the layer input)."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return (rms_norm(x, self.weight, self.eps).float() * torch.sigmoid(gate.float())).to(x.dtype)
+        f = _acc(x.dtype)
+        return (rms_norm(x.to(f), self.weight, self.eps) * torch.sigmoid(gate.to(f))).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -137,7 +143,7 @@ class KDALayer(nn.Module):
         q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, HV, V)
         g = self.f_proj(x).reshape(B, T, HV, K)                         # raw gate, activated in the op
         beta = self.b_proj(x)                                           # logits, sigmoid in the op
-        flags = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+        flags = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=False,
                      A_log=self.A_log, dt_bias=self.dt_bias, initial_state=recurrent_state,
                      output_final_state=want_state, backend=self.backend)
         if T == 1:
@@ -205,7 +211,7 @@ class MLALayer(nn.Module):
         """One query per sequence ``q [B, H, dk]`` against all latents ``[B, L, rank]`` -> ``[B, H, dv]``."""
         w = self.kv_b_proj.weight.reshape(self.H, self.dk + self.dv, self.rank)
         w_uk, w_uv = w[:, :self.dk], w[:, self.dk:]                     # [H, dk, rank], [H, dv, rank]
-        f = torch.promote_types(q.dtype, torch.float32)                # accumulate in >= float32
+        f = _acc(q.dtype)
         lat = latent.to(f)
         q_latent = torch.einsum("bhd,hdr->bhr", q.to(f), w_uk.to(f))
         scores = (q_latent @ lat.transpose(1, 2)) * self.dk ** -0.5    # [B, H, L]
