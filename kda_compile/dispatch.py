@@ -68,6 +68,8 @@ class Backend:
     description: str = ""
     default_config: Callable[[KDACall], dict] = field(default=lambda call: {})
     configs: Callable[[KDACall], list] = field(default=lambda call: [{}])
+    # Check used when the backend is named explicitly (backend=...); None: the same as ``supports``.
+    supports_forced: Callable[[KDACall], str | None] | None = None
 
 
 @dataclass
@@ -168,7 +170,7 @@ def choose(call: KDACall, backend: str | None = None) -> Choice:
     record, source = found if found else (None, None)
     if backend:
         chosen = get_backend(backend)
-        why_not = chosen.supports(call)
+        why_not = (chosen.supports_forced or chosen.supports)(call)
         if why_not:
             raise ValueError(f"backend={backend!r} cannot run this {call.op} call: {why_not}")
         return Choice(call.op, chosen, _tuned_config(record, chosen, call), "forced by backend= argument", rejected)

@@ -50,3 +50,19 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, greedy: bool =
             break
         logits, cache = step(nxt, cache)
     return torch.cat(tokens, dim=1)
+
+
+def compiled_step(model, **compile_kwargs) -> Callable:
+    """A ``step(ids, cache) -> (logits, new_cache)`` running ``torch.compile(model, fullgraph=True)``.
+
+    The latent length of the MLA caches grows by one every decode step; it is marked dynamic so a decode
+    step compiles once, not once per length."""
+    compiled = torch.compile(model, fullgraph=True, **compile_kwargs)
+
+    def step(ids: torch.Tensor, cache=None):
+        if cache is not None:
+            for layer in cache.layers:
+                if len(layer) == 1 and layer[0].shape[1] > 1:   # sizes 0 and 1 are always specialised
+                    torch._dynamo.maybe_mark_dynamic(layer[0], 1)
+        return compiled(ids, cache, use_cache=True)
+    return step

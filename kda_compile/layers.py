@@ -143,7 +143,7 @@ class KDALayer(nn.Module):
         q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, HV, V)
         g = self.f_proj(x).reshape(B, T, HV, K)                         # raw gate, activated in the op
         beta = self.b_proj(x)                                           # logits, sigmoid in the op
-        flags = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=False,
+        flags = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
                      A_log=self.A_log, dt_bias=self.dt_bias, initial_state=recurrent_state,
                      output_final_state=want_state, backend=self.backend)
         if T == 1:
@@ -213,7 +213,7 @@ class MLALayer(nn.Module):
         w_uk, w_uv = w[:, :self.dk], w[:, self.dk:]                     # [H, dk, rank], [H, dv, rank]
         f = _acc(q.dtype)
         lat = latent.to(f)
-        q_latent = torch.einsum("bhd,hdr->bhr", q.to(f), w_uk.to(f))
+        q_latent = (q.to(f).unsqueeze(-2) @ w_uk.to(f)).squeeze(-2)    # [B, H, rank]
         scores = (q_latent @ lat.transpose(1, 2)) * self.dk ** -0.5    # [B, H, L]
         o_latent = torch.softmax(scores, dim=-1) @ lat                  # [B, H, rank]
-        return torch.einsum("bhr,hdr->bhd", o_latent, w_uv.to(f)).to(q.dtype)
+        return (o_latent.unsqueeze(-2) @ w_uv.to(f).transpose(1, 2)).squeeze(-2).to(q.dtype)

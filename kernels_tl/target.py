@@ -4,7 +4,7 @@ Every kernel in this package is written once, GPU-style (shared and fragment buf
 ``T.Pipelined``, ``T.gemm``).  TileLang's C target ("c", used by CI on machines without a GPU) cannot place
 shared/fragment buffers or partition parallel loops over threads, so for it the same program is built with:
 
-* shared and fragment allocations -> thread-local allocations,
+* shared and fragment allocations -> thread-local allocations (16-bit tiles held in float32),
 * ``T.Parallel(a, b, ...)`` -> ``T.grid(a, b, ...)`` (serial loops),
 * software-pipeline depth -> 0 (``T.Pipelined`` becomes a plain loop).
 
@@ -24,8 +24,10 @@ from typing import Callable
 
 import tilelang
 import tilelang.language as T
+import torch
 
 CPU_TARGET = "c"
+TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 CUDA_ARCH = "sm_90a"
 
 
@@ -38,15 +40,40 @@ class TargetOps:
     alloc_fragment: Callable
     Parallel: Callable
 
+    def tile_dtype(self, dtype: str) -> str:
+        """dtype of on-chip tiles meant to be ``dtype``: the C target keeps 16-bit tiles in float32 (its
+        bf16/fp16 local buffers do not lower), the GPU keeps them as given (tensor-core operands)."""
+        return "float32" if self.cpu else dtype
+
+    def to_tile(self, x, dtype: str):
+        """``x`` rounded to ``dtype`` for a tile of :meth:`tile_dtype` (the rounding is kept on the CPU so both
+        targets compute the same numbers)."""
+        return T.cast(T.cast(x, dtype), "float32") if self.cpu else T.cast(x, dtype)
+
     def stages(self, num_stages: int) -> int:
         """Pipeline depth usable on this target (0 on the CPU)."""
         return 0 if self.cpu else num_stages
+
+    def colsum(self, src, dst):
+        """``dst[j] = sum_c src[c, j]`` (``T.reduce_sum`` over dim 0 on the GPU, serial loops on the CPU)."""
+        if self.cpu:
+            _serial_colsum(src, dst)
+        else:
+            T.reduce_sum(src, dst, dim=0)
 
     def Pipelined(self, extent, num_stages: int = 0):
         """``T.Pipelined`` on the GPU, a plain serial loop on the CPU."""
         if self.cpu or num_stages == 0:
             return T.serial(extent)
         return T.Pipelined(extent, num_stages=num_stages)
+
+
+@T.macro
+def _serial_colsum(src, dst):
+    for j in T.serial(src.shape[1]):
+        dst[j] = 0.0
+        for c in T.serial(src.shape[0]):
+            dst[j] = dst[j] + src[c, j]
 
 
 _GPU_OPS = TargetOps(cpu=False, alloc_shared=T.alloc_shared, alloc_fragment=T.alloc_fragment, Parallel=T.Parallel)
@@ -61,6 +88,14 @@ def is_cpu(target: str) -> bool:
 def ops_for(target: str) -> TargetOps:
     """The aliases a kernel factory uses for ``target`` ("cuda", "c", ...)."""
     return _CPU_OPS if is_cpu(target) else _GPU_OPS
+
+
+def for_target(x, target: str):
+    """Tensor as the kernels for ``target`` take it: the C target has no 16-bit types, so bf16/fp16 tensors
+    are widened to float32 on the host there (CPU builds check the program logic, not 16-bit rounding)."""
+    if is_cpu(target) and x.dtype in (torch.bfloat16, torch.float16):
+        return x.float()
+    return x
 
 
 def target_for(device) -> str:
@@ -91,7 +126,7 @@ def cuda_source(program, arch: str = CUDA_ARCH) -> str:
 
 
 def nvcc_compile(source: str, arch: str = CUDA_ARCH) -> None:
-    """Compile lowered CUDA source with the local nvcc (object file only; nothing runs).  Raises
+    """Compile lowered CUDA source to a cubin with the local nvcc, as TileLang does (nothing runs).  Raises
     RuntimeError with nvcc's message when it fails, FileNotFoundError when nvcc is missing."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -102,8 +137,9 @@ def nvcc_compile(source: str, arch: str = CUDA_ARCH) -> None:
         src = os.path.join(tmp, "kernel.cu")
         with open(src, "w") as f:
             f.write(source)
-        cmd = [nvcc, "-std=c++17", f"-arch={arch}", "-c", src, "-o", os.path.join(tmp, "kernel.o"), "-w",
-               "-DENABLE_BF16", "-DENABLE_FP8"] + [f"-I{p}" for p in includes]
+        code = arch.removeprefix("sm_")
+        cmd = [nvcc, "-std=c++17", "-O3", "--cubin", "-gencode", f"arch=compute_{code},code=sm_{code}", src,
+               "-o", os.path.join(tmp, "kernel.cubin"), "-w"] + [f"-I{p}" for p in includes]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"nvcc failed:\n{proc.stderr[-4000:]}")

@@ -1,5 +1,28 @@
 """Triton programs for the KDA forward stages and decode (installed as ``kda_compile.kernels_triton``).
 
-One file per stage, named as its TileLang twin in ``kda_compile.kernels_tl``.  The ``triton`` backend
-registers itself with :mod:`kda_compile.dispatch` here once the kernels exist and Triton can run them.
+One file per stage, named as its TileLang twin in ``kda_compile.kernels_tl``:
+
+    gate.py             prologues: q/k L2 norm, gate + chunk-local cumsum, beta activation
+    chunk_intra.py      A_kk, A_qk, blocked inverse, W, U (stage 1)
+    chunk_state.py      inter-chunk state recurrence (stage 2)
+    chunk_o.py          output (stage 3)
+    chunk_fwd.py        host side: chunk table, launches
+    fused_recurrent.py  decode kernel (few tokens, state pool, speculative decoding, in-place update)
+
+Importing this package registers the ``triton`` backend with :mod:`kda_compile.dispatch` (before the
+reference).  If Triton cannot import, the backend is marked unavailable with the reason and
+``import kda_compile`` still works.  Kernel configs are passed explicitly by ``Backend.run(call, config)``
+(no ``@triton.autotune``); ``configs(call)`` lists each stage's ``get_configs()`` for the autotuner.
 """
+from __future__ import annotations
+
+from kda_compile import dispatch
+
+try:
+    import triton  # noqa: F401
+    from . import chunk_fwd, fused_recurrent
+    from .gate import interpreting
+except Exception as exc:  # pragma: no cover - depends on the platform
+    dispatch.mark_unavailable("triton", f"triton could not import: {type(exc).__name__}: {exc}")
+else:
+    from .backend import TRITON_BACKEND  # noqa: F401  (registers the backend)

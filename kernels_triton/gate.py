@@ -14,6 +14,8 @@ Chunks are addressed through a chunk table (``chunk_seq``, ``chunk_pos``, ``cu``
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -126,3 +128,18 @@ def chunk_gate_cumsum(g, beta, A_log, dt_bias, opts, table, config: dict):
             BETA_SIGMOID=opts.use_beta_sigmoid_in_kernel, BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0,
             BK=BK, num_warps=config.get("gate_warps", 4))
     return gc, beta_out
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def mm(a, b, INTERPRET: tl.constexpr):
+    """``tl.dot(a, b)`` (float32 accumulation).  Triton 3.6's CPU interpreter multiplies bfloat16 operands
+    wrongly, so there both are widened to float32 first; on a GPU the operands' dtype is kept."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
