@@ -21,9 +21,14 @@ def _demo(args) -> int:
     import torch
 
     from .demo import run_kda_step
+    from .demo_model import run_demo as run_model_step
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = run_kda_step(T=args.tokens, device=device, seed=args.seed)
-    return 0 if result["ok"] else 1
+    results = [run_kda_step(T=args.tokens, device=device, seed=args.seed)]
+    print()
+    results.append(run_model_step(seed=args.seed, device=device, compile=not args.no_compile))
+    ok = all(r["ok"] for r in results)
+    print(f"\ndemo {'passed' if ok else 'FAILED'}")
+    return 0 if ok else 1
 
 
 def main(argv=None) -> int:
@@ -35,6 +40,7 @@ def main(argv=None) -> int:
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--tokens", type=int, default=1000, help="sequence length of the prefill (default 1000)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--no-compile", action="store_true", help="skip the torch.compile part of the model step")
     demo.set_defaults(func=_demo)
     info = sub.add_parser("info", help="show versions and which backends can run here")
     info.set_defaults(func=_info)

@@ -143,8 +143,10 @@ class KDALayer(nn.Module):
         q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, HV, V)
         g = self.f_proj(x).reshape(B, T, HV, K)                         # raw gate, activated in the op
         beta = self.b_proj(x)                                           # logits, sigmoid in the op
+        # A_log / dt_bias reach the op in >= float32 (as Kimi Linear keeps them) even in a bf16 model.
         flags = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
-                     A_log=self.A_log, dt_bias=self.dt_bias, initial_state=recurrent_state,
+                     A_log=self.A_log.to(_acc(x.dtype)), dt_bias=self.dt_bias.to(_acc(x.dtype)),
+                     initial_state=recurrent_state,
                      output_final_state=want_state, backend=self.backend)
         if T == 1:
             o, new_state = kda_api.fused_recurrent_kda(q, k, v, g, beta, **flags)

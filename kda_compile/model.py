@@ -196,7 +196,7 @@ class HybridCache:
 
     @property
     def seq_len(self) -> int:
-        """Tokens seen so far (from the first MLA latent; 0 for a model without MLA layers is unknown)."""
+        """Tokens seen so far, read from the first MLA latent (0 when the model has no MLA layer)."""
         for layer in self.layers:
             if len(layer) == 1:
                 return layer[0].shape[1]

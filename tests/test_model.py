@@ -14,6 +14,15 @@ from kda_inputs import rel_err
 GVA = dict(num_heads=2, num_v_heads=4)   # grouped value heads: value head h uses key head h // 2
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """The tiny model gains nothing from CPU threads; on the small shared CI box they only add stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_model(dtype=torch.float64, seed=0, **overrides) -> HybridModel:
     torch.manual_seed(seed)
     return HybridModel(HybridConfig.tiny(**overrides)).to(dtype).eval()
@@ -91,7 +100,8 @@ def test_kda_layer_matches_hand_written_recurrence(dtype, tol, heads, T, with_ca
     conv_state = state = None
     if with_cache:
         conv_state = torch.randn(2, layer.conv_channels, layer.conv_size - 1).to(dtype)
-        state = torch.randn(2, layer.HV, layer.K, layer.V, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        state = torch.randn(2, layer.HV, layer.K, layer.V, dtype=state_dtype)
     with torch.no_grad():
         y, new_conv, new_state = layer(x, conv_state, state)
     ref_y, ref_conv, ref_state = kda_layer_by_hand(layer, x, conv_state, state)
@@ -342,3 +352,26 @@ def test_config_presets_and_json():
     with pytest.raises(ValueError, match="unknown HybridConfig fields"):
         HybridConfig.from_json('{"hidden": 3}')
     assert dataclasses.replace(tiny, num_layers=8).layer_types.count("mla") == 2
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_cuda_model_matches_float64_cpu_and_its_own_recompute(dtype, tol):
+    """On the GPU the dispatch may pick fast kernels: the model must still equal the float64 CPU model, and
+    cached decoding its own full recompute."""
+    ref_model = make_model(torch.float64, seed=8, **GVA)
+    model = make_model(torch.float64, seed=8, **GVA).to(device="cuda", dtype=dtype)
+    ids = tokens(2, 150)
+    with torch.no_grad():
+        ref = ref_model(ids)
+        full = model(ids.cuda())
+        assert rel_err(full.cpu(), ref) < tol
+        logits, cache = model.forward_cached(ids[:, :141].cuda(), None)
+        steps = [logits]
+        for t in range(141, 150):
+            logits, cache = model.forward_cached(ids[:, t:t + 1].cuda(), cache)
+            steps.append(logits)
+    assert rel_err(torch.cat(steps, 1).cpu(), ref) < tol
