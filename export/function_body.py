@@ -164,7 +164,8 @@ def _chunk_body(causal, strict, eye, level_masks, scale, qP, kP, vP, gP, bP, C0)
 
     return helper.make_graph(
         b.nodes, "kda_chunk",
-        [value_info(i, TensorProto.INT64, []), value_info(cond_in, TensorProto.BOOL, []), value_info(S, shape=[None] * 4)],
+        [value_info(i, TensorProto.INT64, []), value_info(cond_in, TensorProto.BOOL, []),
+         value_info(S, shape=[None] * 4)],
         [value_info(cond_out, TensorProto.BOOL, []), value_info(S_next, shape=[None] * 4),
          value_info(O, shape=[None] * 4)])
 

@@ -46,7 +46,7 @@ MAX_CHUNK = 64  # the Loop body's triangular inverse has log2(64) = 6 doubling l
 def op_schema() -> defs.OpSchema:
     """The ``onnx.defs.OpSchema`` of ``kda_compile::KDA`` version 1 (not registered globally)."""
     P = defs.OpSchema.FormalParameter
-    single, = (defs.OpSchema.FormalParameterOption.Single,)
+    single = defs.OpSchema.FormalParameterOption.Single
     inputs = [P(name, "S" if name in ("initial_state", "A_log", "dt_bias") else "T", "", param_option=single)
               for name in INPUTS]
     outputs = [P("o", "T", "", param_option=single), P("final_state", "S", "", param_option=single)]

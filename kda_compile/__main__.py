@@ -26,6 +26,14 @@ def _demo(args) -> int:
     results = [run_kda_step(T=args.tokens, device=device, seed=args.seed)]
     print()
     results.append(run_model_step(seed=args.seed, device=device, compile=not args.no_compile))
+    if not args.no_export:
+        import os
+        import tempfile
+
+        from .export.demo_step import run_demo as run_export_step
+        print()
+        with tempfile.TemporaryDirectory(prefix="kda_compile_demo_") as folder:
+            results.append(run_export_step(os.path.join(folder, "onnx")))
     ok = all(r["ok"] for r in results)
     print(f"\ndemo {'passed' if ok else 'FAILED'}")
     return 0 if ok else 1
@@ -41,6 +49,7 @@ def main(argv=None) -> int:
     demo.add_argument("--tokens", type=int, default=1000, help="sequence length of the prefill (default 1000)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--no-compile", action="store_true", help="skip the torch.compile part of the model step")
+    demo.add_argument("--no-export", action="store_true", help="skip the ONNX export-and-run step")
     demo.set_defaults(func=_demo)
     info = sub.add_parser("info", help="show versions and which backends can run here")
     info.set_defaults(func=_info)
