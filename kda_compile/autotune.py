@@ -161,6 +161,17 @@ class Progress:
 
 # ---------------------------------------------------------------------------------------------- tuning
 
+def _candidates(backend: dispatch.Backend, call: dispatch.KDACall) -> list[dict]:
+    """The backend's search space with its default config first (so a short --max-configs or time budget
+    still measures the config the dispatch would otherwise use), without duplicates."""
+    default = backend.default_config(call)
+    out = [default]
+    for config in backend.configs(call):
+        if config not in out:
+            out.append(config)
+    return out
+
+
 def tune(shapes: list[TuneShape], device: str, backends: list[str] | None = None, budget_s: float | None = None,
          force: bool = False, output=None, seed: int = 0, max_configs: int | None = None,
          log=print) -> dict:
@@ -185,7 +196,7 @@ def tune(shapes: list[TuneShape], device: str, backends: list[str] | None = None
         for name in names:
             backend = dispatch.get_backend(name)
             why_not = backend.supports(call)
-            configs = backend.configs(call) if why_not is None else []
+            configs = _candidates(backend, call) if why_not is None else []
             plan.append((shape, backend, configs[:max_configs] if max_configs else configs, why_not))
     total = sum(max(1, len(configs)) for _, _, configs, _ in plan)
     progress = Progress(total)

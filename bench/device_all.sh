@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One device call that checks and times everything GPU-side, most important first, each section under its
+# own time limit so a slow one cannot starve the rest.  Run on the device machine from the repo root:
+#   bash bench/device_all.sh          (carry .device-bundle; logs and tables land in $OUT)
+# Sections: setup, GPU tests, forward bench, decode bench, autotune (writes the H100 table), cold start,
+# model bench.  Override a section's limit with e.g. LIMIT_TESTS=200.
+set -uo pipefail
+OUT=${OUT:-$(mktemp -d)}
+export PYTHONUNBUFFERED=1
+log="$OUT/all.log"
+section() { echo; echo "=== $1 ($(date -u +%T), limit ${2}s) ==="; }
+run() {  # run LIMIT FILE CMD...: bounded, output to the terminal and appended to FILE
+  local limit=$1 file=$2; shift 2
+  timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$file"
+  echo "[exit ${PIPESTATUS[0]}]" | tee -a "$file"
+}
+{
+section setup 120
+bash .device-bundle/setup.sh && export PYTHONPATH=/tmp/site && \
+  python3 -m pip install -q --no-deps --no-build-isolation -e . || { echo "setup failed"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+python3 -m kda_compile info
+
+section "GPU tests" "${LIMIT_TESTS:-130}"
+run "${LIMIT_TESTS:-130}" "$OUT/gpu_tests.log" python3 -m pytest -v --tb=short -m gpu -rs -p no:cacheprovider \
+  tests/test_gpu_reference.py tests/test_tilelang_chunk.py tests/test_tilelang_decode.py tests/test_triton_gpu.py \
+  tests/test_model_compile.py
+
+section "forward bench" "${LIMIT_CHUNK:-180}"
+run "${LIMIT_CHUNK:-180}" "$OUT/bench.md" python3 bench/bench_chunk.py --stages
+
+section "decode bench" "${LIMIT_DECODE:-35}"
+run "${LIMIT_DECODE:-35}" "$OUT/bench.md" python3 bench/bench_decode.py
+
+section autotune "${LIMIT_TUNE:-70}"
+run "${LIMIT_TUNE:-70}" "$OUT/autotune.log" python3 -m kda_compile.autotune --output "$OUT/h100.json" \
+  --budget "${TUNE_BUDGET:-50}" --max-configs 2 \
+  --bucket chunk/bf16/K128V128/T8k/dense --bucket chunk/bf16/K128V128/Tlong/dense \
+  --bucket recurrent/bf16/K128V128/t1/dense
+
+# Ship what was just measured, so the cold start below runs with "the shipped H100 table".
+mkdir -p kda_compile/tables && [ -s "$OUT/h100.json" ] && cp "$OUT/h100.json" kda_compile/tables/h100.json
+
+section "cold start" "${LIMIT_COLD:-55}"
+run "${LIMIT_COLD:-55}" "$OUT/bench.md" python3 bench/bench_cold_start.py --providers ours --timeout 50
+
+section "model bench" "${LIMIT_MODEL:-50}"
+run "${LIMIT_MODEL:-50}" "$OUT/bench.md" python3 bench/bench_model.py --device cuda --seq-lens 8192
+} 2>&1 | tee -a "$log"
