@@ -14,8 +14,12 @@ from ..reference import KDAOptions
 from .chunk_intra import chunk_intra
 from .chunk_state import chunk_state
 from .gate import Prologue
-from .target import TL_DTYPES, compile_kernel, for_target, target_for
-DEFAULT_CONFIG = {"block": 16, "intra_threads": 128, "block_V": 64, "num_stages": 1, "state_threads": 128}
+from .target import TL_DTYPES, compile_kernel, for_target, gpu_pass_configs, target_for
+
+# Defaults measured on H100 at B2·T8192·H16 (bench/results_tilelang.md): 256 threads for stage 1, 32 state
+# columns per program for stage 2 (more programs in flight for few heads x sequences).
+DEFAULT_CONFIG = {"block": 16, "intra_threads": 256, "diag_gemm": True, "block_V": 32, "num_stages": 1,
+                  "state_threads": 128, "state_ws": True, "state_tma": True}
 
 _TABLES: dict = {}
 
@@ -26,8 +30,11 @@ def chunk_tables(B: int, T: int, cu_seqlens: torch.Tensor | None, C: int, device
     key = (B, T, C, str(device)) if cu_seqlens is None else None
     if key is not None and key in _TABLES:
         return _TABLES[key]
-    bounds = ([(b * T, T) for b in range(B)] if cu_seqlens is None else
-              [(s, e - s) for s, e in zip(*(lambda x: (x[:-1], x[1:]))(cu_seqlens.tolist()))])
+    if cu_seqlens is None:
+        bounds = [(b * T, T) for b in range(B)]
+    else:
+        offsets = cu_seqlens.tolist()
+        bounds = [(s, e - s) for s, e in zip(offsets[:-1], offsets[1:])]
     bos, lens, first, count = [], [], [], []
     for start, size in bounds:
         n = -(-size // C)
@@ -46,6 +53,17 @@ def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
                   output_final_state: bool, config: dict | None = None):
     """Chunkwise KDA forward with the TileLang kernels; returns ``(o, final_state or None)``.  Tensors in
     the user's layout (see :func:`kda_compile.chunk_kda`)."""
+    stage1, stage2, finish = plan(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts,
+                                  output_final_state, config)
+    stage1()
+    stage2()
+    return finish()
+
+
+def plan(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts: KDAOptions,
+         output_final_state: bool, config: dict | None = None):
+    """Compile (cached) and allocate everything; returns ``(stage1, stage2, finish)``: the two launches as
+    closures (so benchmarks can time each stage) and the function returning ``(o, final_state)``."""
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -72,7 +90,7 @@ def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
 
     intra = compile_kernel(chunk_intra, target, K, V, C, dtype=dtype, g_dtype=TL_DTYPES[gf.dtype],
                            beta_dtype=TL_DTYPES[bf.dtype], scale=float(opts.scale), prologue=prologue,
-                           block=cfg["block"], threads=cfg["intra_threads"])
+                           block=cfg["block"], threads=cfg["intra_threads"], diag_gemm=cfg["diag_gemm"])
     TP = TT + C  # padded rows: stage 2 reads whole chunks
     w = qf.new_empty(TP, HV, K)
     u = qf.new_empty(TP, HV, V)
@@ -80,7 +98,6 @@ def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
     kd = qf.new_empty(TP, HV, K)
     aqk = qf.new_empty(TP, HV, C)
     gl = torch.empty(NC, HV, K, **f32)
-    intra(qf, kf, vf, gf, bf, a_log, bias, chunk_bos, chunk_len, w, u, qg, kd, aqk, gl)
 
     has_h0 = initial_state is not None
     state_shape = (HV, V, K) if opts.state_v_first else (HV, K, V)
@@ -89,7 +106,17 @@ def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
     block_V = min(cfg["block_V"], V)
     state = compile_kernel(chunk_state, target, K, V, C, dtype=dtype, out_dtype=dtype,
                            has_h0=has_h0, store_final=output_final_state, state_v_first=opts.state_v_first,
-                           block_V=block_V, num_stages=cfg["num_stages"], threads=cfg["state_threads"])
+                           block_V=block_V, num_stages=cfg["num_stages"], threads=cfg["state_threads"],
+                           pass_configs=gpu_pass_configs(cfg["state_ws"], cfg["state_tma"]))
     o = torch.empty(TT, HV, V, dtype=vf.dtype, device=device)
-    state(w, u, qg, kd, aqk, gl, chunk_bos, chunk_len, seq_chunk0, seq_nchunks, h0, o, ht)
-    return o.view(B, T, HV, V).to(v.dtype), (ht if output_final_state else None)
+
+    def stage1():
+        intra(qf, kf, vf, gf, bf, a_log, bias, chunk_bos, chunk_len, w, u, qg, kd, aqk, gl)
+
+    def stage2():
+        state(w, u, qg, kd, aqk, gl, chunk_bos, chunk_len, seq_chunk0, seq_nchunks, h0, o, ht)
+
+    def finish():
+        return o.view(B, T, HV, V).to(v.dtype), (ht if output_final_state else None)
+
+    return stage1, stage2, finish

@@ -7,11 +7,13 @@ inter-chunk stage (:mod:`.chunk_state`) needs, so no other pass over the inputs 
 * ``Gamma``: cumulative log decay inside the chunk (float32, padding rows of a ragged chunk decay by 0);
 * ``A_kk`` and ``A_qk`` (the decayed k.k and q.k products).  Off-diagonal 16x16 blocks are tensor-core
   products factored around the last row ``e`` of the column block (``exp(Gamma_r - Gamma_e)`` times
-  ``exp(Gamma_e - Gamma_s)``, both exponents <= 0, so nothing overflows); the diagonal blocks are computed
-  elementwise with the exact pairwise exponent ``exp(Gamma_r - Gamma_s)`` (idea: FLA's sub-chunk split,
-  fla/ops/kda/chunk_intra.py; written anew here);
-* the unit-lower-triangular inverse ``X = (I + A_kk)^-1`` (float32), diagonal blocks by forward
-  substitution and off-diagonal blocks by block forward substitution;
+  ``exp(Gamma_e - Gamma_s)``, both exponents <= 0, so nothing overflows).  Diagonal blocks are tensor-core
+  products factored around the block's middle row when the block's decay spread keeps the exponents
+  below ``limit`` (always with the safe gate), and otherwise computed elementwise with the exact pairwise
+  exponent ``exp(Gamma_r - Gamma_s)`` (idea: FLA's sub-chunk split, fla/ops/kda/chunk_intra.py; written
+  anew here);
+* the unit-lower-triangular inverse ``X = (I + A_kk)^-1`` (float32) by forward substitution, each thread
+  holding one column in registers (no barriers, no shared-memory dependency chains);
 * ``w = X diag(beta) (k * exp(Gamma))``, ``u = X diag(beta) v`` (the UT transform);
 * ``qg = scale * q * exp(Gamma)``, ``kd = k * exp(Gamma_last - Gamma)``, ``gl = exp(Gamma_last)``.
 
@@ -31,10 +33,14 @@ ACC = "float32"
 
 def chunk_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
                 g_dtype: str = "float32", beta_dtype: str = "float32", scale: float = 1.0,
-                prologue: Prologue = Prologue(), block: int = 16, threads: int = 128, target: str = "cuda"):
+                prologue: Prologue = Prologue(), block: int = 16, threads: int = 128, diag_gemm: bool = True,
+                target: str = "cuda"):
     """Kernel factory for stage 1.  Task config: head dims, chunk size ``C``, dtypes, scale and prologue
-    switches (token, chunk and head counts are runtime sizes, so one build serves every shape).  Kernel config: ``block`` (diagonal sub-block size), ``threads``."""
+    switches (token, chunk and head counts are runtime sizes, so one build serves every shape).  Kernel
+    config: ``block`` (diagonal sub-block size), ``threads``, ``diag_gemm`` (diagonal blocks on tensor cores
+    when their decay spread allows, else elementwise)."""
     ops = ops_for(target)
+    unroll = T.serial if ops.cpu else T.unroll
     p = prologue
     H = T.dynamic("H")     # key heads
     HV = T.dynamic("HV")   # value heads (a multiple of H)
@@ -44,6 +50,9 @@ def chunk_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
     NC = T.dynamic("NC")   # chunks, all sequences together
     tile = ops.tile_dtype(dtype)   # on-chip copies and tensor-core operands
     zero = T.cast(0, tile)
+    # largest exponent the diagonal-block factorisation may meet: exp(limit) times |k| must fit the operand
+    # dtype (fp16 tops out at 65504; bf16/fp32/tf32 share float32's range)
+    limit = 8.0 if dtype == "float16" else 60.0
 
     @T.prim_func
     def kernel(q: T.Tensor((TT, H, K), dtype), k: T.Tensor((TT, H, K), dtype), v: T.Tensor((TT, HV, V), dtype),
@@ -66,10 +75,17 @@ def chunk_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
             tv = ops.alloc_shared((C, V), tile)
             Akk_f = ops.alloc_fragment((C, C), ACC)
             Aqk_f = ops.alloc_fragment((C, C), ACC)
+            Dk_f = ops.alloc_fragment((C, C), ACC)   # diagonal blocks (tensor-core path)
+            Dq_f = ops.alloc_fragment((C, C), ACC)
+            exact = ops.alloc_shared((NB,), "int32")  # 1: redo this diagonal block elementwise
             Akk = ops.alloc_shared((C, C), ACC)
             Aqs = ops.alloc_shared((C, C), ACC)
-            X = ops.alloc_shared((C, C), ACC)        # (I + A_kk)^-1
-            P = ops.alloc_shared((C, C), ACC)        # block forward-substitution scratch
+            xcol = T.alloc_local((C,), ACC)          # one column of (I + A_kk)^-1 (per thread)
+            run = T.alloc_local((2,), ACC)           # per-thread running sums
+            part = T.alloc_local((4,), ACC)
+            sq_f = ops.alloc_fragment((C, K), ACC)   # squares for the L2 norms
+            nq_f = ops.alloc_fragment((C,), ACC)
+            nk_f = ops.alloc_fragment((C,), ACC)
             Xd = ops.alloc_shared((C, C), tile)
             W_f = ops.alloc_fragment((C, K), ACC)
             U_f = ops.alloc_fragment((C, V), ACC)
@@ -84,27 +100,29 @@ def chunk_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
                 ks[r, c] = T.if_then_else(r < L, T.cast(k[bos + r, h, c], tile), zero)
                 Gs[r, c] = T.if_then_else(
                     r < L, log_decay(p, T.cast(g[bos + r, hv, c], ACC), A_log[hv], dt_bias[hv, c]), 0.0)
-            # ---- cumulative decay (one column per thread, serial over the chunk's rows)
+            # ---- cumulative decay: one column per thread, running sum in a register
             for c in ops.Parallel(K):
-                for r in T.serial(C - 1):
-                    Gs[r + 1, c] = Gs[r + 1, c] + Gs[r, c]
-            # ---- L2-norm factors and beta
-            for r in ops.Parallel(C):
-                rq[r] = 0.0
-                rk[r] = 0.0
-                bs[r] = T.if_then_else(r < L, beta_value(p, T.cast(beta[bos + r, hv], ACC)), 0.0)
+                run[0] = 0.0
+                for r in unroll(C):
+                    run[0] = run[0] + Gs[r, c]
+                    Gs[r, c] = run[0]
+            # ---- L2-norm factors (row reductions: a serial loop per row would hit one shared bank) and beta
             if p.l2norm:
+                for r, c in ops.Parallel(C, K):
+                    sq_f[r, c] = T.cast(qs[r, c], ACC) * T.cast(qs[r, c], ACC)
+                ops.rowsum(sq_f, nq_f)
+                for r, c in ops.Parallel(C, K):
+                    sq_f[r, c] = T.cast(ks[r, c], ACC) * T.cast(ks[r, c], ACC)
+                ops.rowsum(sq_f, nk_f)
                 for r in ops.Parallel(C):
-                    for c in T.serial(K):
-                        rq[r] = rq[r] + T.cast(qs[r, c], ACC) * T.cast(qs[r, c], ACC)
-                        rk[r] = rk[r] + T.cast(ks[r, c], ACC) * T.cast(ks[r, c], ACC)
-                for r in ops.Parallel(C):
-                    rq[r] = inv_norm(rq[r])
-                    rk[r] = inv_norm(rk[r])
+                    rq[r] = inv_norm(nq_f[r])
+                    rk[r] = inv_norm(nk_f[r])
             else:
                 for r in ops.Parallel(C):
                     rq[r] = 1.0
                     rk[r] = 1.0
+            for r in ops.Parallel(C):
+                bs[r] = T.if_then_else(r < L, beta_value(p, T.cast(beta[bos + r, hv], ACC)), 0.0)
 
             # ---- off-diagonal blocks of A_kk, A_qk: rows in later blocks x columns of block j
             T.clear(Akk_f)
@@ -112,22 +130,64 @@ def chunk_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
             for j in T.serial(NB - 1):
                 e = (j + 1) * block - 1               # reference row: last row of column block j
                 for r, c in ops.Parallel(C, K):
-                    ta[r, c] = T.if_then_else(r > e, ops.to_tile(T.cast(ks[r, c], ACC) * T.exp(Gs[r, c] - Gs[e, c]), dtype), zero)
-                    tb[r, c] = T.if_then_else(r > e, ops.to_tile(T.cast(qs[r, c], ACC) * T.exp(Gs[r, c] - Gs[e, c]), dtype), zero)
-                    tc[r, c] = T.if_then_else(T.And(r <= e, r > e - block),
-                                              ops.to_tile(T.cast(ks[r, c], ACC) * T.exp(Gs[e, c] - Gs[r, c]), dtype), zero)
+                    if r > e:
+                        d_re = T.exp(Gs[r, c] - Gs[e, c])
+                        ta[r, c] = ops.to_tile(T.cast(ks[r, c], ACC) * d_re, dtype)
+                        tb[r, c] = ops.to_tile(T.cast(qs[r, c], ACC) * d_re, dtype)
+                    else:
+                        ta[r, c] = zero
+                        tb[r, c] = zero
+                    if T.And(r <= e, r > e - block):
+                        tc[r, c] = ops.to_tile(T.cast(ks[r, c], ACC) * T.exp(Gs[e, c] - Gs[r, c]), dtype)
+                    else:
+                        tc[r, c] = zero
                 T.gemm(ta, tc, Akk_f, transpose_B=True)
                 T.gemm(tb, tc, Aqk_f, transpose_B=True)
-            T.copy(Akk_f, Akk)
-            T.copy(Aqk_f, Aqs)
-            # ---- diagonal blocks, exact pairwise decay exp(Gamma_r - Gamma_s) <= 1
+            if diag_gemm:
+                # ---- diagonal blocks on tensor cores, factored around the block's middle row m:
+                #      exp(Gamma_r - Gamma_m) exp(Gamma_m - Gamma_s); the exponents are bounded by the block's
+                #      decay spread, and a block whose spread exceeds `limit` is redone exactly below.
+                for b in ops.Parallel(NB):
+                    exact[b] = 0
+                for b, c in ops.Parallel(NB, K):
+                    m = b * block + block // 2
+                    if T.max(Gs[b * block, c] - Gs[m, c], Gs[m, c] - Gs[b * block + block - 1, c]) > limit:
+                        exact[b] = 1
+                for r, c in ops.Parallel(C, K):
+                    m = (r // block) * block + block // 2
+                    d_rm = T.exp(Gs[r, c] - Gs[m, c])
+                    ta[r, c] = ops.to_tile(T.cast(ks[r, c], ACC) * d_rm, dtype)
+                    tb[r, c] = ops.to_tile(T.cast(qs[r, c], ACC) * d_rm, dtype)
+                    tc[r, c] = ops.to_tile(T.cast(ks[r, c], ACC) * T.exp(Gs[m, c] - Gs[r, c]), dtype)
+                T.clear(Dk_f)
+                T.clear(Dq_f)
+                T.gemm(ta, tc, Dk_f, transpose_B=True)
+                T.gemm(tb, tc, Dq_f, transpose_B=True)
+                for r, s in ops.Parallel(C, C):
+                    same = (r // block) == (s // block)
+                    Akk[r, s] = T.if_then_else(same, Dk_f[r, s], Akk_f[r, s])
+                    Aqs[r, s] = T.if_then_else(same, Dq_f[r, s], Aqk_f[r, s])
+            else:
+                T.copy(Akk_f, Akk)
+                T.copy(Aqk_f, Aqs)
+                for b in ops.Parallel(NB):
+                    exact[b] = 1
+                for r, s0 in ops.Parallel(C, block):
+                    Akk[r, (r // block) * block + s0] = 0.0
+                    Aqs[r, (r // block) * block + s0] = 0.0
+            # ---- diagonal blocks done exactly, pairwise decay exp(Gamma_r - Gamma_s) <= 1
             for r, s0 in ops.Parallel(C, block):
-                s = (r // block) * block + s0
-                if s <= r:
-                    for c in T.serial(K):
-                        kd_rs = T.cast(ks[s, c], ACC) * T.exp(Gs[r, c] - Gs[s, c])
-                        Akk[r, s] = Akk[r, s] + T.cast(ks[r, c], ACC) * kd_rs
-                        Aqs[r, s] = Aqs[r, s] + T.cast(qs[r, c], ACC) * kd_rs
+                if exact[r // block] != 0:
+                    s = (r // block) * block + s0
+                    if s <= r:
+                        run[0] = 0.0
+                        run[1] = 0.0
+                        for c in T.serial(K):
+                            kd_rs = T.cast(ks[s, c], ACC) * T.exp(Gs[r, c] - Gs[s, c])
+                            run[0] = run[0] + T.cast(ks[r, c], ACC) * kd_rs
+                            run[1] = run[1] + T.cast(qs[r, c], ACC) * kd_rs
+                        Akk[r, s] = run[0]
+                        Aqs[r, s] = run[1]
             # ---- norms, beta, scale and causal masks
             for r, s in ops.Parallel(C, C):
                 Akk[r, s] = T.if_then_else(s < r, Akk[r, s] * bs[r] * rk[r] * rk[s], 0.0)
@@ -136,37 +196,26 @@ def chunk_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
                 if r < L:
                     Aqk[bos + r, hv, s] = T.cast(Aqs[r, s], dtype)
 
-            # ---- X = (I + A_kk)^-1: diagonal blocks by forward substitution (all blocks at once)
-            for r, s in ops.Parallel(C, C):
-                X[r, s] = T.if_then_else(r == s, 1.0, 0.0)
-                P[r, s] = 0.0
-            for i in T.serial(block - 1):
-                for b, j in ops.Parallel(NB, block):
-                    r = b * block + i + 1
-                    col = b * block + j
-                    if j < i + 1:
-                        for t in T.serial(i + 1 - j):
-                            X[r, col] = X[r, col] - Akk[r, col + t] * X[col + t, col]
-            # ---- off-diagonal blocks, block row by block row: X_i,<i = -X_ii (A_i,<i X_<i,<i)
-            for bi in T.serial(NB - 1):
-                for r0, col in ops.Parallel(block, C):
-                    r = (bi + 1) * block + r0
-                    if col < (bi + 1) * block:
-                        for t in T.serial((bi + 1) * block - col):
-                            P[r, col] = P[r, col] + Akk[r, col + t] * X[col + t, col]
-                for r0, col in ops.Parallel(block, C):
-                    r = (bi + 1) * block + r0
-                    if col < (bi + 1) * block:
-                        for t in T.serial(r0 + 1):
-                            X[r, col] = X[r, col] - X[r, (bi + 1) * block + t] * P[(bi + 1) * block + t, col]
+            # ---- X = (I + A_kk)^-1 by forward substitution: one column of X per thread, held in registers
+            #      (X[r, j] = delta_rj - sum_{s<r} A_kk[r, s] X[s, j]); no barrier, no shared-memory chain
+            #      four partial sums per row shorten the dependency chain of the unrolled products
+            for j in ops.Parallel(C):
+                for r in unroll(C):
+                    xcol[r] = 0.0
+                for r in unroll(C):
+                    for a in T.serial(4):
+                        part[a] = 0.0
+                    for s in unroll(C):
+                        if s < r:
+                            part[s % 4] = part[s % 4] + Akk[r, s] * xcol[s]
+                    xcol[r] = T.if_then_else(r == j, 1.0, 0.0) - ((part[0] + part[1]) + (part[2] + part[3]))
+                    Xd[r, j] = ops.to_tile(xcol[r], dtype)
 
             # ---- w = X diag(beta) (k exp(Gamma)), u = X diag(beta) v
             for r, c in ops.Parallel(C, K):
                 ta[r, c] = ops.to_tile(T.cast(ks[r, c], ACC) * (rk[r] * bs[r]) * T.exp(Gs[r, c]), dtype)
             for r, c in ops.Parallel(C, V):
                 tv[r, c] = T.if_then_else(r < L, ops.to_tile(T.cast(v[bos + r, hv, c], ACC) * bs[r], dtype), zero)
-            for r, s in ops.Parallel(C, C):
-                Xd[r, s] = ops.to_tile(X[r, s], dtype)
             T.clear(W_f)
             T.clear(U_f)
             T.gemm(Xd, ta, W_f)
@@ -190,4 +239,4 @@ def chunk_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
 
 def get_configs() -> list[dict]:
     """Autotuner search space (kernel config only)."""
-    return [dict(block=b, threads=t) for b, t in itertools.product((16,), (128, 256))]
+    return [dict(block=b, threads=t, diag_gemm=d) for b, t, d in itertools.product((16,), (128, 256), (True, False))]

@@ -122,12 +122,115 @@ def fused_recurrent(K: int, V: int, *, dtype: str = "bfloat16", g_dtype: str = "
     return kernel
 
 
+def fused_recurrent_columns(K: int, V: int, *, dtype: str = "bfloat16", g_dtype: str = "float32",
+                            beta_dtype: str = "float32", scale: float = 1.0, prologue: Prologue = Prologue(),
+                            has_h0: bool = False, store_final: bool = False, inplace: bool = False,
+                            state_v_first: bool = False, block_V: int = 64, target: str = "cuda"):
+    """Decode kernel, one thread per state column: thread ``j`` keeps ``S[:, j]`` (K floats) in registers,
+    so the dot products over K need no cross-thread reduction (threads = ``block_V``).  On the C target the
+    per-thread arrays become one ``[block_V, K]`` array."""
+    ops = ops_for(target)
+    p = prologue
+    BV = block_V
+    H = T.dynamic("H")
+    HV = T.dynamic("HV")
+    TT = T.dynamic("TT")
+    NS = T.dynamic("NS")
+    P0 = T.dynamic("P0")
+    N1 = T.dynamic("N1")
+    state = (HV, V, K) if state_v_first else (HV, K, V)
+    loop_k = T.serial if ops.cpu else T.unroll   # unrolled: the column stays in registers
+
+    def col(j, c):   # index of S[c, j] in the per-thread column (per-program array on the CPU)
+        return (j, c) if ops.cpu else (c,)
+
+    def one(j):      # index of a per-thread scalar
+        return (j,) if ops.cpu else (0,)
+
+    @T.prim_func
+    def kernel(q: T.Tensor((TT, H, K), dtype), k: T.Tensor((TT, H, K), dtype), v: T.Tensor((TT, HV, V), dtype),
+               g: T.Tensor((TT, HV, K), g_dtype), beta: T.Tensor((TT, HV), beta_dtype),
+               A_log: T.Tensor((HV,), ACC), dt_bias: T.Tensor((HV, K), ACC),
+               seq_bos: T.Tensor((NS,), "int32"), seq_len: T.Tensor((NS,), "int32"),
+               slots: T.Tensor((NS,), "int32"), h0: T.Tensor((P0, *state), ACC),
+               o: T.Tensor((TT, HV, V), dtype), ht: T.Tensor((N1, *state), ACC)):
+        with T.Kernel(T.ceildiv(V, BV), HV, NS, threads=BV) as (iv, hv, n):
+            S = T.alloc_local((BV, K) if ops.cpu else (K,), ACC)
+            acc = T.alloc_local((BV,) if ops.cpu else (1,), ACC)
+            ub = T.alloc_local((BV,) if ops.cpu else (1,), ACC)
+            nq = T.alloc_local((BV,) if ops.cpu else (1,), ACC)   # L2-norm factors of q_t and k_t
+            nk = T.alloc_local((BV,) if ops.cpu else (1,), ACC)
+            qs = ops.alloc_shared((K,), ACC)
+            ks = ops.alloc_shared((K,), ACC)
+            es = ops.alloc_shared((K,), ACC)        # exp(g_t)
+            v0 = iv * BV
+            h = hv // (HV // H)
+            bos = seq_bos[n]
+            slot = slots[n]
+            for j in ops.Parallel(BV):
+                for c in loop_k(K):
+                    if has_h0:
+                        if state_v_first:
+                            S[col(j, c)] = h0[slot, hv, v0 + j, c]
+                        else:
+                            S[col(j, c)] = h0[slot, hv, c, v0 + j]
+                    else:
+                        S[col(j, c)] = 0.0
+            for t in T.serial(seq_len[n]):
+                for c in ops.Parallel(K):
+                    qs[c] = T.cast(q[bos + t, h, c], ACC)
+                    ks[c] = T.cast(k[bos + t, h, c], ACC)
+                    es[c] = T.exp(log_decay(p, T.cast(g[bos + t, hv, c], ACC), A_log[hv], dt_bias[hv, c]))
+                for j in ops.Parallel(BV):
+                    # every thread also sums q^2 and k^2 itself (independent chains beside the dot product,
+                    # so the L2 norms cost no barrier and no extra latency)
+                    acc[one(j)] = 0.0
+                    nq[one(j)] = 0.0
+                    nk[one(j)] = 0.0
+                    for c in loop_k(K):
+                        S[col(j, c)] = S[col(j, c)] * es[c]
+                        acc[one(j)] = acc[one(j)] + ks[c] * S[col(j, c)]
+                        if p.l2norm:
+                            nq[one(j)] = nq[one(j)] + qs[c] * qs[c]
+                            nk[one(j)] = nk[one(j)] + ks[c] * ks[c]
+                    if p.l2norm:
+                        nq[one(j)] = inv_norm(nq[one(j)])
+                        nk[one(j)] = inv_norm(nk[one(j)])
+                    else:
+                        nq[one(j)] = 1.0
+                        nk[one(j)] = 1.0
+                    # delta rule with the normalised key nk * k
+                    ub[one(j)] = beta_value(p, T.cast(beta[bos + t, hv], ACC)) * nk[one(j)] * (
+                        T.cast(v[bos + t, hv, v0 + j], ACC) - nk[one(j)] * acc[one(j)])
+                    acc[one(j)] = 0.0
+                    for c in loop_k(K):
+                        S[col(j, c)] = S[col(j, c)] + ks[c] * ub[one(j)]
+                        acc[one(j)] = acc[one(j)] + qs[c] * S[col(j, c)]
+                    o[bos + t, hv, v0 + j] = T.cast(acc[one(j)] * nq[one(j)] * scale, dtype)
+            for j in ops.Parallel(BV):
+                for c in loop_k(K):
+                    if inplace:
+                        if state_v_first:
+                            h0[slot, hv, v0 + j, c] = S[col(j, c)]
+                        else:
+                            h0[slot, hv, c, v0 + j] = S[col(j, c)]
+                    if store_final:
+                        if state_v_first:
+                            ht[n, hv, v0 + j, c] = S[col(j, c)]
+                        else:
+                            ht[n, hv, c, v0 + j] = S[col(j, c)]
+
+    return kernel
+
+
 def get_configs() -> list[dict]:
     """Autotuner search space (kernel config only)."""
-    return [dict(block_V=bv, threads=t) for bv, t in itertools.product((16, 32, 64), (64, 128, 256))]
+    tiles = [dict(layout="tile", block_V=bv, threads=t) for bv, t in itertools.product((16, 32, 64), (64, 128, 256))]
+    columns = [dict(layout="column", block_V=bv, threads=bv) for bv in (32, 64, 128)]
+    return columns + tiles
 
 
-DEFAULT_CONFIG = {"block_V": 32, "threads": 128}
+DEFAULT_CONFIG = {"layout": "column", "block_V": 128, "threads": 128}
 
 
 def fused_recurrent_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts,
@@ -169,10 +272,13 @@ def fused_recurrent_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_b
         else torch.empty(0, *state_shape, **f32)
     ht = torch.empty(N, *state_shape, **f32) if output_final_state else torch.empty(0, *state_shape, **f32)
     block_V = min(cfg["block_V"], V)
-    kernel = compile_kernel(fused_recurrent, target, K, V, dtype=TL_DTYPES[qf.dtype],
-                            g_dtype=TL_DTYPES[gf.dtype], beta_dtype=TL_DTYPES[bf.dtype], scale=float(opts.scale),
-                            prologue=prologue, has_h0=has_h0, store_final=output_final_state, inplace=inplace,
-                            state_v_first=opts.state_v_first, block_V=block_V, threads=cfg["threads"])
+    common = dict(dtype=TL_DTYPES[qf.dtype], g_dtype=TL_DTYPES[gf.dtype], beta_dtype=TL_DTYPES[bf.dtype],
+                  scale=float(opts.scale), prologue=prologue, has_h0=has_h0, store_final=output_final_state,
+                  inplace=inplace, state_v_first=opts.state_v_first, block_V=block_V)
+    if cfg["layout"] == "column":
+        kernel = compile_kernel(fused_recurrent_columns, target, K, V, **common)
+    else:
+        kernel = compile_kernel(fused_recurrent, target, K, V, threads=cfg["threads"], **common)
     o = torch.empty(TT, HV, V, dtype=vf.dtype, device=device)
     kernel(qf, kf, vf, gf, bf, a_log, bias, seq_bos, seq_len, slots, h0, o, ht)
     return o.view(B, T_, HV, V).to(v.dtype), (ht if output_final_state else None)

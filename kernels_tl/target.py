@@ -61,6 +61,13 @@ class TargetOps:
         else:
             T.reduce_sum(src, dst, dim=0)
 
+    def rowsum(self, src, dst):
+        """``dst[r] = sum_c src[r, c]`` (``T.reduce_sum`` over dim 1 on the GPU, serial loops on the CPU)."""
+        if self.cpu:
+            _serial_rowsum(src, dst)
+        else:
+            T.reduce_sum(src, dst, dim=1)
+
     def Pipelined(self, extent, num_stages: int = 0):
         """``T.Pipelined`` on the GPU, a plain serial loop on the CPU."""
         if self.cpu or num_stages == 0:
@@ -74,6 +81,14 @@ def _serial_colsum(src, dst):
         dst[j] = 0.0
         for c in T.serial(src.shape[0]):
             dst[j] = dst[j] + src[c, j]
+
+
+@T.macro
+def _serial_rowsum(src, dst):
+    for r in T.serial(src.shape[0]):
+        dst[r] = 0.0
+        for c in T.serial(src.shape[1]):
+            dst[r] = dst[r] + src[r, c]
 
 
 _GPU_OPS = TargetOps(cpu=False, alloc_shared=T.alloc_shared, alloc_fragment=T.alloc_fragment, Parallel=T.Parallel)
@@ -104,15 +119,26 @@ def target_for(device) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(factory: Callable, target: str, key: tuple):
+def _compiled(factory: Callable, target: str, key: tuple, pass_configs: tuple):
     program = factory(*key[0], target=target, **dict(key[1]))
-    return tilelang.compile(program, target=target, out_idx=None)
+    return tilelang.compile(program, target=target, out_idx=None, pass_configs=dict(pass_configs) or None)
 
 
-def compile_kernel(factory: Callable, target: str, *args, **kwargs):
-    """Build ``factory(*args, target=target, **kwargs)`` for ``target``; cached in memory per process
-    (TileLang's own disk cache also applies to GPU builds)."""
-    return _compiled(factory, target, (tuple(args), tuple(sorted(kwargs.items()))))
+def compile_kernel(factory: Callable, target: str, *args, pass_configs: dict | None = None, **kwargs):
+    """Build ``factory(*args, target=target, **kwargs)`` for ``target`` with TileLang ``pass_configs``;
+    cached in memory per process (TileLang's own disk cache also applies to GPU builds)."""
+    configs = () if is_cpu(target) else tuple(sorted((pass_configs or {}).items()))
+    return _compiled(factory, target, (tuple(args), tuple(sorted(kwargs.items()))), configs)
+
+
+def gpu_pass_configs(warp_specialize: bool = True, tma: bool = True) -> dict:
+    """TileLang pass configs for the two Hopper lowering choices the autotuner may switch off."""
+    out = {}
+    if not warp_specialize:
+        out["tl.disable_warp_specialized"] = True
+    if not tma:
+        out["tl.disable_tma_lower"] = True
+    return out
 
 
 def cuda_source(program, arch: str = CUDA_ARCH) -> str:

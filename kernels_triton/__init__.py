@@ -2,12 +2,15 @@
 
 One file per stage, named as its TileLang twin in ``kda_compile.kernels_tl``:
 
-    gate.py             prologues: q/k L2 norm, gate + chunk-local cumsum, beta activation
-    chunk_intra.py      A_kk, A_qk, blocked inverse, W, U (stage 1)
-    chunk_state.py      inter-chunk state recurrence (stage 2)
-    chunk_o.py          output (stage 3)
-    chunk_fwd.py        host side: chunk table, launches
-    fused_recurrent.py  decode kernel (few tokens, state pool, speculative decoding, in-place update)
+    gate.py               prologues (q/k L2 norm, gate + chunk-local cumsum, beta activation), fused helpers
+    chunk_intra.py        A_kk, A_qk, inverse, W, U (stage 1; "rows" organisation, default)
+    chunk_intra_fused.py  stage 1, "fused" organisation (config intra_impl="fused")
+    solve_tril.py         the blocked triangular inverse used by stage 1
+    chunk_state.py        inter-chunk state recurrence (stage 2)
+    chunk_o.py            output (stage 3)
+    chunk_fwd.py          host side: chunk table, launches, default config and config space
+    fused_recurrent.py    decode kernel (few tokens, state pool, speculative decoding, in-place update)
+    backend.py            the ``triton`` Backend: supports / run / configs
 
 Importing this package registers the ``triton`` backend with :mod:`kda_compile.dispatch` (before the
 reference).  If Triton cannot import, the backend is marked unavailable with the reason and
@@ -20,9 +23,7 @@ from kda_compile import dispatch
 
 try:
     import triton  # noqa: F401
-    from . import chunk_fwd, fused_recurrent
-    from .gate import interpreting
 except Exception as exc:  # pragma: no cover - depends on the platform
     dispatch.mark_unavailable("triton", f"triton could not import: {type(exc).__name__}: {exc}")
 else:
-    from .backend import TRITON_BACKEND  # noqa: F401  (registers the backend)
+    from . import backend  # noqa: F401  (registers the ``triton`` backend)

@@ -5,18 +5,24 @@ varlen pack with offsets ``0, T, 2T, ...``.  The chunk table lists every chunk o
 (``chunk_seq[c]`` its sequence, ``chunk_pos[c]`` its index inside it), so ragged T and cu_seqlens share one
 code path.  Stages (one file each, same stems as ``kernels_tl``):
 
-    gate.py         prologue: q/k L2 norm, gate + chunk-local cumsum (Gamma), beta activation
-    chunk_intra.py  A_kk, A_qk, the blocked inverse (I + A_kk)^-1, W, U and k*exp(Gamma_C - Gamma)
+    gate.py         prologues (q/k L2 norm, gate + chunk-local cumsum Gamma, beta activation), fused into:
+    chunk_intra.py  A_kk, A_qk, the blocked inverse (solve_tril.py), W, U, q*exp(Gamma), k*exp(Gamma_C - Gamma)
+                    (second organisation of the same stage: chunk_intra_fused.py)
     chunk_state.py  inter-chunk state recurrence: state entering each chunk, V_new, final state
     chunk_o.py      O = scale (q * exp(Gamma)) S + A_qk V_new
+
+Memory besides the outputs: A_qk, W, U, V_new, q*exp(Gamma), k*exp(Gamma_C - Gamma) (token-sized, input
+dtype), the chunk states h (chunks x HV x K x V, input dtype) and the intra stage's float32 scratch
+(~54 KB per chunk and head at C = 64, K = 128).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from . import chunk_intra, chunk_o, chunk_state, gate
+from . import chunk_intra, chunk_o, chunk_state
 
 
 @dataclass
@@ -33,12 +39,18 @@ class ChunkTable:
 
 
 def chunk_table(B: int, T: int, cu_seqlens: torch.Tensor | None, chunk_size: int, device) -> ChunkTable:
-    """Build the :class:`ChunkTable` (one host read of ``cu_seqlens`` for varlen input)."""
+    """The :class:`ChunkTable` of a call, cached per (sequence lengths, chunk size, device): equal-length
+    batches build it without touching the device; varlen input reads ``cu_seqlens`` on the host once."""
     if cu_seqlens is None:
-        lengths = [T] * B
+        lengths = (T,) * B
     else:
         offsets = cu_seqlens.tolist()
-        lengths = [e - s for s, e in zip(offsets[:-1], offsets[1:])]
+        lengths = tuple(e - s for s, e in zip(offsets[:-1], offsets[1:]))
+    return _build_table(lengths, chunk_size, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _build_table(lengths: tuple, chunk_size: int, device: str) -> ChunkTable:
     counts = [-(-n // chunk_size) for n in lengths]
     seq = [n for n, c in enumerate(counts) for _ in range(c)]
     pos = [j for c in counts for j in range(c)]
@@ -57,18 +69,24 @@ def chunk_table(B: int, T: int, cu_seqlens: torch.Tensor | None, chunk_size: int
                       chunk_size)
 
 
-def default_config() -> dict:
-    """Shipped defaults of every stage (chosen on an H100; see docs/triton.md)."""
-    return {**gate.DEFAULT_CONFIG, **chunk_intra.DEFAULT_CONFIG, **chunk_state.DEFAULT_CONFIG,
-            **chunk_o.DEFAULT_CONFIG}
+def default_config(num_seqs: int = 0, HV: int = 0, V: int = 128) -> dict:
+    """Shipped defaults of every stage (measured on an H100, docs/triton.md).  The state recurrence runs one
+    program per (V block, sequence, head): its V block is the widest that still gives >= 128 programs."""
+    cfg = {**chunk_intra.DEFAULT_CONFIG, **chunk_state.DEFAULT_CONFIG, **chunk_o.DEFAULT_CONFIG}
+    if num_seqs and HV:
+        bv = 64
+        while bv > 16 and num_seqs * HV * -(-V // bv) < 128:
+            bv //= 2
+        cfg["state_BV"] = bv
+    return cfg
 
 
-def get_configs() -> list[dict]:
+def get_configs(num_seqs: int = 0, HV: int = 0, V: int = 128) -> list[dict]:
     """The search space: the default, then each stage's alternatives with the other stages at default
     (the stages are separate kernels, so they can be tuned one at a time)."""
-    base = default_config()
+    base = default_config(num_seqs, HV, V)
     out = [base]
-    for stage in (gate, chunk_intra, chunk_state, chunk_o):
+    for stage in (chunk_intra, chunk_state, chunk_o):
         for cfg in stage.get_configs():
             candidate = {**base, **cfg}
             if candidate not in out:
@@ -80,25 +98,26 @@ def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
                   config: dict | None = None, return_states: bool = False):
     """Chunkwise KDA forward with Triton kernels on user-layout tensors.
 
-    Returns ``(o [B, T, HV, V], final_state or None)``, plus ``h`` (state entering each chunk,
-    ``[1, total chunks, HV, K, V]`` in k's dtype, layout per ``state_v_first``) with ``return_states``.
+    Returns ``(o [B, T, HV, V], final_state or None)``, plus ``h`` (state entering each chunk, in k's dtype
+    and the ``state_v_first`` layout: ``[B, NT, HV, K, V]``, varlen ``[1, total chunks, HV, K, V]``) with
+    ``return_states`` (what ``chunk_kda(return_intermediate_states=True)`` returns).
     """
-    config = {**default_config(), **(config or {})}
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    config = {**default_config(N, HV, V), **(config or {})}
     table = chunk_table(B, T, cu_seqlens, opts.chunk_size, q.device)
     q, k, v = (x.reshape(B * T, x.shape[2], x.shape[3]).contiguous() for x in (q, k, v))
     g = g.reshape(B * T, HV, K).contiguous()
     beta = beta.reshape(B * T, HV).contiguous()
-    if opts.use_qk_l2norm_in_kernel:
-        q, k = gate.l2norm(q), gate.l2norm(k)
-    gc, beta = gate.chunk_gate_cumsum(g, beta, A_log, dt_bias, opts, table, config)
-    aqk, w, u, kg = chunk_intra.chunk_intra(q, k, v, gc, beta, opts.scale, table, config)
-    h, v_new, final = chunk_state.chunk_state(kg, w, u, gc, initial_state, table, opts.state_v_first,
+    A_log, dt_bias = (x.contiguous() if x is not None else None for x in (A_log, dt_bias))
+    aqk, w, u, qg, kg, gl = chunk_intra.chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, config)
+    h, v_new, final = chunk_state.chunk_state(kg, w, u, gl, initial_state, table, opts.state_v_first,
                                               output_final_state, config)
-    o = chunk_o.chunk_o(q, gc, h, aqk, v_new, opts.scale, table, config)
+    o = chunk_o.chunk_o(qg, h, aqk, v_new, opts.scale, table, config)
     o = o.view(B, T, HV, V)
-    if return_states:
+    if return_states:  # as kda_reference_chunk_states: [B, NT, ...], or [1, total chunks, ...] for varlen
         hs = h.transpose(-1, -2) if opts.state_v_first else h
-        return o, final, hs.unsqueeze(0).contiguous()
+        hs = hs.unsqueeze(0) if cu_seqlens is not None else hs.view(B, -1, *hs.shape[1:])
+        return o, final, hs.contiguous()
     return o, final

@@ -1,0 +1,94 @@
+"""The ``tilelang`` backend: TileLang kernels behind :mod:`kda_compile.dispatch`.
+
+``chunk`` calls run the two-stage chunkwise forward (:mod:`.chunk_fwd`), ``recurrent`` calls the decode
+kernel (:mod:`.fused_recurrent`).  On CUDA it is a default choice; on the CPU the same programs built for
+TileLang's C target run only when asked for by name (``backend="tilelang"``): they exist so CI can check
+the kernels without a GPU, not for speed, so in the default order the reference stays the CPU path.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from ..dispatch import Backend, KDACall
+from . import chunk_intra, chunk_state, fused_recurrent
+from .chunk_fwd import DEFAULT_CONFIG as CHUNK_DEFAULT, chunk_kda_fwd
+from .target import TL_DTYPES
+
+HEAD_DIMS = (32, 64, 128)
+MIN_CAPABILITY = (8, 0)  # T.gemm lowers to mma on sm_80 too; measured and tested on sm_90 (H100) only
+
+
+def _common_reason(call: KDACall) -> str | None:
+    p = call.problem
+    if p.dtype not in TL_DTYPES:
+        return f"dtype {p.dtype} not compiled (bf16, fp16, fp32 only)"
+    if p.K not in HEAD_DIMS or p.V not in HEAD_DIMS:
+        return f"head dims K={p.K}, V={p.V} not compiled (K, V in {HEAD_DIMS})"
+    if p.device.type == "cuda":
+        cap = torch.cuda.get_device_capability(p.device)
+        if cap < MIN_CAPABILITY:
+            return f"GPU compute capability {cap} < {MIN_CAPABILITY}"
+    elif p.device.type != "cpu":
+        return f"device {p.device.type} has no TileLang build here"
+    if call.op == "recurrent":
+        if call.ssm_state_indices is not None and call.ssm_state_indices.dim() != 1:
+            return "2-D ssm_state_indices / num_accepted_tokens (speculative decoding) not implemented"
+        if call.inplace_final_state and call.initial_state is not None and (
+                call.initial_state.dtype != torch.float32 or not call.initial_state.is_contiguous()):
+            return "in-place state update needs a contiguous float32 state"
+    return None
+
+
+def supports_forced(call: KDACall) -> str | None:
+    """Named explicitly: CPU tensors run the C-target build."""
+    return _common_reason(call)
+
+
+def supports(call: KDACall) -> str | None:
+    """Default order: GPU only (the C-target build is for CI checks, not speed)."""
+    if call.problem.device.type == "cpu":
+        return "CPU tensors: the TileLang C build is for CI checks; ask for it with backend='tilelang'"
+    return _common_reason(call)
+
+
+def run(call: KDACall, config: dict):
+    """Run ``call`` with the TileLang kernels; returns ``(o, final_state or None)``."""
+    if call.op == "chunk":
+        return chunk_kda_fwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens,
+                             call.A_log, call.dt_bias, call.opts, call.output_final_state, config)
+    return fused_recurrent.fused_recurrent_fwd(
+        call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens, call.A_log, call.dt_bias,
+        call.opts, call.output_final_state, slots=call.ssm_state_indices, inplace=call.inplace_final_state,
+        config=config)
+
+
+SMALL_DECODE = 256  # sequences x value heads at or below which decode is latency-bound
+
+
+def default_config(call: KDACall) -> dict:
+    """Measured on H100 (bench/results_tilelang.md): decode of few heads x sequences is latency-bound and
+    prefers many small programs (tile layout, 16 columns); large batches prefer one thread per column."""
+    if call.op == "chunk":
+        return dict(CHUNK_DEFAULT)
+    if call.problem.N * call.problem.HV <= SMALL_DECODE:
+        return {"layout": "tile", "block_V": 16, "threads": 64}
+    return dict(fused_recurrent.DEFAULT_CONFIG)
+
+
+def configs(call: KDACall) -> list[dict]:
+    """Search space for the autotuner: the product of the stages' ``get_configs()``."""
+    if call.op == "recurrent":
+        return fused_recurrent.get_configs()
+    out = []
+    for a, b in itertools.product(chunk_intra.get_configs(), chunk_state.get_configs()):
+        out.append(dict(block=a["block"], intra_threads=a["threads"], diag_gemm=a["diag_gemm"],
+                        block_V=b["block_V"], num_stages=b["num_stages"], state_threads=b["threads"],
+                        state_ws=b["warp_specialize"], state_tma=True))
+    return out
+
+
+TILELANG = Backend(name="tilelang", supports=supports, supports_forced=supports_forced, run=run,
+                   default_config=default_config, configs=configs,
+                   description="TileLang kernels: fused chunk intra + state/output recurrence; decode kernel")

@@ -1,0 +1,83 @@
+"""The ``triton`` backend: what the Triton kernels cover, their config space, and the run entry point.
+
+``supports(call)`` returns None or the reason this backend cannot run the call (dispatch then falls back):
+CPU tensors need ``TRITON_INTERPRET=1`` set before Triton kernels were defined (tests); dtypes are
+bfloat16/float16/float32; head dims are powers of two (16..128 for the chunk form, 16..256 for decode);
+the state is float32 (and contiguous when updated in place).
+"""
+from __future__ import annotations
+
+import torch
+
+from kda_compile.dispatch import Backend, KDACall, register_backend
+
+from . import chunk_fwd, fused_recurrent
+from .chunk_intra import _chunk_intra_rows_kernel
+from .gate import interpreting
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+CHUNK_DIMS = (16, 32, 64, 128)
+RECURRENT_DIMS = (16, 32, 64, 128, 256)
+
+
+def _kernels_interpreted() -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(_chunk_intra_rows_kernel, InterpretedFunction)
+
+
+def supports(call: KDACall) -> str | None:
+    """None when the Triton kernels can run ``call``, else the reason."""
+    p = call.problem
+    if p.device.type == "cpu":
+        if not interpreting():
+            return "tensors are on the CPU (Triton needs a GPU; TRITON_INTERPRET=1 runs it on the CPU, for tests)"
+        if not _kernels_interpreted():
+            return "TRITON_INTERPRET=1 was set after the Triton kernels were compiled for a GPU"
+    elif p.device.type != "cuda":
+        return f"tensors are on {p.device.type}; Triton runs on CUDA/ROCm GPUs"
+    if p.dtype not in DTYPES:
+        return f"dtype {p.dtype} is not supported (bfloat16, float16, float32; float64 runs on the reference)"
+    dims = CHUNK_DIMS if call.op == "chunk" else RECURRENT_DIMS
+    if p.K not in dims or p.V not in dims:
+        return f"head dims K={p.K}, V={p.V} not supported by the Triton {call.op} kernels (each in {dims})"
+    if call.initial_state is not None and call.initial_state.dtype != torch.float32:
+        return f"initial_state must be float32 for the Triton kernels, got {call.initial_state.dtype}"
+    if call.inplace_final_state and call.initial_state is not None and not call.initial_state.is_contiguous():
+        return "inplace_final_state with a non-contiguous initial_state (the kernel updates the pool in place)"
+    return None
+
+
+def default_config(call: KDACall) -> dict:
+    """Shipped kernel config for the call's op."""
+    if call.op == "chunk":
+        return chunk_fwd.default_config(call.problem.N, call.problem.HV, call.problem.V)
+    return dict(fused_recurrent.DEFAULT_CONFIG)
+
+
+def configs(call: KDACall) -> list[dict]:
+    """Configs worth trying for the call (the autotuner's search space)."""
+    if call.op == "chunk":
+        return chunk_fwd.get_configs(call.problem.N, call.problem.HV, call.problem.V)
+    return fused_recurrent.get_configs()
+
+
+def run(call: KDACall, config: dict):
+    """Run ``call`` with the Triton kernels; returns ``(o, final_state or None)``."""
+    if call.op == "chunk":
+        return chunk_fwd.chunk_kda_fwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state,
+                                       call.cu_seqlens, call.A_log, call.dt_bias, call.opts,
+                                       call.output_final_state, config)
+    return fused_recurrent.fused_recurrent_kda_fwd(
+        call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens, call.A_log, call.dt_bias,
+        call.opts, output_final_state=call.output_final_state, ssm_state_indices=call.ssm_state_indices,
+        num_accepted_tokens=call.num_accepted_tokens, inplace_final_state=call.inplace_final_state, config=config)
+
+
+TRITON_BACKEND = Backend(
+    name="triton", supports=supports, run=run, default_config=default_config, configs=configs,
+    description="Triton kernels: fused prologue, intra-chunk + blocked inverse, state recurrence, output; "
+                "decode kernel with state pool")
+register_backend(TRITON_BACKEND, before="reference")

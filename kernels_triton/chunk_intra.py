@@ -1,0 +1,313 @@
+"""Stage 1 of the Triton chunkwise forward: everything that stays inside one chunk (design.md section 1).
+
+One program per (chunk, value head) applies the prologues (gate + chunk-local cumsum ``Gamma``, q/k L2 norm,
+beta activation; gate.py) and computes:
+
+    A_kk[r,s] = beta_r sum_c k_r[c] exp(Gamma_r[c] - Gamma_s[c]) k_s[c]   (s < r)
+    A_qk[r,s] = scale  sum_c q_r[c] exp(Gamma_r[c] - Gamma_s[c]) k_s[c]   (s <= r)
+    M = (I + A_kk)^-1,  W = M diag(beta) (k * exp(Gamma)),  U = M diag(beta) v
+    qg = q * exp(Gamma),  kg = k * exp(Gamma_C - Gamma),  gl = Gamma_C     (for chunk_o and chunk_state)
+
+Numerics (never exp(-Gamma) alone):
+
+* Row block i (16 rows) against columns s < 16 (i + 1) is one tensor-core product factored around the
+  block's middle row: ``exp(Gamma_r - Gamma_ref) * exp(Gamma_ref - Gamma_s)`` (the sub-chunk idea of
+  flash-linear-attention's KDA kernels).  Every factor is <= exp(span) with ``span`` the largest
+  ``|Gamma - Gamma_ref|`` over the block (8 tokens of decay either side; <= 40 with the safe gate's
+  lower_bound = -5); this path is taken when span <= SPAN_MAX, so no causal entry overflows, and a factor
+  that underflows multiplies one <= exp(SPAN_MAX), i.e. the true value is below exp(-27).
+* Otherwise (e.g. masked tokens with g = -1000) the off-diagonal blocks use the reference row 16 i (both
+  factors <= 1) and the diagonal blocks are computed element-wise, one column of every block per step.
+* The inverse is blocked (solve_tril.py): 16x16 diagonal blocks by forward substitution, then
+  (I + A_kk)^-1 = (I - N)(I + N^2) Dinv with N = Dinv A_off.
+
+Two organisations share these numerics (``intra_impl`` in the config): "rows" (this file, default) keeps
+Gamma and A in a per-program scratch and builds A one 16-row block at a time; "fused"
+(chunk_intra_fused.py) keeps [C, C] accumulators in registers.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .chunk_intra_fused import _chunk_intra_fused_kernel
+from .gate import L2NORM_EPS, SPAN_MAX, beta_act, chunk_gamma, interpreting
+from .solve_tril import block_inverse
+
+BLOCK = 16         # diagonal sub-block size of the blocked inverse
+
+
+def get_configs() -> list[dict]:
+    """Search space of this stage: kernel organisation (``intra_impl``: "rows" or "fused"), K/V-block width,
+    warps, pipelining, a register cap (``intra_maxnreg``, NVIDIA; None = compiler's choice), and the
+    precision of the float32 products (A and W/U: ``intra_precision``; the inverse: ``solve_precision``)."""
+    return ([{"intra_impl": impl, "intra_BK": bk, "intra_warps": w, "intra_stages": 1}
+             for impl in ("rows", "fused") for bk in (32, 64) for w in (4, 8)]
+            + [{"intra_maxnreg": r} for r in (128, 168)]
+            + [{"intra_precision": p, "solve_precision": sp} for p in ("tf32", "tf32x3", "ieee")
+               for sp in ("tf32", "ieee")])
+
+
+DEFAULT_CONFIG = {"intra_impl": "rows", "intra_BK": 32, "intra_warps": 4, "intra_stages": 1,
+                  "intra_precision": "tf32", "solve_precision": "tf32"}
+
+
+@triton.jit
+def _a_factored(q, k, beta, aqk, base, s_g, s_r, t0, eos, i_h, i_kh, scale,
+                H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr,
+                BK: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """A_kk (to scratch) and A_qk (to the output) by row block, each block one product factored around
+    its middle row (every factor <= exp(SPAN_MAX))."""
+    NB: tl.constexpr = C // 16
+    o_c = tl.arange(0, C)
+    o_t = t0 + o_c
+    m_t = o_t < eos
+    blk = o_c // 16
+    o_b = tl.arange(0, BK)
+    r_q = tl.load(s_r + o_c)
+    r_k = tl.load(s_r + C + o_c)
+    for i in tl.static_range(NB):
+        o_i = 16 * i + tl.arange(0, 16)
+        t_i = t0 + o_i
+        m_i = t_i < eos
+        b_akk = tl.zeros([16, C], dtype=tl.float32)
+        b_aqk = tl.zeros([16, C], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + o_b
+            m_k = o_k < K
+            m = m_t[:, None] & m_k[None, :]
+            mi = m_i[:, None] & m_k[None, :]
+            ref = tl.load(s_g + (16 * i + 8) * KP + o_k)
+            b_gi = tl.load(s_g + o_i[:, None] * KP + o_k[None, :])
+            e_r = tl.where(mi, tl.exp(b_gi - ref[None, :]), 0.0)
+            p_i = t_i[:, None] * (H * K) + i_kh * K + o_k[None, :]
+            b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32) * e_r
+            b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32) * e_r
+            b_g = tl.load(s_g + o_c[:, None] * KP + o_k[None, :])
+            b_k = tl.load(k + o_t[:, None] * (H * K) + i_kh * K + o_k[None, :], mask=m, other=0.0)
+            e_s = tl.where((o_c < 16 * (i + 1))[:, None] & m, tl.exp(ref[None, :] - b_g), 0.0)
+            b_ks = tl.trans(b_k.to(tl.float32) * r_k[:, None] * e_s)
+            b_akk += tl.dot(b_ki, b_ks, input_precision=DOT_PREC)
+            b_aqk += tl.dot(b_qi, b_ks, input_precision=DOT_PREC)
+        valid = m_i[:, None] & m_t[None, :]
+        b_ri = tl.load(s_r + o_i)
+        b_rki = tl.load(s_r + C + o_i)
+        b_bi = beta_act(tl.load(beta + t_i * HV + i_h, mask=m_i, other=0.0), BETA_SIGMOID, BETA_SCALE)
+        b_akk = tl.where((o_i[:, None] > o_c[None, :]) & valid, b_akk * (b_rki * b_bi)[:, None], 0.0)
+        b_aqk = tl.where((o_i[:, None] >= o_c[None, :]) & valid, b_aqk * (b_ri * scale)[:, None], 0.0)
+        tl.store(base + o_i[:, None] * C + o_c[None, :], b_akk)
+        tl.store(aqk + t_i[:, None] * (HV * C) + i_h * C + o_c[None, :], b_aqk.to(aqk.dtype.element_ty),
+                 mask=m_i[:, None])
+
+
+@triton.jit
+def _a_elementwise(q, k, beta, aqk, base, s_g, s_r, t0, eos, i_h, i_kh, scale,
+                H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr,
+                BK: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """A_kk and A_qk when some block decays by more than SPAN_MAX: off-diagonal blocks around row 16 i
+    (both factors <= 1), diagonal blocks element-wise, one column of every block per step."""
+    NB: tl.constexpr = C // 16
+    o_c = tl.arange(0, C)
+    o_t = t0 + o_c
+    m_t = o_t < eos
+    blk = o_c // 16
+    o_b = tl.arange(0, BK)
+    r_q = tl.load(s_r + o_c)
+    r_k = tl.load(s_r + C + o_c)
+    # strong decay: off-diagonal blocks around row 16 i (both factors <= 1), diagonal blocks element-wise
+    b_akk = tl.zeros([C, C], dtype=tl.float32)
+    b_aqk = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + o_b
+        m_k = o_k < K
+        m = m_t[:, None] & m_k[None, :]
+        p_qk = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]
+        b_k = tl.load(k + p_qk, mask=m, other=0.0).to(tl.float32) * r_k[:, None]
+        b_q = tl.load(q + p_qk, mask=m, other=0.0).to(tl.float32) * r_q[:, None]
+        b_g = tl.load(s_g + o_c[:, None] * KP + o_k[None, :])
+        for i in tl.static_range(1, NB):
+            live = t0 + 16 * i < eos
+            ref = tl.load(s_g + (16 * i) * KP + o_k)
+            e_r = tl.where((blk == i)[:, None] & m, tl.exp(b_g - ref[None, :]), 0.0)
+            e_s = tl.where((o_c < 16 * i)[:, None] & m & live, tl.exp(ref[None, :] - b_g), 0.0)
+            b_ks = tl.trans(b_k * e_s)
+            b_akk += tl.dot(b_k * e_r, b_ks, input_precision=DOT_PREC)
+            b_aqk += tl.dot(b_q * e_r, b_ks, input_precision=DOT_PREC)
+        for j in range(0, 16):
+            o_s = blk * 16 + j
+            m_s = (t0 + o_s) < eos
+            m_sk = m_s[:, None] & m_k[None, :]
+            b_gj = tl.load(s_g + o_s[:, None] * KP + o_k[None, :])
+            b_kj = tl.load(k + (t0 + o_s)[:, None] * (H * K) + i_kh * K + o_k[None, :], mask=m_sk,
+                           other=0.0).to(tl.float32) * tl.load(s_r + C + o_s)[:, None]
+            causal = ((o_c % 16) >= j) & m_t & m_s
+            b_kd = b_kj * tl.where(causal[:, None] & m_k[None, :], tl.exp(b_g - b_gj), 0.0)
+            sel = o_c[None, :] == o_s[:, None]
+            b_akk += tl.where(sel, tl.sum(b_k * b_kd, 1)[:, None], 0.0)
+            b_aqk += tl.where(sel, tl.sum(b_q * b_kd, 1)[:, None], 0.0)
+    b_beta = beta_act(tl.load(beta + o_t * HV + i_h, mask=m_t, other=0.0), BETA_SIGMOID, BETA_SCALE)
+    valid = m_t[:, None] & m_t[None, :]
+    b_akk = tl.where((o_c[:, None] > o_c[None, :]) & valid, b_akk * b_beta[:, None], 0.0)
+    b_aqk = tl.where((o_c[:, None] >= o_c[None, :]) & valid, b_aqk * scale, 0.0)
+    tl.store(base + o_c[:, None] * C + o_c[None, :], b_akk)
+    tl.store(aqk + o_t[:, None] * (HV * C) + i_h * C + o_c[None, :], b_aqk.to(aqk.dtype.element_ty),
+             mask=m_t[:, None])
+
+
+@triton.jit
+def _chunk_intra_rows_kernel(
+    q, k, v, g, beta, A_log, dt_bias, aqk, w, u, qg, kg, gl, scratch, chunk_seq, chunk_pos, cu, scale, lower_bound,
+    # task config
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    L2NORM: tl.constexpr, USE_GATE: tl.constexpr, USE_LB: tl.constexpr, HAS_A: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr,
+    # kernel config
+    BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, SOLVE_PREC: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """Same outputs as the fused kernel, organised to keep few values live: Gamma goes through scratch
+    (one scan per channel block, no recomputation, reference rows read back instead of reduced), and A is
+    built one 16-row block at a time ([16, C] products instead of masked [C, C] ones)."""
+    NB: tl.constexpr = C // 16
+    KP: tl.constexpr = ((K + BK - 1) // BK) * BK
+    SCRATCH: tl.constexpr = C * C + C * 16 + C * KP + 2 * C
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_kh = i_h // (HV // H)
+    i_n = tl.load(chunk_seq + i_c)
+    bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
+    t0 = bos + tl.load(chunk_pos + i_c).to(tl.int64) * C
+    last = tl.minimum(t0 + C, eos) - 1
+    base = scratch + (i_c.to(tl.int64) * HV + i_h) * SCRATCH
+    s_g = base + C * C + C * 16          # Gamma [C, KP]
+    s_r = s_g + C * KP                   # L2-norm factors of q, k [2, C]
+
+    o_c = tl.arange(0, C)
+    o_t = t0 + o_c
+    m_t = o_t < eos
+    blk = o_c // 16
+    o_b = tl.arange(0, BK)
+
+    # ---- phase 1: L2-norm factors, Gamma (gate + scan) to scratch
+    r_q = tl.full([C], 1.0, tl.float32)
+    r_k = tl.full([C], 1.0, tl.float32)
+    if L2NORM:
+        s_q = tl.zeros([C], dtype=tl.float32)
+        s_k = tl.zeros([C], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + o_b
+            m = m_t[:, None] & (o_k < K)[None, :]
+            p_qk = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]
+            b_q = tl.load(q + p_qk, mask=m, other=0.0).to(tl.float32)
+            b_k = tl.load(k + p_qk, mask=m, other=0.0).to(tl.float32)
+            s_q += tl.sum(b_q * b_q, 1)
+            s_k += tl.sum(b_k * b_k, 1)
+        r_q = tl.rsqrt(s_q + L2NORM_EPS)
+        r_k = tl.rsqrt(s_k + L2NORM_EPS)
+    tl.store(s_r + o_c, r_q)
+    tl.store(s_r + C + o_c, r_k)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + o_b
+        m_k = o_k < K
+        b_g = chunk_gamma(g, A_log, dt_bias, lower_bound, o_t, m_t[:, None] & m_k[None, :], i_h, o_k, m_k, HV, K,
+                          USE_GATE, USE_LB, HAS_A, HAS_BIAS)
+        tl.store(s_g + o_c[:, None] * KP + o_k[None, :], b_g)
+    tl.debug_barrier()
+
+    # largest |Gamma - Gamma at the middle row of its 16-row block|: picks the path below
+    b_span = tl.zeros([C, BK], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + o_b
+        m = m_t[:, None] & (o_k < K)[None, :]
+        b_g = tl.load(s_g + o_c[:, None] * KP + o_k[None, :])
+        b_gref = tl.load(s_g + (blk * 16 + 8)[:, None] * KP + o_k[None, :])
+        b_span = tl.maximum(b_span, tl.where(m, tl.abs(b_g - b_gref), 0.0))
+    span = tl.max(tl.max(b_span, 1), 0)
+
+    # ---- phase 2: A_kk (to scratch) and A_qk (to the output), one 16-row block at a time
+    if span <= SPAN_MAX:
+        _a_factored(q, k, beta, aqk, base, s_g, s_r, t0, eos, i_h, i_kh, scale, H, HV, K, C, KP, BK, BETA_SIGMOID,
+                    BETA_SCALE, DOT_PREC)
+    else:
+        _a_elementwise(q, k, beta, aqk, base, s_g, s_r, t0, eos, i_h, i_kh, scale, H, HV, K, C, KP, BK, BETA_SIGMOID,
+                       BETA_SCALE, DOT_PREC)
+    tl.debug_barrier()
+
+    # ---- phase 3: T = (I + A_kk)^-1 diag(beta)
+    b_beta = tl.where(m_t, beta_act(tl.load(beta + o_t * HV + i_h, mask=m_t, other=0.0), BETA_SIGMOID, BETA_SCALE),
+                      0.0)
+    b_m = block_inverse(base, b_beta, C, SOLVE_PREC)
+
+    # ---- phase 4: W = T (k * exp(Gamma)), U = T v, and q * exp(Gamma), k * exp(Gamma_C - Gamma), Gamma_C
+    for i_k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):
+        o_k = i_k * BK + o_b
+        m_k = o_k < K
+        m = m_t[:, None] & m_k[None, :]
+        p_qk = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]
+        p_g = o_t[:, None] * (HV * K) + i_h * K + o_k[None, :]
+        b_k = tl.load(k + p_qk, mask=m, other=0.0).to(tl.float32) * r_k[:, None]
+        b_g = tl.load(s_g + o_c[:, None] * KP + o_k[None, :])
+        b_w = tl.dot(b_m, tl.where(m, b_k * tl.exp(b_g), 0.0), input_precision=DOT_PREC)
+        tl.store(w + p_g, b_w.to(w.dtype.element_ty), mask=m)
+    for i_k in range(0, tl.cdiv(K, BK)):  # separate pass: fewer tiles live at once
+        o_k = i_k * BK + o_b
+        m_k = o_k < K
+        m = m_t[:, None] & m_k[None, :]
+        p_qk = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]
+        p_g = o_t[:, None] * (HV * K) + i_h * K + o_k[None, :]
+        b_g = tl.load(s_g + o_c[:, None] * KP + o_k[None, :])
+        b_q = tl.load(q + p_qk, mask=m, other=0.0).to(tl.float32) * r_q[:, None]
+        tl.store(qg + p_g, tl.where(m, b_q * tl.exp(b_g), 0.0).to(qg.dtype.element_ty), mask=m)
+        b_gl = tl.load(s_g + (last - t0) * KP + o_k)
+        b_k = tl.load(k + p_qk, mask=m, other=0.0).to(tl.float32) * r_k[:, None]
+        tl.store(kg + p_g, tl.where(m, b_k * tl.exp(b_gl[None, :] - b_g), 0.0).to(kg.dtype.element_ty), mask=m)
+        tl.store(gl + (i_c.to(tl.int64) * HV + i_h) * K + o_k, b_gl, mask=m_k)
+    for i_v in tl.range(0, tl.cdiv(V, BV), num_stages=NUM_STAGES):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        p_v = o_t[:, None] * (HV * V) + i_h * V + o_v[None, :]
+        b_v = tl.load(v + p_v, mask=m, other=0.0).to(tl.float32)
+        tl.store(u + p_v, tl.dot(b_m, b_v, input_precision=DOT_PREC).to(u.dtype.element_ty), mask=m)
+
+
+def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, config: dict):
+    """Run the intra-chunk stage (prologues fused) on flat tensors ``q, k [TT, H, K]``, ``v [TT, HV, V]``,
+    ``g [TT, HV, K]`` (log decay, or the raw gate with ``use_gate_in_kernel``), ``beta [TT, HV]``.
+
+    Returns ``(aqk [TT, HV, C], w, u, qg, kg, gl)``: A_qk (scaled, causal, v's dtype), W ``[TT, HV, K]``
+    (k's dtype), U ``[TT, HV, V]`` (v's dtype), ``qg = q * exp(Gamma)`` and ``kg = k * exp(Gamma_C - Gamma)``
+    ``[TT, HV, K]`` (q's / k's dtype), and ``gl = Gamma_C [chunks, HV, K]`` (float32).
+    """
+    TT, H, K = q.shape
+    HV, V = v.shape[1], v.shape[2]
+    C = table.chunk_size
+    BK = min(config.get("intra_BK", 64), triton.next_power_of_2(K))
+    BV = min(config.get("intra_BK", 64), triton.next_power_of_2(V))
+    dev = q.device
+    aqk = torch.empty(TT, HV, C, device=dev, dtype=v.dtype)
+    w = torch.empty(TT, HV, K, device=dev, dtype=k.dtype)
+    u = torch.empty(TT, HV, V, device=dev, dtype=v.dtype)
+    qg = torch.empty(TT, HV, K, device=dev, dtype=q.dtype)
+    kg = torch.empty(TT, HV, K, device=dev, dtype=k.dtype)
+    gl = torch.empty(table.num_chunks, HV, K, device=dev, dtype=torch.float32)
+    if table.num_chunks:
+        rows = config.get("intra_impl", "rows") == "rows"
+        KP = triton.cdiv(K, BK) * BK
+        per_program = C * C + C * BLOCK + (C * KP + 2 * C if rows else 2 * C * BK)
+        scratch = torch.empty(table.num_chunks * HV * per_program, device=dev, dtype=torch.float32)
+        kernel = _chunk_intra_rows_kernel if rows else _chunk_intra_fused_kernel
+        # register cap (NVIDIA): trades spills for more programs per multiprocessor
+        launch = {"maxnreg": config["intra_maxnreg"]} if config.get("intra_maxnreg") and not interpreting() else {}
+        use_gate = opts.use_gate_in_kernel
+        kernel[(table.num_chunks, HV)](
+            q, k, v, g, beta, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g,
+            aqk, w, u, qg, kg, gl, scratch, table.chunk_seq, table.chunk_pos, table.cu, float(opts.scale),
+            float(opts.lower_bound) if opts.lower_bound is not None else 0.0,
+            H=H, HV=HV, K=K, V=V, C=C, L2NORM=opts.use_qk_l2norm_in_kernel, USE_GATE=use_gate,
+            USE_LB=use_gate and opts.lower_bound is not None, HAS_A=use_gate and A_log is not None,
+            HAS_BIAS=use_gate and dt_bias is not None, BETA_SIGMOID=opts.use_beta_sigmoid_in_kernel,
+            BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0,
+            BK=BK, BV=BV, DOT_PREC=config.get("intra_precision", "tf32"),
+            SOLVE_PREC=config.get("solve_precision", "tf32"), NUM_STAGES=config.get("intra_stages", 1),
+            num_warps=config.get("intra_warps", 4), **launch)
+    return aqk, w, u, qg, kg, gl

@@ -1,0 +1,112 @@
+"""Stage 2 of the Triton chunkwise forward: the inter-chunk state recurrence (design.md section 1).
+
+One program per (V block, sequence, value head) walks the chunks of its sequence in order, keeping its
+``[K, BV]`` slice of the float32 state in registers:
+
+    h_c    = S                                   (state entering chunk c, stored for the output stage)
+    V_new  = U - W S
+    S      = diag(exp(Gamma_C)) S + kg^T V_new    (kg = k * exp(Gamma_C - Gamma), Gamma_C from chunk_intra)
+
+The products use the dtype of W/kg (bf16 inputs: bf16 tensor-core products with float32 accumulation; the
+state itself stays float32).  ``state_v_first`` only swaps the strides used to read/write h0 and the final
+state.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gate import interpreting, mm
+
+
+def get_configs() -> list[dict]:
+    """Search space of this stage: V-block width, warps and pipelining depth."""
+    return [{"state_BV": bv, "state_warps": w, "state_stages": s}
+            for bv in (16, 32, 64) for w in (4, 8) for s in (2, 3)]
+
+
+DEFAULT_CONFIG = {"state_BV": 32, "state_warps": 4, "state_stages": 3}
+
+
+@triton.jit
+def _chunk_step(kg, w, u, gl, h, v_new, b_s, bos, eos, first, j, i_h, o_k, m_k, o_v, m_v,
+                HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, INTERPRET: tl.constexpr):
+    """One chunk: store the entering state, write V_new, return the state leaving the chunk."""
+    o_t = bos + j * C + tl.arange(0, C)
+    m_t = o_t < eos
+    tl.store(h + ((first + j) * HV + i_h) * (K * V) + o_k[:, None] * V + o_v[None, :],
+             b_s.to(h.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
+    p_k = o_t[:, None] * (HV * K) + i_h * K + o_k[None, :]
+    m_tk = m_t[:, None] & m_k[None, :]
+    b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
+    p_v = o_t[:, None] * (HV * V) + i_h * V + o_v[None, :]
+    m_tv = m_t[:, None] & m_v[None, :]
+    b_u = tl.load(u + p_v, mask=m_tv, other=0.0).to(tl.float32)
+    b_vn = (b_u - mm(b_w, b_s.to(b_w.dtype), INTERPRET)).to(v_new.dtype.element_ty)
+    tl.store(v_new + p_v, b_vn, mask=m_tv)
+    b_kg = tl.load(kg + p_k, mask=m_tk, other=0.0)
+    b_gl = tl.load(gl + ((first + j) * HV + i_h) * K + o_k, mask=m_k, other=0.0)
+    return b_s * tl.exp(b_gl)[:, None] + mm(tl.trans(b_kg), b_vn.to(b_kg.dtype), INTERPRET)
+
+
+@triton.jit
+def _chunk_state_kernel(
+    kg, w, u, gl, h0, h, v_new, ht, cu, chunk_first, s_k, s_v,
+    # task config
+    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, INTERPRET: tl.constexpr,
+    # kernel config
+    BV: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // HV, i_nh % HV
+    bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
+    first = tl.load(chunk_first + i_n).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_state = (i_n * HV + i_h).to(tl.int64) * (K * V) + o_k[:, None] * s_k + o_v[None, :] * s_v
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        b_s += tl.load(h0 + p_state, mask=m_kv, other=0.0).to(tl.float32)
+    n_chunks = tl.cdiv(eos - bos, C)
+    if INTERPRET:  # the CPU interpreter cannot take a run-time range bound; a while loop computes the same
+        j = 0
+        while j < n_chunks:
+            b_s = _chunk_step(kg, w, u, gl, h, v_new, b_s, bos, eos, first, j, i_h, o_k, m_k, o_v, m_v, HV, K, V, C,
+                               INTERPRET)
+            j += 1
+    else:
+        for j in tl.range(0, n_chunks, num_stages=NUM_STAGES):
+            b_s = _chunk_step(kg, w, u, gl, h, v_new, b_s, bos, eos, first, j, i_h, o_k, m_k, o_v, m_v, HV, K, V, C,
+                               INTERPRET)
+    if STORE_FINAL:
+        tl.store(ht + p_state, b_s.to(ht.dtype.element_ty), mask=m_kv)
+
+
+def chunk_state(kg, w, u, gl, initial_state, table, state_v_first: bool, output_final_state: bool,
+                config: dict):
+    """Run the state recurrence.  Returns ``(h [total chunks, HV, K, V] in kg's dtype, v_new [TT, HV, V] in
+    u's dtype, final state (float32, user layout) or None)``."""
+    TT, HV, K = kg.shape
+    V = u.shape[2]
+    N = table.num_seqs
+    BV = min(config.get("state_BV", 32), triton.next_power_of_2(V))
+    h = torch.empty(table.num_chunks, HV, K, V, device=kg.device, dtype=kg.dtype)
+    v_new = torch.empty_like(u)
+    shape = (N, HV, V, K) if state_v_first else (N, HV, K, V)
+    ht = torch.empty(shape, device=kg.device, dtype=torch.float32) if output_final_state else None
+    s_k, s_v = (1, K) if state_v_first else (V, 1)
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    if N:
+        _chunk_state_kernel[(triton.cdiv(V, BV), N * HV)](
+            kg, w, u, gl, initial_state if initial_state is not None else kg, h, v_new,
+            ht if ht is not None else kg, table.cu, table.chunk_first, s_k, s_v,
+            HV=HV, K=K, V=V, C=table.chunk_size, BK=triton.next_power_of_2(K),
+            HAS_H0=initial_state is not None, STORE_FINAL=ht is not None, INTERPRET=interpreting(),
+            BV=BV, NUM_STAGES=config.get("state_stages", 2), num_warps=config.get("state_warps", 4))
+    return h, v_new, ht

@@ -1,0 +1,49 @@
+"""The blocked triangular inverse of the chunkwise forward (design.md section 1), a ``@triton.jit`` helper
+called inside the intra-chunk kernels (chunk_intra.py, chunk_intra_fused.py) on A_kk kept in scratch:
+
+    T = (I + A)^-1 diag(beta),   A strictly lower triangular [C, C], C = 32 or 64
+
+* the 16x16 diagonal blocks (all C/16 of them at once) by forward substitution in float32, rows in
+  registers as a [C/16, 16, 16] tensor;
+* with Dinv their inverse and N = Dinv A_off (strictly block-lower, so N^4 = 0), (I + A) = Dblk (I + N) and
+  (I + A)^-1 = (I - N)(I + N^2) Dinv: three or four [C, C] tensor-core products (``SOLVE_PREC``: "tf32"
+  default, "ieee" for float32 FMA; measured error of both in docs/triton.md).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def block_inverse(base, b_beta, C: tl.constexpr, SOLVE_PREC: tl.constexpr):
+    """``(I + A)^-1 diag(beta)`` for the strictly lower ``A [C, C]`` stored (float32, row-major) at ``base``;
+    ``[C, 16]`` floats after it are scratch.  Diagonal 16x16 blocks by forward substitution (all blocks at
+    once, rows kept in registers), then (I + N)^-1 = (I - N)(I + N^2) with N = Dinv A_off (N^4 = 0)."""
+    NB: tl.constexpr = C // 16
+    o_c = tl.arange(0, C)
+    blk = o_c // 16
+    o_16 = tl.arange(0, 16)
+    # stacked diagonal blocks: row r holds A[r, 16 blk(r) : 16 blk(r) + 16]
+    b_ad = tl.reshape(tl.load(base + o_c[:, None] * C + (blk * 16)[:, None] + o_16[None, :]), (NB, 16, 16))
+    r3 = tl.arange(0, 16)[None, :, None]
+    c3 = tl.arange(0, 16)[None, None, :]
+    eye3 = tl.where(r3 == c3, 1.0, 0.0)
+    b_inv = eye3 + tl.zeros([NB, 16, 16], dtype=tl.float32)
+    for j in range(1, 16):  # forward substitution, row j of all diagonal blocks at once
+        row = tl.sum(tl.where(r3 == j, b_ad, 0.0), 1)                # [NB, 16]: A[j, :] of each block
+        new = -tl.sum(row[:, :, None] * b_inv, 1)                    # -sum_s A[j, s] Inv[s, :]
+        b_inv = tl.where(r3 == j, new[:, None, :] + eye3, b_inv)
+    base_d = base + C * C
+    tl.store(base_d + tl.arange(0, NB)[:, None, None] * 256 + r3 * 16 + c3, b_inv)
+    tl.debug_barrier()
+    same = blk[:, None] == blk[None, :]
+    b_dinv = tl.load(base_d + o_c[:, None] * 16 + (o_c % 16)[None, :], mask=same, other=0.0)
+    b_aoff = tl.load(base + o_c[:, None] * C + o_c[None, :], mask=~same, other=0.0)
+    eye = tl.where(o_c[:, None] == o_c[None, :], 1.0, 0.0)
+    b_n = tl.dot(b_dinv, b_aoff, input_precision=SOLVE_PREC)
+    if NB > 2:
+        b_x = tl.dot(eye - b_n, eye + tl.dot(b_n, b_n, input_precision=SOLVE_PREC), input_precision=SOLVE_PREC)
+    else:
+        b_x = eye - b_n
+    return tl.dot(b_x, b_dinv, input_precision=SOLVE_PREC) * b_beta[None, :]

@@ -1,0 +1,34 @@
+"""Triton backend on a CUDA GPU against the float64 reference: the cases of tests/test_triton_fwd.py at the
+same sizes, plus K = V = 128 chunk cases.  Skipped without CUDA.
+
+Tolerances are GPU ones: float32 products run as tf32 on tensor cores (~1e-3), bf16 intermediates ~1e-2.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_triton_fwd import CASES, run_case
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+GPU_TOL = {"float32": 3e-3, "float16": 1e-2, "bfloat16": 3e-2}
+GPU_CASES = {
+    **CASES,
+    "chunk_bf16_k128_varlen": dict(op="chunk", dtype="bfloat16", cu=[0, 1, 300, 777, 1000], H=2, HV=4, K=128, V=128,
+                                   l2norm=True),
+    "chunk_fp16_k128_safe_gate": dict(op="chunk", dtype="float16", B=2, T=333, H=2, HV=2, K=128, V=128, gate="raw",
+                                      lower_bound=-5.0, l2norm=True, beta_logits=True),
+    "rec_bf16_decode_b64": dict(op="recurrent", dtype="bfloat16", B=64, T=1, H=4, HV=8, K=128, V=128, l2norm=True),
+}
+
+
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_triton_gpu_matches_float64_reference(name):
+    case = GPU_CASES[name]
+    torch.manual_seed(0)
+    errors = run_case(case, device="cuda")
+    tol = max(case.get("tol", 0.0), GPU_TOL[case["dtype"]])
+    for quantity, err in errors.items():
+        assert err <= tol, f"{name}: {quantity} relative error {err:.3g} > {tol:g}"
