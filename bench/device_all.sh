@@ -21,13 +21,13 @@ bash .device-bundle/setup.sh && export PYTHONPATH=/tmp/site && \
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
 python3 -m kda_compile info
 
-section "GPU tests" "${LIMIT_TESTS:-130}"
-run "${LIMIT_TESTS:-130}" "$OUT/gpu_tests.log" python3 -m pytest -v --tb=short -m gpu -rs -p no:cacheprovider \
-  tests/test_gpu_reference.py tests/test_tilelang_chunk.py tests/test_tilelang_decode.py tests/test_triton_gpu.py \
+section "GPU tests" "${LIMIT_TESTS:-140}"
+run "${LIMIT_TESTS:-140}" "$OUT/gpu_tests.log" python3 -m pytest -v --tb=short -m gpu -rs -p no:cacheprovider \
+  tests/test_tilelang_chunk.py tests/test_triton_gpu.py tests/test_tilelang_decode.py tests/test_gpu_reference.py \
   tests/test_model_compile.py
 
-section "forward bench" "${LIMIT_CHUNK:-180}"
-run "${LIMIT_CHUNK:-180}" "$OUT/bench.md" python3 bench/bench_chunk.py --stages
+section "forward bench" "${LIMIT_CHUNK:-190}"
+run "${LIMIT_CHUNK:-190}" "$OUT/bench.md" python3 bench/bench_chunk.py --stages
 
 section "decode bench" "${LIMIT_DECODE:-35}"
 run "${LIMIT_DECODE:-35}" "$OUT/bench.md" python3 bench/bench_decode.py
@@ -41,8 +41,8 @@ run "${LIMIT_TUNE:-70}" "$OUT/autotune.log" python3 -m kda_compile.autotune --ou
 # Ship what was just measured, so the cold start below runs with "the shipped H100 table".
 mkdir -p kda_compile/tables && [ -s "$OUT/h100.json" ] && cp "$OUT/h100.json" kda_compile/tables/h100.json
 
-section "cold start" "${LIMIT_COLD:-55}"
-run "${LIMIT_COLD:-55}" "$OUT/bench.md" python3 bench/bench_cold_start.py --providers ours --timeout 50
+section "cold start" "${LIMIT_COLD:-50}"
+run "${LIMIT_COLD:-50}" "$OUT/bench.md" python3 bench/bench_cold_start.py --providers ours --timeout 50
 
 section "model bench" "${LIMIT_MODEL:-50}"
 run "${LIMIT_MODEL:-50}" "$OUT/bench.md" python3 bench/bench_model.py --device cuda --seq-lens 8192
