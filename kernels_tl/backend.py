@@ -20,6 +20,14 @@ HEAD_DIMS = (32, 64, 128)
 MIN_CAPABILITY = (8, 0)  # T.gemm lowers to mma on sm_80 too; measured and tested on sm_90 (H100) only
 
 
+# The decode kernels pass every CPU (C target) test, but on the H100 the autotuner's reference check rejected
+# the default decode config (output relative error 1.25 at N2 H32 K=V=128 bf16; bench/RESULTS.md), and a
+# compiled-vs-eager model test on CUDA failed with it.  Until that GPU-only fault is found, GPU decode calls are
+# refused here (forced ones too) so the dispatch falls back to a backend whose decode is verified.
+DECODE_DISABLED_ON_GPU = ("TileLang decode failed its H100 reference check (rel. error 1.25 at N2 H32 D128 bf16); "
+                          "disabled on GPUs until fixed")
+
+
 def _common_reason(call: KDACall) -> str | None:
     p = call.problem
     if p.dtype not in TL_DTYPES:
@@ -32,6 +40,8 @@ def _common_reason(call: KDACall) -> str | None:
             return f"GPU compute capability {cap} < {MIN_CAPABILITY}"
     elif p.device.type != "cpu":
         return f"device {p.device.type} has no TileLang build here"
+    if call.op == "recurrent" and p.device.type == "cuda":
+        return DECODE_DISABLED_ON_GPU
     if call.op == "recurrent":
         if call.ssm_state_indices is not None and call.ssm_state_indices.dim() != 1:
             return "2-D ssm_state_indices / num_accepted_tokens (speculative decoding) not implemented"

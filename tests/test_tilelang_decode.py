@@ -75,10 +75,15 @@ def test_decode_speculative_falls_back():
 # ---------------------------------------------------------------------------------------------- GPU
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# The backend refuses GPU decode until the fault the H100 run found is fixed (kernels_tl/backend.py); these
+# tests are what must pass again before that guard is lifted.
+disabled = pytest.mark.skip(reason="TileLang GPU decode disabled: failed its H100 reference check "
+                                   "(kernels_tl/backend.py DECODE_DISABLED_ON_GPU)")
 
 
 @pytest.mark.gpu
 @gpu
+@disabled
 @pytest.mark.parametrize("B", [1, 64])
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 5e-3), (torch.float32, 1e-5)])
 def test_gpu_decode(B, dtype, tol):
@@ -90,6 +95,7 @@ def test_gpu_decode(B, dtype, tol):
 
 @pytest.mark.gpu
 @gpu
+@disabled
 def test_gpu_decode_inplace_pool():
     a = inputs(torch.bfloat16, "cuda", B=8, T=1, H=4, K=128, V=128, initial_state=False)
     pool = torch.randn(16, 4, 128, 128, device="cuda")
