@@ -181,3 +181,15 @@ def test_command_line(fake, capsys):
     assert "tuned table" in out and "backend 'fake'" in out
     with pytest.raises(SystemExit):
         autotune.main(["--dtypes", "int8", "--device", "cpu"])
+
+
+def test_shipped_h100_table_is_found_for_an_h100():
+    """The table measured on the device ships in the package and matches the H100 by name and capability."""
+    identity = {"device": "NVIDIA H100 80GB HBM3", "capability": "9.0", "torch": "9.9", "triton": "9.9",
+                "tilelang": "9.9"}
+    entries, name = tuning_table.load_shipped_table(identity)
+    assert name == "h100.json"
+    for key, record in entries.items():
+        assert Bucket.parse(key).key == key
+        assert record["backend"] in ("tilelang", "triton", "reference") and "time_ms" in record
+    assert tuning_table.load_shipped_table(dict(identity, device="NVIDIA A100"))[1] is None
