@@ -1,6 +1,7 @@
 """Random KDA inputs and error metrics shared by the tests (fresh random data on every call)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -58,3 +59,13 @@ def make_inputs(B=2, T=70, H=2, HV=None, K=16, V=16, dtype=torch.float64, device
             x.requires_grad_(True)
         out[name] = x
     return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """One torch CPU thread for a test module (import it there): the tiny models gain nothing from threads,
+    and on the small shared CI box extra threads only add stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

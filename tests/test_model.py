@@ -9,18 +9,11 @@ import torch.nn.functional as F
 import kda_compile.api as kda_api
 from kda_compile.model import HybridCache, HybridConfig, HybridModel
 
-from kda_inputs import rel_err
+from kda_inputs import one_cpu_thread, rel_err  # noqa: F401  (autouse fixture)
 
 GVA = dict(num_heads=2, num_v_heads=4)   # grouped value heads: value head h uses key head h // 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """The tiny model gains nothing from CPU threads; on the small shared CI box they only add stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_model(dtype=torch.float64, seed=0, **overrides) -> HybridModel:

@@ -6,16 +6,9 @@ import torch
 from kda_compile.generation import compiled_step
 from kda_compile.model import HybridCache, HybridConfig, HybridModel
 
-from kda_inputs import rel_err
+from kda_inputs import one_cpu_thread, rel_err  # noqa: F401  (autouse fixture)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """The tiny model gains nothing from CPU threads; on the small shared CI box they only add stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def setup(device="cpu", dtype=torch.float32, seed=0):
