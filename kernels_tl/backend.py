@@ -22,10 +22,12 @@ MIN_CAPABILITY = (8, 0)  # T.gemm lowers to mma on sm_80 too; measured and teste
 
 # The decode kernels pass every CPU (C target) test, but on the H100 the autotuner's reference check rejected
 # the default decode config (output relative error 1.25 at N2 H32 K=V=128 bf16; bench/RESULTS.md), and a
-# compiled-vs-eager model test on CUDA failed with it.  Until that GPU-only fault is found, GPU decode calls are
-# refused here (forced ones too) so the dispatch falls back to a backend whose decode is verified.
+# compiled-vs-eager model test on CUDA failed.  The cause of the first was then found in the sm_90a source
+# (the column layout's state load ran serially in every thread, so all threads held the last column) and
+# fixed, with a lowering regression test; the fix has not run on a GPU yet.  Until the GPU decode tests pass
+# on the device, GPU decode calls are refused here (forced ones too) and the dispatch uses another backend.
 DECODE_DISABLED_ON_GPU = ("TileLang decode failed its H100 reference check (rel. error 1.25 at N2 H32 D128 bf16); "
-                          "disabled on GPUs until fixed")
+                          "a fix awaits GPU verification, so it is disabled on GPUs")
 
 
 def _common_reason(call: KDACall) -> str | None:

@@ -122,6 +122,11 @@ def fused_recurrent(K: int, V: int, *, dtype: str = "bfloat16", g_dtype: str = "
     return kernel
 
 
+def state_entry(h0, slot, hv, c, column, state_v_first: bool):
+    """``S[c, column]`` of head ``hv`` in pool row ``slot`` (the state is ``[K, V]``, or ``[V, K]`` V-first)."""
+    return h0[slot, hv, column, c] if state_v_first else h0[slot, hv, c, column]
+
+
 def fused_recurrent_columns(K: int, V: int, *, dtype: str = "bfloat16", g_dtype: str = "float32",
                             beta_dtype: str = "float32", scale: float = 1.0, prologue: Prologue = Prologue(),
                             has_h0: bool = False, store_final: bool = False, inplace: bool = False,
@@ -167,15 +172,17 @@ def fused_recurrent_columns(K: int, V: int, *, dtype: str = "bfloat16", g_dtype:
             h = hv // (HV // H)
             bos = seq_bos[n]
             slot = slots[n]
-            for j in ops.Parallel(BV):
+            # Load the state columns.  On the GPU the thread index is bound explicitly: this loop writes only
+            # the thread's own registers, and a T.Parallel over j was lowered to a serial loop in every
+            # thread (each thread ended up holding column BV-1; found in the sm_90a source).
+            if ops.cpu:
+                for j in T.serial(BV):
+                    for c in loop_k(K):
+                        S[col(j, c)] = state_entry(h0, slot, hv, c, v0 + j, state_v_first) if has_h0 else 0.0
+            else:
+                tx = T.get_thread_binding()
                 for c in loop_k(K):
-                    if has_h0:
-                        if state_v_first:
-                            S[col(j, c)] = h0[slot, hv, v0 + j, c]
-                        else:
-                            S[col(j, c)] = h0[slot, hv, c, v0 + j]
-                    else:
-                        S[col(j, c)] = 0.0
+                    S[col(tx, c)] = state_entry(h0, slot, hv, c, v0 + tx, state_v_first) if has_h0 else 0.0
             for t in T.serial(seq_len[n]):
                 for c in ops.Parallel(K):
                     qs[c] = T.cast(q[bos + t, h, c], ACC)

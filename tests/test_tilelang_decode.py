@@ -77,7 +77,7 @@ def test_decode_speculative_falls_back():
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # The backend refuses GPU decode until the fault the H100 run found is fixed (kernels_tl/backend.py); these
 # tests are what must pass again before that guard is lifted.
-disabled = pytest.mark.skip(reason="TileLang GPU decode disabled: failed its H100 reference check "
+disabled = pytest.mark.skip(reason="TileLang GPU decode disabled until a GPU run verifies the fix for its H100 reference check failure "
                                    "(kernels_tl/backend.py DECODE_DISABLED_ON_GPU)")
 
 

@@ -41,3 +41,17 @@ def test_lowers_for_sm90a(name):
         if shutil.which("nvcc") is None:
             pytest.skip("nvcc not installed: lowering checked, compile skipped")
         nvcc_compile(source)
+
+
+@pytest.mark.parametrize("state_v_first", [False, True])
+def test_column_decode_loads_each_threads_own_state_column(state_v_first):
+    """Regression: the state load of the column decode kernel must be bound to the thread index.  When it
+    was written as a parallel loop over columns that only wrote registers, sm_90a lowering made it a serial
+    loop in every thread, so all threads held the last column (H100 reference check: error 1.25)."""
+    source = cuda_source(fused_recurrent_columns(128, 128, dtype="bfloat16", prologue=Prologue(l2norm=True),
+                                                 has_h0=True, store_final=True, block_V=128,
+                                                 state_v_first=state_v_first, target="cuda"))
+    body = source[source.index("int slot"):source.index("for (int t = 0;")]  # the state load, before tokens
+    assert "for (int j" not in body
+    loads = [line for line in body.splitlines() if "h0[" in line]
+    assert loads and all("threadIdx.x" in line for line in loads)
