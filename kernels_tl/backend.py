@@ -42,7 +42,7 @@ def _common_reason(call: KDACall) -> str | None:
             return f"GPU compute capability {cap} < {MIN_CAPABILITY}"
     elif p.device.type != "cpu":
         return f"device {p.device.type} has no TileLang build here"
-    if call.op == "recurrent" and p.device.type == "cuda":
+    if call.op == "recurrent" and p.device.type == "cuda" and DECODE_DISABLED_ON_GPU:
         return DECODE_DISABLED_ON_GPU
     if call.op == "recurrent":
         if call.ssm_state_indices is not None and call.ssm_state_indices.dim() != 1:
