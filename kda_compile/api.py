@@ -24,6 +24,21 @@ def _options(q, scale, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sig
         chunk_size=int(chunk_size), state_v_first=bool(state_v_first))
 
 
+def _check(q, k, v, g, beta, *, initial_state=None, cu_seqlens=None, cu_seqlens_cpu=None, A_log=None,
+           dt_bias=None, scale=None, use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False,
+           use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False, safe_gate=False, lower_bound=None,
+           chunk_size=64, state_v_first=False, state_is_pool=False):
+    """Check the arguments and derive the options: ``(Problem, KDAOptions)`` (shared by the API and explain)."""
+    problem = check_inputs(q, k, v, g, beta, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                           cu_seqlens_cpu=cu_seqlens_cpu, A_log=A_log, dt_bias=dt_bias, scale=scale,
+                           use_gate_in_kernel=use_gate_in_kernel, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+                           allow_neg_eigval=allow_neg_eigval, safe_gate=safe_gate, lower_bound=lower_bound,
+                           chunk_size=chunk_size, state_v_first=state_v_first, state_is_pool=state_is_pool)
+    opts = _options(q, scale, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
+                    allow_neg_eigval, lower_bound, chunk_size, state_v_first)
+    return problem, opts
+
+
 def _check_backend(backend) -> str:
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a string such as 'reference', 'triton' or 'tilelang', or None; "
@@ -52,13 +67,12 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     for compatibility and has no effect on the reference backward.
     """
     reject_unknown_keywords(kwargs, "chunk_kda")
-    check_inputs(q, k, v, g, beta, initial_state=initial_state, cu_seqlens=cu_seqlens,
-                 cu_seqlens_cpu=cu_seqlens_cpu, A_log=A_log, dt_bias=dt_bias, scale=scale,
-                 use_gate_in_kernel=use_gate_in_kernel, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
-                 allow_neg_eigval=allow_neg_eigval, safe_gate=safe_gate, lower_bound=lower_bound,
-                 chunk_size=chunk_size, state_v_first=state_v_first)
-    opts = _options(q, scale, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
-                    allow_neg_eigval, lower_bound, chunk_size, state_v_first)
+    _, opts = _check(q, k, v, g, beta, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                     cu_seqlens_cpu=cu_seqlens_cpu, A_log=A_log, dt_bias=dt_bias, scale=scale,
+                     use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
+                     use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
+                     safe_gate=safe_gate, lower_bound=lower_bound, chunk_size=chunk_size,
+                     state_v_first=state_v_first)
     backend = _check_backend(backend)
     tensors = (q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias)
     if return_intermediate_states:
@@ -86,13 +100,12 @@ def fused_recurrent_kda(q, k, v, g, beta, A_log=None, dt_bias=None, scale=None, 
     """
     reject_unknown_keywords(kwargs, "fused_recurrent_kda")
     pooled = ssm_state_indices is not None
-    problem = check_inputs(q, k, v, g, beta, initial_state=initial_state, cu_seqlens=cu_seqlens, A_log=A_log,
-                           dt_bias=dt_bias, scale=scale, use_gate_in_kernel=use_gate_in_kernel,
+    problem, opts = _check(q, k, v, g, beta, initial_state=initial_state, cu_seqlens=cu_seqlens, A_log=A_log,
+                           dt_bias=dt_bias, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                           use_gate_in_kernel=use_gate_in_kernel,
                            use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
                            lower_bound=lower_bound, state_v_first=state_v_first, state_is_pool=pooled)
     _check_serving(problem, initial_state, ssm_state_indices, num_accepted_tokens, inplace_final_state)
-    opts = _options(q, scale, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
-                    allow_neg_eigval, lower_bound, 64, state_v_first)
     backend = _check_backend(backend)
     tensors = (q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices, num_accepted_tokens)
     if inplace_final_state:
@@ -147,23 +160,15 @@ def explain(q, k, v, g, beta, op: str = "chunk", **kwargs) -> dispatch.Choice:
     if op not in dispatch.OPS:
         raise ValueError(f"op must be one of {dispatch.OPS}, got {op!r}")
     backend = _check_backend(kwargs.pop("backend", None))
-    known = ("scale", "initial_state", "output_final_state", "use_qk_l2norm_in_kernel", "use_gate_in_kernel",
-             "use_beta_sigmoid_in_kernel", "allow_neg_eigval", "safe_gate", "lower_bound", "state_v_first",
-             "cu_seqlens", "cu_seqlens_cpu", "chunk_size", "A_log", "dt_bias", "ssm_state_indices",
-             "num_accepted_tokens", "inplace_final_state", "disable_recompute", "return_intermediate_states")
-    reject_unknown_keywords({key: None for key in kwargs if key not in known}, "explain")
-    a = dict(kwargs)
-    problem = check_inputs(q, k, v, g, beta, initial_state=a.get("initial_state"), cu_seqlens=a.get("cu_seqlens"),
-                           cu_seqlens_cpu=a.get("cu_seqlens_cpu"), A_log=a.get("A_log"), dt_bias=a.get("dt_bias"),
-                           scale=a.get("scale"), use_gate_in_kernel=a.get("use_gate_in_kernel", False),
-                           use_beta_sigmoid_in_kernel=a.get("use_beta_sigmoid_in_kernel", False),
-                           allow_neg_eigval=a.get("allow_neg_eigval", False), safe_gate=a.get("safe_gate", False),
-                           lower_bound=a.get("lower_bound"), chunk_size=a.get("chunk_size", 64),
-                           state_v_first=a.get("state_v_first", False),
-                           state_is_pool=a.get("ssm_state_indices") is not None)
-    opts = _options(q, a.get("scale"), a.get("use_qk_l2norm_in_kernel", False), a.get("use_gate_in_kernel", False),
-                    a.get("use_beta_sigmoid_in_kernel", False), a.get("allow_neg_eigval", False),
-                    a.get("lower_bound"), a.get("chunk_size", 64), a.get("state_v_first", False))
+    checked = ("initial_state", "cu_seqlens", "cu_seqlens_cpu", "A_log", "dt_bias", "scale",
+               "use_qk_l2norm_in_kernel", "use_gate_in_kernel", "use_beta_sigmoid_in_kernel", "allow_neg_eigval",
+               "safe_gate", "lower_bound", "chunk_size", "state_v_first")
+    call_only = ("output_final_state", "ssm_state_indices", "num_accepted_tokens", "inplace_final_state",
+                 "disable_recompute", "return_intermediate_states")
+    reject_unknown_keywords({key: None for key in kwargs if key not in checked + call_only}, "explain")
+    a = kwargs
+    problem, opts = _check(q, k, v, g, beta, state_is_pool=a.get("ssm_state_indices") is not None,
+                           **{key: a[key] for key in checked if key in a})
     call = dispatch.KDACall(op, problem, opts, q, k, v, g, beta, a.get("initial_state"), a.get("cu_seqlens"),
                             a.get("A_log"), a.get("dt_bias"), output_final_state=bool(a.get("output_final_state")),
                             ssm_state_indices=a.get("ssm_state_indices"),
