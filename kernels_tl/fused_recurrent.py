@@ -66,10 +66,7 @@ def fused_recurrent(K: int, V: int, *, dtype: str = "bfloat16", g_dtype: str = "
             slot = slots[n]
             if has_h0:
                 for c, j in ops.Parallel(K, BV):
-                    if state_v_first:
-                        S[c, j] = h0[slot, hv, v0 + j, c]
-                    else:
-                        S[c, j] = h0[slot, hv, c, v0 + j]
+                    S[c, j] = state_entry(h0, slot, hv, c, v0 + j, state_v_first)
             else:
                 T.clear(S)
             for t in T.serial(seq_len[n]):
