@@ -11,7 +11,7 @@ set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
 log="$OUT/all.log"
-SECTIONS=${SECTIONS:-tests chunk decode tune cold model}
+SECTIONS=${SECTIONS:-tests chunk decode tune cold model}  # also: sweep profile
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 section() { echo; echo "=== $1 ($(date -u +%T), limit ${2}s) ==="; }
 run() {  # run LIMIT FILE CMD...: bounded, output to the terminal and appended to FILE
@@ -27,10 +27,33 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
 python3 -m kda_compile info
 
 if want tests; then
-section "GPU tests" "${LIMIT_TESTS:-140}"
-run "${LIMIT_TESTS:-140}" "$OUT/gpu_tests.log" python3 -m pytest -v --tb=short -m gpu -rs -p no:cacheprovider \
-  tests/test_tilelang_chunk.py tests/test_triton_gpu.py tests/test_tilelang_decode.py tests/test_gpu_reference.py \
-  tests/test_model_compile.py
+# four pytest processes side by side (TileLang's and Triton's first compiles are CPU-bound, 16 cores), each
+# with its own log; correctness tests only, so sharing the GPU does not matter
+section "GPU tests" "${LIMIT_TESTS:-420}"
+pids=()
+for group in "tests/test_tilelang_chunk.py" "tests/test_tilelang_decode.py" \
+             "tests/test_triton_gpu.py tests/test_gpu_reference.py" "tests/test_model_compile.py"; do
+  name=$(basename "${group%% *}" .py)
+  timeout -k 5 "${LIMIT_TESTS:-420}" python3 -m pytest -v --tb=short -m gpu -rs -p no:cacheprovider $group \
+    > "$OUT/gpu_$name.log" 2>&1 &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; echo "[pytest exit $?]"; done
+for f in "$OUT"/gpu_*.log; do echo "--- $f"; sed -n '/short test summary\|passed\|failed\|FAILED\|Error/p' "$f"; done
+fi
+
+if want profile; then
+# hardware counters of one launch of each Triton forward kernel (Firecracker machines only; see KINDS.md)
+section "ncu profile" "${LIMIT_PROFILE:-150}"
+run "${LIMIT_PROFILE:-150}" "$OUT/ncu.txt" ncu --clock-control none --kernel-name regex:_chunk_ --launch-skip 3 --launch-count 3 \
+  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+  --section MemoryWorkloadAnalysis python3 bench/profile_forward.py
+fi
+
+if want sweep; then
+section "Triton config sweep" "${LIMIT_SWEEP:-240}"
+run "${LIMIT_SWEEP:-240}" "$OUT/sweep.log" python3 bench/device_triton.py --out "$OUT" --sections sweep \
+  --budget "$(( ${LIMIT_SWEEP:-240} - 20 ))"
 fi
 
 want chunk && section "forward bench" "${LIMIT_CHUNK:-190}" && \

@@ -9,8 +9,6 @@ from kda_compile.model import HybridCache, HybridConfig, HybridModel
 from kda_inputs import one_cpu_thread, rel_err  # noqa: F401  (autouse fixture)
 
 
-
-
 def setup(device="cpu", dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     model = HybridModel(HybridConfig.tiny(num_v_heads=4)).to(device=device, dtype=dtype).eval()
@@ -18,8 +16,10 @@ def setup(device="cpu", dtype=torch.float32, seed=0):
     return model, ids
 
 
-def test_prefill_and_decode_trace_without_graph_breaks():
-    model, ids = setup()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_prefill_and_decode_trace_without_graph_breaks(device):
+    model, ids = setup(device)
     torch._dynamo.reset()
     with torch.no_grad():
         prefill = torch._dynamo.explain(model)(ids)
