@@ -63,20 +63,22 @@ want decode && section "decode bench" "${LIMIT_DECODE:-35}" && \
 run "${LIMIT_DECODE:-35}" "$OUT/bench.md" python3 bench/bench_decode.py
 
 if want tune; then
-section autotune "${LIMIT_TUNE:-70}"
+section autotune "${LIMIT_TUNE:-300}"
 cp kda_compile/tables/h100.json "$OUT/h100.json" 2>/dev/null  # merge into the shipped table, not replace it
-run "${LIMIT_TUNE:-70}" "$OUT/autotune.log" python3 -m kda_compile.autotune --output "$OUT/h100.json" \
-  --budget "${TUNE_BUDGET:-50}" --max-configs 2 \
-  --bucket chunk/bf16/K128V128/T8k/dense --bucket chunk/bf16/K128V128/Tlong/dense \
-  --bucket recurrent/bf16/K128V128/t1/dense
+TUNE_BUCKETS=${TUNE_BUCKETS:-chunk/bf16/K128V128/T8k/dense chunk/bf16/K128V128/Tlong/dense \
+  recurrent/bf16/K128V128/t1/dense chunk/bf16/K128V128/T1k/dense chunk/bf16/K128V128/T8k/varlen \
+  recurrent/bf16/K128V128/tfew/dense}
+run "${LIMIT_TUNE:-300}" "$OUT/autotune.log" python3 -m kda_compile.autotune --output "$OUT/h100.json" \
+  --budget "${TUNE_BUDGET:-270}" --max-configs "${TUNE_MAX_CONFIGS:-6}" ${TUNE_FORCE:+--force} \
+  $(for b in $TUNE_BUCKETS; do printf -- '--bucket %s ' "$b"; done)
 fi
 
 # Ship what was just measured, so the cold start below runs with "the shipped H100 table".
 mkdir -p kda_compile/tables && [ -s "$OUT/h100.json" ] && cp "$OUT/h100.json" kda_compile/tables/h100.json
 
-want cold && section "cold start" "${LIMIT_COLD:-50}" && \
-run "${LIMIT_COLD:-50}" "$OUT/bench.md" python3 bench/bench_cold_start.py --providers ours --timeout 50
+want cold && section "cold start" "${LIMIT_COLD:-330}" && \
+run "${LIMIT_COLD:-330}" "$OUT/bench.md" python3 bench/bench_cold_start.py --providers ours,fla --timeout 160
 
-want model && section "model bench" "${LIMIT_MODEL:-50}" && \
-run "${LIMIT_MODEL:-50}" "$OUT/bench.md" python3 bench/bench_model.py --device cuda --seq-lens 8192
+want model && section "model bench" "${LIMIT_MODEL:-150}" && \
+run "${LIMIT_MODEL:-150}" "$OUT/bench.md" python3 bench/bench_model.py --device cuda --seq-lens 8192 32768 --compile
 } 2>&1 | tee -a "$log"

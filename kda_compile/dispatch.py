@@ -73,6 +73,9 @@ class Backend:
     configs: Callable[[KDACall], list] = field(default=lambda call: [{}])
     # Check used when the backend is named explicitly (backend=...); None: the same as ``supports``.
     supports_forced: Callable[[KDACall], str | None] | None = None
+    # Chunk calls only: ``run_states(call, config) -> (o, final_state, h)`` with ``h`` the state entering
+    # each chunk (``chunk_kda(return_intermediate_states=True)``); None: the backend cannot return them.
+    run_states: Callable[[KDACall, dict], tuple] | None = None
 
 
 @dataclass
@@ -215,3 +218,18 @@ def run(call: KDACall, backend: str | None = None):
     """Dispatch and execute ``call``; returns ``(o, final_state or None)``."""
     choice = choose(call, backend)
     return choice.backend.run(call, choice.config)
+
+
+def run_states(call: KDACall):
+    """Execute a chunk ``call`` and also return the state entering each chunk: ``(o, final_state, h)``.
+    The backend :func:`choose` picks runs it if it can return the states; otherwise the first backend of
+    the default order that can (the reference always can)."""
+    choice = choose(call)
+    if choice.backend.run_states is not None:
+        return choice.backend.run_states(call, choice.config)
+    found = tuning_table.lookup(call)
+    for name in _ORDER:
+        backend = _REGISTRY[name]
+        if backend.run_states is not None and backend.supports(call) is None:
+            return backend.run_states(call, _tuned_config(found[0] if found else None, backend, call))
+    raise RuntimeError("no registered backend can return the chunk states (the reference backend should)")

@@ -20,7 +20,7 @@ import torch
 
 from . import dispatch
 from .checks import Problem
-from .reference import KDAOptions, compute_dtype, kda_reference, kda_reference_chunk_states
+from .reference import KDAOptions, compute_dtype, kda_reference
 
 _INPUTS = "Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor? initial_state, Tensor? cu_seqlens, " \
           "Tensor? A_log, Tensor? dt_bias"
@@ -82,8 +82,9 @@ def _(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
     "kda_compile::chunk_kda_fwd_states", mutates_args=(),
     schema=f"({_INPUTS}, {_OPTIONS}) -> (Tensor, Tensor, Tensor)")
 def chunk_kda_fwd_states(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
-    return kda_reference_chunk_states(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias,
-                                      _options(rest))
+    call = dispatch.KDACall("chunk", _problem(q, v, cu_seqlens), _options(rest), q, k, v, g, beta, initial_state,
+                            cu_seqlens, A_log, dt_bias, output_final_state=True)
+    return dispatch.run_states(call)
 
 
 @chunk_kda_fwd_states.register_fake

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import Backend, KDACall, register_backend
-from .reference import finish_state, from_padded, kda_recurrent, kda_reference, prepare
+from .reference import finish_state, from_padded, kda_recurrent, kda_reference, kda_reference_chunk_states, prepare
 
 
 def initial_slots(call: KDACall) -> torch.Tensor:
@@ -55,10 +55,17 @@ def run_reference(call: KDACall, config: dict):
     return o, final
 
 
+def run_reference_states(call: KDACall, config: dict):
+    """Chunk call plus the state entering each chunk: ``(o, final_state, h)``."""
+    return kda_reference_chunk_states(call.q, call.k, call.v, call.g, call.beta, call.initial_state,
+                                      call.cu_seqlens, call.A_log, call.dt_bias, call.opts)
+
+
 REFERENCE = Backend(
     name="reference",
     supports=lambda call: None,
     run=run_reference,
+    run_states=run_reference_states,
     description="PyTorch reference (chunkwise form for chunk calls, token loop for recurrent calls); any device",
 )
 register_backend(REFERENCE)

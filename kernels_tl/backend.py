@@ -20,16 +20,6 @@ HEAD_DIMS = (32, 64, 128)
 MIN_CAPABILITY = (8, 0)  # T.gemm lowers to mma on sm_80 too; measured and tested on sm_90 (H100) only
 
 
-# The decode kernels pass every CPU (C target) test, but on the H100 the autotuner's reference check rejected
-# the default decode config (output relative error 1.25 at N2 H32 K=V=128 bf16; bench/RESULTS.md), and a
-# compiled-vs-eager model test on CUDA failed.  The cause of the first was then found in the sm_90a source
-# (the column layout's state load ran serially in every thread, so all threads held the last column) and
-# fixed, with a lowering regression test; the fix has not run on a GPU yet.  Until the GPU decode tests pass
-# on the device, GPU decode calls are refused here (forced ones too) and the dispatch uses another backend.
-DECODE_DISABLED_ON_GPU = ("TileLang decode failed its H100 reference check (rel. error 1.25 at N2 H32 D128 bf16); "
-                          "a fix awaits GPU verification, so it is disabled on GPUs")
-
-
 def _common_reason(call: KDACall) -> str | None:
     p = call.problem
     if p.dtype not in TL_DTYPES:
@@ -42,8 +32,6 @@ def _common_reason(call: KDACall) -> str | None:
             return f"GPU compute capability {cap} < {MIN_CAPABILITY}"
     elif p.device.type != "cpu":
         return f"device {p.device.type} has no TileLang build here"
-    if call.op == "recurrent" and p.device.type == "cuda" and DECODE_DISABLED_ON_GPU:
-        return DECODE_DISABLED_ON_GPU
     if call.op == "recurrent":
         if call.ssm_state_indices is not None and call.ssm_state_indices.dim() != 1:
             return "2-D ssm_state_indices / num_accepted_tokens (speculative decoding) not implemented"

@@ -53,14 +53,14 @@ def supports(call: KDACall) -> str | None:
 def default_config(call: KDACall) -> dict:
     """Shipped kernel config for the call's op."""
     if call.op == "chunk":
-        return chunk_fwd.default_config(call.problem.N, call.problem.HV, call.problem.V)
+        return chunk_fwd.default_config(call.problem.N, call.problem.HV, call.problem.V, call.problem.dtype)
     return dict(fused_recurrent.DEFAULT_CONFIG)
 
 
 def configs(call: KDACall) -> list[dict]:
     """Configs worth trying for the call (the autotuner's search space)."""
     if call.op == "chunk":
-        return chunk_fwd.get_configs(call.problem.N, call.problem.HV, call.problem.V)
+        return chunk_fwd.get_configs(call.problem.N, call.problem.HV, call.problem.V, call.problem.dtype)
     return fused_recurrent.get_configs()
 
 
@@ -76,8 +76,15 @@ def run(call: KDACall, config: dict):
         num_accepted_tokens=call.num_accepted_tokens, inplace_final_state=call.inplace_final_state, config=config)
 
 
+def run_states(call: KDACall, config: dict):
+    """Chunk ``call`` plus the state entering each chunk: ``(o, final_state, h)``."""
+    return chunk_fwd.chunk_kda_fwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens,
+                                   call.A_log, call.dt_bias, call.opts, True, config, return_states=True)
+
+
 TRITON_BACKEND = Backend(
-    name="triton", supports=supports, run=run, default_config=default_config, configs=configs,
+    name="triton", supports=supports, run=run, run_states=run_states, default_config=default_config,
+    configs=configs,
     description="Triton kernels: fused prologue, intra-chunk + blocked inverse, state recurrence, output; "
                 "decode kernel with state pool")
 register_backend(TRITON_BACKEND, before="reference")

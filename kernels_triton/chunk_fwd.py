@@ -69,10 +69,24 @@ def _build_table(lengths: tuple, chunk_size: int, device: str) -> ChunkTable:
                       chunk_size)
 
 
-def default_config(num_seqs: int = 0, HV: int = 0, V: int = 128) -> dict:
+def float32_precisions() -> dict:
+    """Precision of the float32 products for float32 inputs, following PyTorch's own switch
+    (``torch.set_float32_matmul_precision``): "highest" (PyTorch's default) gives float32-accurate products
+    (3xTF32 on the tensor cores, the inverse in float32 FMA), "high"/"medium" allow TF32 (~1e-3 error)."""
+    if torch.get_float32_matmul_precision() == "highest":
+        return {"intra_precision": "tf32x3", "solve_precision": "ieee", "dot_precision": "tf32x3"}
+    return {"intra_precision": "tf32", "solve_precision": "tf32", "dot_precision": "tf32"}
+
+
+def default_config(num_seqs: int = 0, HV: int = 0, V: int = 128, dtype: torch.dtype | None = None) -> dict:
     """Shipped defaults of every stage (measured on an H100, docs/triton.md).  The state recurrence runs one
-    program per (V block, sequence, head): its V block is the widest that still gives >= 128 programs."""
-    cfg = {**chunk_intra.DEFAULT_CONFIG, **chunk_state.DEFAULT_CONFIG, **chunk_o.DEFAULT_CONFIG}
+    program per (V block, sequence, head): its V block is the widest that still gives >= 128 programs.
+    bf16/fp16 inputs keep TF32 for the float32 intermediates (A, inverse); float32 inputs follow
+    :func:`float32_precisions`."""
+    cfg = {**chunk_intra.DEFAULT_CONFIG, **chunk_state.DEFAULT_CONFIG, **chunk_o.DEFAULT_CONFIG,
+           "dot_precision": "tf32"}
+    if dtype == torch.float32:
+        cfg.update(float32_precisions())
     if num_seqs and HV:
         bv = 64
         while bv > 16 and num_seqs * HV * -(-V // bv) < 128:
@@ -81,14 +95,16 @@ def default_config(num_seqs: int = 0, HV: int = 0, V: int = 128) -> dict:
     return cfg
 
 
-def get_configs(num_seqs: int = 0, HV: int = 0, V: int = 128) -> list[dict]:
+def get_configs(num_seqs: int = 0, HV: int = 0, V: int = 128, dtype: torch.dtype | None = None) -> list[dict]:
     """The search space: the default, then each stage's alternatives with the other stages at default
-    (the stages are separate kernels, so they can be tuned one at a time)."""
-    base = default_config(num_seqs, HV, V)
+    (the stages are separate kernels, so they can be tuned one at a time), taken from the stages in turn so
+    that a budget-limited search (``autotune --max-configs``) still tries every stage."""
+    base = default_config(num_seqs, HV, V, dtype)
     out = [base]
-    for stage in (chunk_intra, chunk_state, chunk_o):
-        for cfg in stage.get_configs():
-            candidate = {**base, **cfg}
+    per_stage = [stage.get_configs() for stage in (chunk_intra, chunk_state, chunk_o)]
+    for i in range(max(map(len, per_stage))):
+        for configs in per_stage:
+            candidate = {**base, **configs[i]} if i < len(configs) else base
             if candidate not in out:
                 out.append(candidate)
     return out
@@ -105,7 +121,7 @@ def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    config = {**default_config(N, HV, V), **(config or {})}
+    config = {**default_config(N, HV, V, q.dtype), **(config or {})}
     table = chunk_table(B, T, cu_seqlens, opts.chunk_size, q.device)
     q, k, v = (x.reshape(B * T, x.shape[2], x.shape[3]).contiguous() for x in (q, k, v))
     g = g.reshape(B * T, HV, K).contiguous()

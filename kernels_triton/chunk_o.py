@@ -31,7 +31,7 @@ def _chunk_o_kernel(
     # task config
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     # kernel config
-    BK: tl.constexpr, BV: tl.constexpr, NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
 ):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(chunk_seq + i_c)
@@ -50,13 +50,13 @@ def _chunk_o_kernel(
         m = m_t[:, None] & m_k[None, :]
         b_qg = tl.load(qg + o_t[:, None] * (HV * K) + i_h * K + o_k[None, :], mask=m, other=0.0)
         b_h = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
-        b_o += mm(b_qg.to(b_h.dtype), b_h, INTERPRET)
+        b_o += mm(b_qg.to(b_h.dtype), b_h, INTERPRET, PREC)
     b_o *= scale
     b_a = tl.load(aqk + o_t[:, None] * (HV * C) + i_h * C + o_c[None, :], mask=m_t[:, None], other=0.0)
     m_tv = m_t[:, None] & m_v[None, :]
     p_v = o_t[:, None] * (HV * V) + i_h * V + o_v[None, :]
     b_vn = tl.load(v_new + p_v, mask=m_tv, other=0.0)
-    b_o += mm(b_a, b_vn.to(b_a.dtype), INTERPRET)
+    b_o += mm(b_a, b_vn.to(b_a.dtype), INTERPRET, PREC)
     tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
@@ -72,6 +72,6 @@ def chunk_o(qg, h, aqk, v_new, scale: float, table, config: dict):
         _chunk_o_kernel[(triton.cdiv(V, BV), table.num_chunks, HV)](
             qg, h, aqk, v_new, o, table.chunk_seq, table.chunk_pos, table.cu, float(scale),
             HV=HV, K=K, V=V, C=table.chunk_size, BK=BK, BV=BV, NUM_STAGES=config.get("o_stages", 2),
-            INTERPRET=interpreting(),
+            INTERPRET=interpreting(), PREC=config.get("dot_precision", "tf32"),
             num_warps=config.get("o_warps", 4))
     return o

@@ -8,7 +8,7 @@ One program per (V block, sequence, value head) walks the chunks of its sequence
     S      = diag(exp(Gamma_C)) S + kg^T V_new    (kg = k * exp(Gamma_C - Gamma), Gamma_C from chunk_intra)
 
 The products use the dtype of W/kg (bf16 inputs: bf16 tensor-core products with float32 accumulation; the
-state itself stays float32).  ``state_v_first`` only swaps the strides used to read/write h0 and the final
+state itself stays float32; float32 inputs: ``dot_precision`` of the config, chunk_fwd.default_config).  ``state_v_first`` only swaps the strides used to read/write h0 and the final
 state.
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ DEFAULT_CONFIG = {"state_BV": 32, "state_warps": 4, "state_stages": 3}
 
 @triton.jit
 def _chunk_step(kg, w, u, gl, h, v_new, b_s, bos, eos, first, j, i_h, o_k, m_k, o_v, m_v,
-                HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, INTERPRET: tl.constexpr):
+                HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, INTERPRET: tl.constexpr,
+                PREC: tl.constexpr):
     """One chunk: store the entering state, write V_new, return the state leaving the chunk."""
     o_t = bos + j * C + tl.arange(0, C)
     m_t = o_t < eos
@@ -43,11 +44,11 @@ def _chunk_step(kg, w, u, gl, h, v_new, b_s, bos, eos, first, j, i_h, o_k, m_k, 
     p_v = o_t[:, None] * (HV * V) + i_h * V + o_v[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
     b_u = tl.load(u + p_v, mask=m_tv, other=0.0).to(tl.float32)
-    b_vn = (b_u - mm(b_w, b_s.to(b_w.dtype), INTERPRET)).to(v_new.dtype.element_ty)
+    b_vn = (b_u - mm(b_w, b_s.to(b_w.dtype), INTERPRET, PREC)).to(v_new.dtype.element_ty)
     tl.store(v_new + p_v, b_vn, mask=m_tv)
     b_kg = tl.load(kg + p_k, mask=m_tk, other=0.0)
     b_gl = tl.load(gl + ((first + j) * HV + i_h) * K + o_k, mask=m_k, other=0.0)
-    return b_s * tl.exp(b_gl)[:, None] + mm(tl.trans(b_kg), b_vn.to(b_kg.dtype), INTERPRET)
+    return b_s * tl.exp(b_gl)[:, None] + mm(tl.trans(b_kg), b_vn.to(b_kg.dtype), INTERPRET, PREC)
 
 
 @triton.jit
@@ -55,7 +56,7 @@ def _chunk_state_kernel(
     kg, w, u, gl, h0, h, v_new, ht, cu, chunk_first, s_k, s_v,
     # task config
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
     # kernel config
     BV: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
@@ -77,12 +78,12 @@ def _chunk_state_kernel(
         j = 0
         while j < n_chunks:
             b_s = _chunk_step(kg, w, u, gl, h, v_new, b_s, bos, eos, first, j, i_h, o_k, m_k, o_v, m_v, HV, K, V, C,
-                               INTERPRET)
+                               INTERPRET, PREC)
             j += 1
     else:
         for j in tl.range(0, n_chunks, num_stages=NUM_STAGES):
             b_s = _chunk_step(kg, w, u, gl, h, v_new, b_s, bos, eos, first, j, i_h, o_k, m_k, o_v, m_v, HV, K, V, C,
-                               INTERPRET)
+                               INTERPRET, PREC)
     if STORE_FINAL:
         tl.store(ht + p_state, b_s.to(ht.dtype.element_ty), mask=m_kv)
 
@@ -108,5 +109,6 @@ def chunk_state(kg, w, u, gl, initial_state, table, state_v_first: bool, output_
             ht if ht is not None else kg, table.cu, table.chunk_first, s_k, s_v,
             HV=HV, K=K, V=V, C=table.chunk_size, BK=triton.next_power_of_2(K),
             HAS_H0=initial_state is not None, STORE_FINAL=ht is not None, INTERPRET=interpreting(),
+            PREC=config.get("dot_precision", "tf32"),
             BV=BV, NUM_STAGES=config.get("state_stages", 2), num_warps=config.get("state_warps", 4))
     return h, v_new, ht

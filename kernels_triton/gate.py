@@ -31,13 +31,14 @@ def interpreting() -> bool:
 
 
 @triton.jit
-def mm(a, b, INTERPRET: tl.constexpr):
-    """``tl.dot(a, b)`` (float32 accumulation).  Triton 3.6's CPU interpreter multiplies bfloat16 operands
+def mm(a, b, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    """``tl.dot(a, b)`` (float32 accumulation; ``PREC`` is the product's precision when both operands are
+    float32: "tf32", "tf32x3" or "ieee").  Triton 3.6's CPU interpreter multiplies bfloat16 operands
     wrongly, so there both are widened to float32 first; on a GPU the operands' dtype is kept."""
     if INTERPRET:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     else:
-        return tl.dot(a, b)
+        return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit

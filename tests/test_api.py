@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import kda_compile
-from kda_compile import chunk_kda, explain, fused_recurrent_kda
+from kda_compile import chunk_kda, dispatch, explain, fused_recurrent_kda
 from kda_compile.reference import KDAOptions, kda_reference
 
 from kda_inputs import make_inputs, rel_err
@@ -208,3 +208,39 @@ def test_environment_variable_preference(monkeypatch):
 def test_reference_backend_always_registered():
     assert "reference" in kda_compile.backends()
     assert kda_compile.backends()[-1] == "reference"
+
+
+def _fake_chunk_backend(name, with_states, seen):
+    """A backend preferred over every other that records which entry point ran."""
+    from kda_compile.reference_backend import run_reference, run_reference_states
+
+    def run(call, config):
+        seen.append((name, "run"))
+        return run_reference(call, config)
+
+    def run_states(call, config):
+        seen.append((name, "run_states"))
+        return run_reference_states(call, config)
+
+    return dispatch.Backend(name=name, supports=lambda call: None, run=run,
+                            run_states=run_states if with_states else None)
+
+
+@pytest.mark.parametrize("with_states", [True, False])
+def test_intermediate_states_use_the_chosen_backend_when_it_can(monkeypatch, with_states):
+    """return_intermediate_states goes through the dispatch: the chosen backend returns the chunk states
+    when it can (the Triton backend does), else the next backend of the default order that can."""
+    monkeypatch.delenv("KDA_COMPILE_BACKEND", raising=False)
+    seen = []
+    dispatch.register_backend(_fake_chunk_backend("fake_states", with_states, seen),
+                              before=dispatch.backends()[0])
+    try:
+        args = make_inputs(B=1, T=40, H=1, K=8, V=8, dtype=torch.float32)
+        (q, k, v, g, beta), rest = split(args)
+        with torch.inference_mode():
+            o, s, h = chunk_kda(q, k, v, g, beta, output_final_state=True, return_intermediate_states=True, **rest)
+            ro, rs = chunk_kda(q, k, v, g, beta, output_final_state=True, backend="reference", **rest)
+    finally:
+        dispatch.unregister_backend("fake_states")
+    assert seen == ([("fake_states", "run_states")] if with_states else [])
+    assert torch.allclose(o, ro) and torch.allclose(s, rs) and h.shape == (1, 1, 1, 8, 8)

@@ -77,19 +77,11 @@ def test_decode_speculative_falls_back():
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture
-def guard_lifted(monkeypatch):
-    """The backend refuses GPU decode until these tests pass on the device (kernels_tl/backend.py
-    DECODE_DISABLED_ON_GPU); lift the guard here so they test the kernel itself."""
-    import kda_compile.kernels_tl.backend as tl_backend
-    monkeypatch.setattr(tl_backend, "DECODE_DISABLED_ON_GPU", "")
-
-
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("B", [1, 64])
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 5e-3), (torch.float32, 1e-5)])
-def test_gpu_decode(B, dtype, tol, guard_lifted):
+def test_gpu_decode(B, dtype, tol):
     a = inputs(dtype, "cuda", B=B, T=1, H=32, K=128, V=128)
     o, ht = run_decode(a, output_final_state=True, use_qk_l2norm_in_kernel=True)
     ro, rh = recurrence64(a, use_qk_l2norm_in_kernel=True)
@@ -98,7 +90,7 @@ def test_gpu_decode(B, dtype, tol, guard_lifted):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_decode_inplace_pool(guard_lifted):
+def test_gpu_decode_inplace_pool():
     a = inputs(torch.bfloat16, "cuda", B=8, T=1, H=4, K=128, V=128, initial_state=False)
     pool = torch.randn(16, 4, 128, 128, device="cuda")
     idx = torch.randperm(16, device="cuda")[:8].int()
