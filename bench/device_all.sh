@@ -27,14 +27,15 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
 python3 -m kda_compile info
 
 if want tests; then
-# four pytest processes side by side (TileLang's and Triton's first compiles are CPU-bound, 16 cores), each
+# pytest processes side by side (TEST_GROUPS: ';'-separated groups of pytest arguments) (TileLang's and Triton's first compiles are CPU-bound, 16 cores), each
 # with its own log; correctness tests only, so sharing the GPU does not matter
 section "GPU tests" "${LIMIT_TESTS:-420}"
 pids=()
-for group in "tests/test_tilelang_chunk.py" "tests/test_tilelang_decode.py" \
-             "tests/test_triton_gpu.py tests/test_gpu_reference.py" "tests/test_model_compile.py"; do
+TEST_GROUPS=${TEST_GROUPS:-tests/test_tilelang_chunk.py;tests/test_tilelang_decode.py;tests/test_triton_gpu.py tests/test_gpu_reference.py;tests/test_model_compile.py}
+IFS=';' read -ra groups <<< "$TEST_GROUPS"
+for group in "${groups[@]}"; do
   name=$(basename "${group%% *}" .py)
-  timeout -k 5 "${LIMIT_TESTS:-420}" python3 -m pytest -v --tb=short -m gpu -rs -p no:cacheprovider $group \
+  timeout -k 5 "${LIMIT_TESTS:-420}" python3 -m pytest -v --tb=short -m gpu -rs -p no:cacheprovider --durations=5 $group \
     > "$OUT/gpu_$name.log" 2>&1 &
   pids+=($!)
 done
