@@ -11,7 +11,7 @@ set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
 log="$OUT/all.log"
-SECTIONS=${SECTIONS:-tests chunk decode tune cold model}  # also: sweep profile
+SECTIONS=${SECTIONS:-tests chunk decode tune cold model}  # also: sweep profile triton
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 section() { echo; echo "=== $1 ($(date -u +%T), limit ${2}s) ==="; }
 run() {  # run LIMIT FILE CMD...: bounded, output to the terminal and appended to FILE
@@ -35,7 +35,7 @@ TEST_GROUPS=${TEST_GROUPS:-tests/test_tilelang_chunk.py;tests/test_tilelang_deco
 IFS=';' read -ra groups <<< "$TEST_GROUPS"
 for group in "${groups[@]}"; do
   name=$(basename "${group%% *}" .py)
-  timeout -k 5 "${LIMIT_TESTS:-420}" python3 -m pytest -v --tb=short -m gpu -rs -p no:cacheprovider --durations=5 $group \
+  timeout -k 5 "${LIMIT_TESTS:-420}" python3 -m pytest -v --tb=short -m gpu -rs -p no:cacheprovider --durations=5 ${PYTEST_ARGS:-} $group \
     > "$OUT/gpu_$name.log" 2>&1 &
   pids+=($!)
 done
@@ -49,6 +49,14 @@ section "ncu profile" "${LIMIT_PROFILE:-150}"
 run "${LIMIT_PROFILE:-150}" "$OUT/ncu.txt" ncu --clock-control none --kernel-name regex:_chunk_ --launch-skip 3 --launch-count 3 \
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
   --section MemoryWorkloadAnalysis python3 bench/profile_forward.py
+fi
+
+if want triton; then
+# Triton backend vs FLA with a given config (TRITON_CONFIG, key=value,...), stage times, optional sweep
+section "Triton timing" "${LIMIT_TRITON:-300}"
+run "${LIMIT_TRITON:-300}" "$OUT/triton.log" python3 bench/device_triton.py --out "$OUT" \
+  --sections "${TRITON_SECTIONS:-timing}" --config "${TRITON_CONFIG:-}" --budget "$(( ${LIMIT_TRITON:-300} - 20 ))" \
+  ${TRITON_ARGS:-}
 fi
 
 if want sweep; then

@@ -149,7 +149,7 @@ def timing(shapes, gates, config=None, label="default config"):
             torch.cuda.empty_cache()
 
 
-def sweep(shapes, budget):
+def sweep(shapes, budget, stages=("intra", "state", "o")):
     """Each stage's configs alone (others at default) at each shape; returns the best config per shape."""
     from kda_compile.kernels_triton import chunk_intra, chunk_o, chunk_state
     say("\n## Config sweep (stage ms, log gate)\n")
@@ -158,6 +158,8 @@ def sweep(shapes, budget):
         x = make_inputs(B, T, H, gate="log")
         chosen = {}
         for name, stage in (("intra", chunk_intra), ("state", chunk_state), ("o", chunk_o)):
+            if name not in stages:
+                continue
             rows = []
             for cfg in stage.get_configs():
                 if elapsed() > budget:
@@ -238,6 +240,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--budget", type=float, default=360.0, help="skip later sections after this many seconds")
     p.add_argument("--skip-sweep", action="store_true")
+    p.add_argument("--sweep-stages", default="intra,state,o", help="stages the sweep covers (default all three)")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--config", default="", help="extra config as key=value,... for the timing section")
     p.add_argument("--sections", default="correctness,timing,decode,sweep,precision,tests",
@@ -262,7 +265,7 @@ def main(argv=None) -> int:
     if "decode" in want and elapsed() < a.budget:
         decode()
     if "sweep" in want and not a.skip_sweep and elapsed() < a.budget:
-        best = sweep(STANDARD_SHAPES, a.budget)
+        best = sweep(STANDARD_SHAPES, a.budget, tuple(a.sweep_stages.split(",")))
         for shape, cfg in best.items():
             if elapsed() > a.budget:
                 break

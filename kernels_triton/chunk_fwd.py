@@ -7,7 +7,7 @@ code path.  Stages (one file each, same stems as ``kernels_tl``):
 
     gate.py         prologues (q/k L2 norm, gate + chunk-local cumsum Gamma, beta activation), fused into:
     chunk_intra.py  A_kk, A_qk, the blocked inverse (solve_tril.py), W, U, q*exp(Gamma), k*exp(Gamma_C - Gamma)
-                    (second organisation of the same stage: chunk_intra_fused.py)
+                    (other organisations of the same stage: chunk_intra_fused.py, chunk_intra_split.py)
     chunk_state.py  inter-chunk state recurrence: state entering each chunk, V_new, final state
     chunk_o.py      O = scale (q * exp(Gamma)) S + A_qk V_new
 

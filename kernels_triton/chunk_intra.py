@@ -21,9 +21,11 @@ Numerics (never exp(-Gamma) alone):
 * The inverse is blocked (solve_tril.py): 16x16 diagonal blocks by forward substitution, then
   (I + A_kk)^-1 = (I - N)(I + N^2) Dinv with N = Dinv A_off.
 
-Two organisations share these numerics (``intra_impl`` in the config): "rows" (this file, default) keeps
+Three organisations share these numerics (``intra_impl`` in the config): "rows" (this file, default) keeps
 Gamma and A in a per-program scratch and builds A one 16-row block at a time; "fused"
-(chunk_intra_fused.py) keeps [C, C] accumulators in registers.
+(chunk_intra_fused.py) keeps [C, C] accumulators in registers; "split" (chunk_intra_split.py) runs the
+stage as three kernels (prologue + qg/kg; A by row block, C/16 programs per chunk and head, each block
+choosing its own path; inverse + W/U) for more parallelism and fewer registers per program.
 """
 from __future__ import annotations
 
@@ -32,18 +34,28 @@ import triton
 import triton.language as tl
 
 from .chunk_intra_fused import _chunk_intra_fused_kernel
+from .chunk_intra_split import a_block_factored, launch_split
 from .gate import L2NORM_EPS, SPAN_MAX, beta_act, chunk_gamma, interpreting
 from .solve_tril import block_inverse
 
 BLOCK = 16         # diagonal sub-block size of the blocked inverse
+# "split" organisation (intra_BK, intra_warps: prep and solve kernels; intra_a_BK, intra_a_warps: the A kernel).
+# Chosen by ptxas register counts (K = 128, bf16, sm_90, Triton 3.6): the A kernel uses 116 registers at
+# BK 16 / 4 warps (80 at 8 warps), 165-204 at BK 32, 240 at BK 16 / 2 warps (so 2 warps is left out) and
+# spills at BK 64; at BK 64 the prep and solve kernels reach 255 registers and spill, so BK 64 is left out.
+SPLIT_SHAPES = [(32, 4, 16, 4), (32, 8, 16, 4), (32, 4, 16, 8), (32, 4, 32, 4), (16, 4, 16, 4), (32, 8, 32, 8)]
 
 
 def get_configs() -> list[dict]:
-    """Search space of this stage: kernel organisation (``intra_impl``: "rows" or "fused"), K/V-block width,
-    warps, pipelining, a register cap (``intra_maxnreg``, NVIDIA; None = compiler's choice), and the
-    precision of the float32 products (A and W/U: ``intra_precision``; the inverse: ``solve_precision``)."""
+    """Search space of this stage: kernel organisation (``intra_impl``: "rows", "fused" or "split"), K/V-block
+    width, warps, pipelining (split's A kernel has its own ``intra_a_BK``, default 16, ``intra_a_warps``,
+    default 4, and ``intra_a_stages``, default None = the compiler's), a register cap (``intra_maxnreg``,
+    NVIDIA; None = compiler's choice; split: its solve kernel only), and the precision of the float32
+    products (A and W/U: ``intra_precision``; the inverse: ``solve_precision``)."""
     return ([{"intra_impl": impl, "intra_BK": bk, "intra_warps": w, "intra_stages": 1}
              for impl in ("rows", "fused") for bk in (32, 64) for w in (4, 8)]
+            + [{"intra_impl": "split", "intra_BK": bk, "intra_warps": w, "intra_a_BK": abk, "intra_a_warps": aw,
+                "intra_stages": 1} for bk, w, abk, aw in SPLIT_SHAPES]
             + [{"intra_maxnreg": r} for r in (128, 168)]
             + [{"intra_precision": p, "solve_precision": sp} for p in ("tf32", "tf32x3", "ieee")
                for sp in ("tf32", "ieee")])
@@ -63,33 +75,12 @@ def _a_factored(q, k, beta, aqk, base, s_g, s_r, t0, eos, i_h, i_kh, scale,
     o_c = tl.arange(0, C)
     o_t = t0 + o_c
     m_t = o_t < eos
-    blk = o_c // 16
-    o_b = tl.arange(0, BK)
-    r_q = tl.load(s_r + o_c)
     r_k = tl.load(s_r + C + o_c)
     for i in tl.static_range(NB):
         o_i = 16 * i + tl.arange(0, 16)
         t_i = t0 + o_i
         m_i = t_i < eos
-        b_akk = tl.zeros([16, C], dtype=tl.float32)
-        b_aqk = tl.zeros([16, C], dtype=tl.float32)
-        for i_k in range(0, tl.cdiv(K, BK)):
-            o_k = i_k * BK + o_b
-            m_k = o_k < K
-            m = m_t[:, None] & m_k[None, :]
-            mi = m_i[:, None] & m_k[None, :]
-            ref = tl.load(s_g + (16 * i + 8) * KP + o_k)
-            b_gi = tl.load(s_g + o_i[:, None] * KP + o_k[None, :])
-            e_r = tl.where(mi, tl.exp(b_gi - ref[None, :]), 0.0)
-            p_i = t_i[:, None] * (H * K) + i_kh * K + o_k[None, :]
-            b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32) * e_r
-            b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32) * e_r
-            b_g = tl.load(s_g + o_c[:, None] * KP + o_k[None, :])
-            b_k = tl.load(k + o_t[:, None] * (H * K) + i_kh * K + o_k[None, :], mask=m, other=0.0)
-            e_s = tl.where((o_c < 16 * (i + 1))[:, None] & m, tl.exp(ref[None, :] - b_g), 0.0)
-            b_ks = tl.trans(b_k.to(tl.float32) * r_k[:, None] * e_s)
-            b_akk += tl.dot(b_ki, b_ks, input_precision=DOT_PREC)
-            b_aqk += tl.dot(b_qi, b_ks, input_precision=DOT_PREC)
+        b_akk, b_aqk = a_block_factored(q, k, s_g, r_k, t0, eos, i, i_kh, H, K, C, KP, BK, DOT_PREC, None)
         valid = m_i[:, None] & m_t[None, :]
         b_ri = tl.load(s_r + o_i)
         b_rki = tl.load(s_r + C + o_i)
@@ -291,22 +282,33 @@ def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, config: dict):
     kg = torch.empty(TT, HV, K, device=dev, dtype=k.dtype)
     gl = torch.empty(table.num_chunks, HV, K, device=dev, dtype=torch.float32)
     if table.num_chunks:
-        rows = config.get("intra_impl", "rows") == "rows"
-        KP = triton.cdiv(K, BK) * BK
-        per_program = C * C + C * BLOCK + (C * KP + 2 * C if rows else 2 * C * BK)
+        impl = config.get("intra_impl", "rows")
+        if impl not in ("rows", "fused", "split"):
+            raise ValueError(f"intra_impl must be 'rows', 'fused' or 'split', got {impl!r}")
+        # split: its A kernel has its own K-block width; Gamma's row stride in the scratch fits both
+        BKA = min(config.get("intra_a_BK", 16), triton.next_power_of_2(K))
+        KP = triton.cdiv(K, max(BK, BKA)) * max(BK, BKA) if impl == "split" else triton.cdiv(K, BK) * BK
+        per_program = C * C + C * BLOCK + (2 * C * BK if impl == "fused" else C * KP + 2 * C)
         scratch = torch.empty(table.num_chunks * HV * per_program, device=dev, dtype=torch.float32)
-        kernel = _chunk_intra_rows_kernel if rows else _chunk_intra_fused_kernel
         # register cap (NVIDIA): trades spills for more programs per multiprocessor
         launch = {"maxnreg": config["intra_maxnreg"]} if config.get("intra_maxnreg") and not interpreting() else {}
         use_gate = opts.use_gate_in_kernel
+        flags = dict(H=H, HV=HV, K=K, V=V, C=C, L2NORM=opts.use_qk_l2norm_in_kernel, USE_GATE=use_gate,
+                     USE_LB=use_gate and opts.lower_bound is not None, HAS_A=use_gate and A_log is not None,
+                     HAS_BIAS=use_gate and dt_bias is not None, BETA_SIGMOID=opts.use_beta_sigmoid_in_kernel,
+                     BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0)
+        A_log = A_log if A_log is not None else g
+        dt_bias = dt_bias if dt_bias is not None else g
+        lower_bound = float(opts.lower_bound) if opts.lower_bound is not None else 0.0
+        if impl == "split":
+            launch_split(q, k, v, g, beta, A_log, dt_bias, aqk, w, u, qg, kg, gl, scratch, table, flags,
+                         float(opts.scale), lower_bound, KP, BK, BKA, BV, config, launch)
+            return aqk, w, u, qg, kg, gl
+        kernel = _chunk_intra_rows_kernel if impl == "rows" else _chunk_intra_fused_kernel
         kernel[(table.num_chunks, HV)](
-            q, k, v, g, beta, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g,
+            q, k, v, g, beta, A_log, dt_bias,
             aqk, w, u, qg, kg, gl, scratch, table.chunk_seq, table.chunk_pos, table.cu, float(opts.scale),
-            float(opts.lower_bound) if opts.lower_bound is not None else 0.0,
-            H=H, HV=HV, K=K, V=V, C=C, L2NORM=opts.use_qk_l2norm_in_kernel, USE_GATE=use_gate,
-            USE_LB=use_gate and opts.lower_bound is not None, HAS_A=use_gate and A_log is not None,
-            HAS_BIAS=use_gate and dt_bias is not None, BETA_SIGMOID=opts.use_beta_sigmoid_in_kernel,
-            BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0,
+            lower_bound, **flags,
             BK=BK, BV=BV, DOT_PREC=config.get("intra_precision", "tf32"),
             SOLVE_PREC=config.get("solve_precision", "tf32"), NUM_STAGES=config.get("intra_stages", 1),
             num_warps=config.get("intra_warps", 4), **launch)

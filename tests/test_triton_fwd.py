@@ -46,6 +46,20 @@ CASES = {
     "states_fp32_batch": dict(op="states", dtype="float32", B=2, T=70, H=1, HV=2, K=16, V=32),
     "states_bf16_varlen_vfirst": dict(op="states", dtype="bfloat16", cu=[0, 30, 100, 101], H=1, HV=1, K=32, V=16,
                                       state_v_first=True),
+    # third organisation of the intra-chunk stage (three kernels; A by 16-row block, each block its own path).
+    # Listed after the cases above: the chunk worker draws every case's inputs from one seeded stream.
+    "chunk_fp32_split_ragged_gva": dict(op="chunk", dtype="float32", B=2, T=70, H=1, HV=2, K=32, V=32,
+                                        config={"intra_impl": "split", "intra_BK": 16, "intra_a_BK": 32}),
+    # gscale 30: row blocks of one chunk take different paths (factored and exact fallback)
+    "chunk_fp32_split_strong_gate": dict(op="chunk", dtype="float32", cu=[0, 20, 83], H=1, HV=2, K=16, V=16,
+                                         gscale=30.0, tol=1e-4, config={"intra_impl": "split"}),
+    "chunk_fp32_split_masked_gate": dict(op="chunk", dtype="float32", B=1, T=40, H=1, HV=1, K=16, V=16, masked=True,
+                                         tol=3e-4, config={"intra_impl": "split"}),
+    "chunk_bf16_split_varlen_prologue": dict(op="chunk", dtype="bfloat16", cu=[0, 5, 50, 50, 99, 100], H=1, HV=2,
+                                             K=32, V=32, gate="raw", l2norm=True, beta_logits=True,
+                                             config={"intra_impl": "split"}),
+    "chunk_fp32_split_c32_safe": dict(op="chunk", dtype="float32", B=1, T=45, H=2, HV=2, K=16, V=32, C=32,
+                                      gate="raw", lower_bound=-5.0, l2norm=True, config={"intra_impl": "split"}),
     # decode kernel
     "rec_bf16_decode_prologue": dict(op="recurrent", dtype="bfloat16", B=4, T=1, H=2, HV=4, K=64, V=64,
                                      gate="raw", l2norm=True, beta_logits=True),

@@ -20,6 +20,13 @@ GPU_CASES = {
                                    l2norm=True),
     "chunk_fp16_k128_safe_gate": dict(op="chunk", dtype="float16", B=2, T=333, H=2, HV=2, K=128, V=128, gate="raw",
                                       lower_bound=-5.0, l2norm=True, beta_logits=True),
+    # the "split" organisation of the intra stage (its small cases come with CASES) at K = V = 128:
+    # safe gate (every row block factored), masked gate (some row blocks take the exact fallback)
+    "chunk_bf16_k128_split_safe_gate": dict(op="chunk", dtype="bfloat16", cu=[0, 1, 300, 777, 1000], H=2, HV=4,
+                                            K=128, V=128, gate="raw", lower_bound=-5.0, l2norm=True,
+                                            beta_logits=True, config={"intra_impl": "split"}),
+    "chunk_fp32_k128_split_masked": dict(op="chunk", dtype="float32", B=1, T=200, H=1, HV=2, K=128, V=128,
+                                         masked=True, tol=3e-4, config={"intra_impl": "split", "intra_BK": 64}),
     "rec_bf16_decode_b64": dict(op="recurrent", dtype="bfloat16", B=64, T=1, H=4, HV=8, K=128, V=128, l2norm=True),
 }
 

@@ -1,0 +1,327 @@
+"""Stage 1, third organisation (``intra_impl="split"``): the intra-chunk stage as three smaller kernels.
+
+The "rows" and "fused" organisations (chunk_intra.py, chunk_intra_fused.py) run the whole stage in one
+program per (chunk, value head).  On an H100 that program compiles to the register limit with spills,
+only two fit on a multiprocessor, and each takes ~75 us mostly waiting on loads: the stage is bound by
+latency, not by bandwidth or tensor cores.  Here the same work is cut into three kernels, each with a
+smaller live set, and the part that dominates (A_kk / A_qk) gets C/16 times more programs:
+
+1. ``_split_prep_kernel`` (grid: chunks x HV): L2-norm factors of q and k, Gamma (gate + chunk-local
+   cumsum, float32) to a global float32 scratch, and the outputs that need no A:
+   ``qg = q r_q exp(Gamma)``, ``kg = k r_k exp(Gamma_C - Gamma)``, ``gl = Gamma_C``.
+2. ``_split_a_kernel`` (grid: (C/16 x chunks) x HV, row block fastest): program i builds row block i
+   (16 rows) of A_kk (to the scratch, zeros above the diagonal included, so the inverse reads a full
+   matrix) and of A_qk (to the output), reading Gamma and the norm factors back from the scratch.  Each
+   row block picks its own path from its span ``max |Gamma_r - Gamma_ref|`` over its valid rows r
+   (ref = its middle row 16 i + 8): one tensor-core product factored around the middle row
+   (:func:`a_block_factored`; every factor <= exp(span) <= exp(SPAN_MAX), since only rows and columns
+   inside block i can give a factor above 1, the earlier columns give exp(Gamma_ref - Gamma_s) <= 1), or
+   the exact fallback (:func:`a_block_exact`: earlier columns factored around row 16 i, both factors <= 1,
+   and the diagonal 16x16 block element-wise).  A chunk with one masked token (g = -1000) thus sends only
+   the blocks whose span contains the jump down the slow path.
+3. ``_split_solve_kernel`` (grid: chunks x HV): the blocked inverse (solve_tril.py) of A_kk from the
+   scratch, then ``W = T (k r_k exp(Gamma))`` and ``U = T v``.
+
+Splitting the A products over sub-chunk row blocks, each with its own decay reference, is the sub-chunk
+idea of flash-linear-attention's KDA kernels; the code here is ours.  The cost is memory traffic: Gamma and
+the norm factors make one round trip through global memory (written by 1, read by 2 and 3), A_kk one
+more (written by 2, read by 3), and q/k are read again by 2 and k by 3; a later kernel finds little of
+that in L2 at large shapes (estimate in docs/triton.md).  Same numerics and outputs as chunk_intra.py
+(see its docstring); the scratch layout per (chunk, head) is the rows kernel's: A_kk ``[C, C]``,
+``[C, 16]`` for the inverse's diagonal blocks, Gamma ``[C, KP]``, norm factors ``[2, C]``.
+
+The A kernel has its own K-block width and warps (``intra_a_BK``, default 16, ``intra_a_warps``, default 4,
+``intra_a_stages``): its register use grows fast with the width (ptxas, K = 128, sm_90: 116 registers at
+16, 165-204 at 32, spills at 64), while prep and solve keep ``intra_BK`` / ``intra_warps``.  Inside the
+exact fallback the off-diagonal product and the element-wise diagonal block are separate passes over K:
+in one pass the kernel needed ~250 registers, in two ~165 (at BK 32).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .gate import L2NORM_EPS, SPAN_MAX, beta_act, chunk_gamma
+from .solve_tril import block_inverse
+
+
+@triton.jit
+def a_block_factored(q, k, s_g, r_k, t0, eos, i, i_kh,
+                     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
+                     DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Row block ``i`` (rows 16 i .. 16 i + 15, columns s < 16 (i + 1)) of ``sum_c x_r[c] D_rs[c] k_s[c] r_k[s]``
+    for x = k (first result) and x = q (second), ``[16, C]`` float32, without the row factors (norm, beta,
+    scale) and without the causal mask: one product factored around the block's middle row, every factor
+    <= exp(span of block i).  ``i`` may be a constexpr (rows kernel) or a program id (split kernel);
+    ``NUM_STAGES``: pipelining of the K loop (None: the compiler's default, as a plain ``range``)."""
+    o_c = tl.arange(0, C)
+    o_t = t0 + o_c
+    m_t = o_t < eos
+    o_b = tl.arange(0, BK)
+    o_i = 16 * i + tl.arange(0, 16)
+    t_i = t0 + o_i
+    m_i = t_i < eos
+    b_akk = tl.zeros([16, C], dtype=tl.float32)
+    b_aqk = tl.zeros([16, C], dtype=tl.float32)
+    for i_k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):
+        o_k = i_k * BK + o_b
+        m_k = o_k < K
+        m = m_t[:, None] & m_k[None, :]
+        mi = m_i[:, None] & m_k[None, :]
+        ref = tl.load(s_g + (16 * i + 8) * KP + o_k)
+        b_gi = tl.load(s_g + o_i[:, None] * KP + o_k[None, :])
+        e_r = tl.where(mi, tl.exp(b_gi - ref[None, :]), 0.0)
+        p_i = t_i[:, None] * (H * K) + i_kh * K + o_k[None, :]
+        b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32) * e_r
+        b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32) * e_r
+        b_g = tl.load(s_g + o_c[:, None] * KP + o_k[None, :])
+        b_k = tl.load(k + o_t[:, None] * (H * K) + i_kh * K + o_k[None, :], mask=m, other=0.0)
+        e_s = tl.where((o_c < 16 * (i + 1))[:, None] & m, tl.exp(ref[None, :] - b_g), 0.0)
+        b_ks = tl.trans(b_k.to(tl.float32) * r_k[:, None] * e_s)
+        b_akk += tl.dot(b_ki, b_ks, input_precision=DOT_PREC)
+        b_aqk += tl.dot(b_qi, b_ks, input_precision=DOT_PREC)
+    return b_akk, b_aqk
+
+
+@triton.jit
+def a_block_exact(q, k, s_g, s_r, r_k, t0, eos, i, i_kh,
+                  H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
+                  DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Same result as :func:`a_block_factored` for a block whose span exceeds SPAN_MAX: columns s < 16 i as
+    one product factored around row 16 i (``exp(Gamma_r - Gamma_16i)`` and ``exp(Gamma_16i - Gamma_s)``,
+    both <= 1), the diagonal block element-wise (one column per step, every exponent <= 0 where kept)."""
+    o_c = tl.arange(0, C)
+    o_t = t0 + o_c
+    m_t = o_t < eos
+    o_b = tl.arange(0, BK)
+    o_16 = tl.arange(0, 16)
+    o_i = 16 * i + o_16
+    t_i = t0 + o_i
+    m_i = t_i < eos
+    b_akk = tl.zeros([16, C], dtype=tl.float32)
+    b_aqk = tl.zeros([16, C], dtype=tl.float32)
+    # columns before the block (none for block 0): one product around the block's first row
+    for i_k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):
+        o_k = i_k * BK + o_b
+        m_k = o_k < K
+        m = m_t[:, None] & m_k[None, :]
+        mi = m_i[:, None] & m_k[None, :]
+        ref = tl.load(s_g + (16 * i) * KP + o_k)
+        b_gi = tl.load(s_g + o_i[:, None] * KP + o_k[None, :])
+        e_r = tl.where(mi, tl.exp(b_gi - ref[None, :]), 0.0)
+        p_i = t_i[:, None] * (H * K) + i_kh * K + o_k[None, :]
+        b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32) * e_r
+        b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32) * e_r
+        b_g = tl.load(s_g + o_c[:, None] * KP + o_k[None, :])
+        b_k = tl.load(k + o_t[:, None] * (H * K) + i_kh * K + o_k[None, :], mask=m, other=0.0)
+        e_s = tl.where((o_c < 16 * i)[:, None] & m, tl.exp(ref[None, :] - b_g), 0.0)
+        b_ks = tl.trans(b_k.to(tl.float32) * r_k[:, None] * e_s)
+        b_akk += tl.dot(b_ki, b_ks, input_precision=DOT_PREC)
+        b_aqk += tl.dot(b_qi, b_ks, input_precision=DOT_PREC)
+    # diagonal block (a separate pass: fewer values live at once): column s = 16 i + j, rows r >= s,
+    # exp(Gamma_r - Gamma_s) <= 1
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + o_b
+        m_k = o_k < K
+        mi = m_i[:, None] & m_k[None, :]
+        p_i = t_i[:, None] * (H * K) + i_kh * K + o_k[None, :]
+        b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32)
+        b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32)
+        b_gi = tl.load(s_g + o_i[:, None] * KP + o_k[None, :])
+        for j in range(0, 16):
+            s = 16 * i + j
+            m_s = t0 + s < eos
+            b_gj = tl.load(s_g + s * KP + o_k)
+            b_kj = tl.load(k + (t0 + s) * (H * K) + i_kh * K + o_k, mask=m_k & m_s,
+                           other=0.0).to(tl.float32) * tl.load(s_r + C + s)
+            causal = (o_16 >= j) & m_i & m_s
+            b_kd = b_kj[None, :] * tl.where(causal[:, None] & m_k[None, :], tl.exp(b_gi - b_gj[None, :]), 0.0)
+            sel = o_c[None, :] == s
+            b_akk += tl.where(sel, tl.sum(b_ki * b_kd, 1)[:, None], 0.0)
+            b_aqk += tl.where(sel, tl.sum(b_qi * b_kd, 1)[:, None], 0.0)
+    return b_akk, b_aqk
+
+
+@triton.jit
+def _chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C: tl.constexpr):
+    """(first token, end of the sequence, last token) of chunk ``i_c``."""
+    i_n = tl.load(chunk_seq + i_c)
+    bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
+    t0 = bos + tl.load(chunk_pos + i_c).to(tl.int64) * C
+    return t0, eos, tl.minimum(t0 + C, eos) - 1
+
+
+@triton.jit
+def _split_prep_kernel(
+    q, k, g, A_log, dt_bias, qg, kg, gl, scratch, chunk_seq, chunk_pos, cu, lower_bound,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+    L2NORM: tl.constexpr, USE_GATE: tl.constexpr, USE_LB: tl.constexpr, HAS_A: tl.constexpr,
+    HAS_BIAS: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
+):
+    """K1: norm factors and Gamma to scratch; qg, kg, gl (as the rows kernel's phases 1 and 4)."""
+    SCRATCH: tl.constexpr = C * C + C * 16 + C * KP + 2 * C
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_kh = i_h // (HV // H)
+    t0, eos, last = _chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
+    base = scratch + (i_c.to(tl.int64) * HV + i_h) * SCRATCH
+    s_g = base + C * C + C * 16          # Gamma [C, KP]
+    s_r = s_g + C * KP                   # L2-norm factors of q, k [2, C]
+    o_c = tl.arange(0, C)
+    o_t = t0 + o_c
+    m_t = o_t < eos
+    o_b = tl.arange(0, BK)
+
+    r_q = tl.full([C], 1.0, tl.float32)
+    r_k = tl.full([C], 1.0, tl.float32)
+    if L2NORM:
+        s_q = tl.zeros([C], dtype=tl.float32)
+        s_k = tl.zeros([C], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + o_b
+            m = m_t[:, None] & (o_k < K)[None, :]
+            p_qk = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]
+            b_q = tl.load(q + p_qk, mask=m, other=0.0).to(tl.float32)
+            b_k = tl.load(k + p_qk, mask=m, other=0.0).to(tl.float32)
+            s_q += tl.sum(b_q * b_q, 1)
+            s_k += tl.sum(b_k * b_k, 1)
+        r_q = tl.rsqrt(s_q + L2NORM_EPS)
+        r_k = tl.rsqrt(s_k + L2NORM_EPS)
+    tl.store(s_r + o_c, r_q)
+    tl.store(s_r + C + o_c, r_k)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + o_b
+        m_k = o_k < K
+        m = m_t[:, None] & m_k[None, :]
+        b_g = chunk_gamma(g, A_log, dt_bias, lower_bound, o_t, m, i_h, o_k, m_k, HV, K,
+                          USE_GATE, USE_LB, HAS_A, HAS_BIAS)
+        tl.store(s_g + o_c[:, None] * KP + o_k[None, :], b_g)
+        b_gl = tl.sum(tl.where((o_c == last - t0)[:, None], b_g, 0.0), 0)     # Gamma_C
+        p_qk = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]
+        p_g = o_t[:, None] * (HV * K) + i_h * K + o_k[None, :]
+        b_q = tl.load(q + p_qk, mask=m, other=0.0).to(tl.float32) * r_q[:, None]
+        tl.store(qg + p_g, tl.where(m, b_q * tl.exp(b_g), 0.0).to(qg.dtype.element_ty), mask=m)
+        b_k = tl.load(k + p_qk, mask=m, other=0.0).to(tl.float32) * r_k[:, None]
+        tl.store(kg + p_g, tl.where(m, b_k * tl.exp(b_gl[None, :] - b_g), 0.0).to(kg.dtype.element_ty), mask=m)
+        tl.store(gl + (i_c.to(tl.int64) * HV + i_h) * K + o_k, b_gl, mask=m_k)
+
+
+@triton.jit
+def _split_a_kernel(
+    q, k, beta, aqk, scratch, chunk_seq, chunk_pos, cu, scale,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+    BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
+    DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """K2: row block ``i`` of chunk ``i_c`` of A_kk (to scratch) and A_qk (to the output), its path chosen by
+    its own span."""
+    SCRATCH: tl.constexpr = C * C + C * 16 + C * KP + 2 * C
+    # row block fastest: the C/16 programs of one chunk run together and share its Gamma, q, k through L2
+    # (one flat axis, so the number of chunks keeps the 2^31 grid limit of axis 0)
+    i, i_c, i_h = tl.program_id(0) % (C // 16), tl.program_id(0) // (C // 16), tl.program_id(1)
+    i_kh = i_h // (HV // H)
+    t0, eos, last = _chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
+    base = scratch + (i_c.to(tl.int64) * HV + i_h) * SCRATCH
+    s_g = base + C * C + C * 16
+    s_r = s_g + C * KP
+    o_c = tl.arange(0, C)
+    m_t = (t0 + o_c) < eos
+    o_i = 16 * i + tl.arange(0, 16)
+    t_i = t0 + o_i
+    m_i = t_i < eos
+    o_b = tl.arange(0, BK)
+
+    # span of this block: largest |Gamma_r - Gamma at row 16 i + 8| over its valid rows and all channels
+    b_span = tl.zeros([16, BK], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + o_b
+        mi = m_i[:, None] & (o_k < K)[None, :]
+        b_gi = tl.load(s_g + o_i[:, None] * KP + o_k[None, :])
+        ref = tl.load(s_g + (16 * i + 8) * KP + o_k)
+        b_span = tl.maximum(b_span, tl.where(mi, tl.abs(b_gi - ref[None, :]), 0.0))
+    span = tl.max(tl.max(b_span, 1), 0)
+
+    r_k = tl.load(s_r + C + o_c)
+    if span <= SPAN_MAX:
+        b_akk, b_aqk = a_block_factored(q, k, s_g, r_k, t0, eos, i, i_kh, H, K, C, KP, BK, DOT_PREC, NUM_STAGES)
+    else:
+        b_akk, b_aqk = a_block_exact(q, k, s_g, s_r, r_k, t0, eos, i, i_kh, H, K, C, KP, BK, DOT_PREC,
+                                       NUM_STAGES)
+
+    valid = m_i[:, None] & m_t[None, :]
+    b_ri = tl.load(s_r + o_i)
+    b_rki = tl.load(s_r + C + o_i)
+    b_bi = beta_act(tl.load(beta + t_i * HV + i_h, mask=m_i, other=0.0), BETA_SIGMOID, BETA_SCALE)
+    b_akk = tl.where((o_i[:, None] > o_c[None, :]) & valid, b_akk * (b_rki * b_bi)[:, None], 0.0)
+    b_aqk = tl.where((o_i[:, None] >= o_c[None, :]) & valid, b_aqk * (b_ri * scale)[:, None], 0.0)
+    tl.store(base + o_i[:, None] * C + o_c[None, :], b_akk)
+    tl.store(aqk + t_i[:, None] * (HV * C) + i_h * C + o_c[None, :], b_aqk.to(aqk.dtype.element_ty),
+             mask=m_i[:, None])
+
+
+@triton.jit
+def _split_solve_kernel(
+    k, v, beta, w, u, scratch, chunk_seq, chunk_pos, cu,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr, KP: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, SOLVE_PREC: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """K3: T = (I + A_kk)^-1 diag(beta) from the scratch, W = T (k r_k exp(Gamma)), U = T v."""
+    SCRATCH: tl.constexpr = C * C + C * 16 + C * KP + 2 * C
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_kh = i_h // (HV // H)
+    t0, eos, last = _chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
+    base = scratch + (i_c.to(tl.int64) * HV + i_h) * SCRATCH
+    s_g = base + C * C + C * 16
+    s_r = s_g + C * KP
+    o_c = tl.arange(0, C)
+    o_t = t0 + o_c
+    m_t = o_t < eos
+    o_b = tl.arange(0, BK)
+
+    b_beta = tl.where(m_t, beta_act(tl.load(beta + o_t * HV + i_h, mask=m_t, other=0.0), BETA_SIGMOID, BETA_SCALE),
+                      0.0)
+    b_m = block_inverse(base, b_beta, C, SOLVE_PREC)
+
+    r_k = tl.load(s_r + C + o_c)
+    for i_k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):
+        o_k = i_k * BK + o_b
+        m = m_t[:, None] & (o_k < K)[None, :]
+        p_qk = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]
+        p_g = o_t[:, None] * (HV * K) + i_h * K + o_k[None, :]
+        b_k = tl.load(k + p_qk, mask=m, other=0.0).to(tl.float32) * r_k[:, None]
+        b_g = tl.load(s_g + o_c[:, None] * KP + o_k[None, :])
+        b_w = tl.dot(b_m, tl.where(m, b_k * tl.exp(b_g), 0.0), input_precision=DOT_PREC)
+        tl.store(w + p_g, b_w.to(w.dtype.element_ty), mask=m)
+    for i_v in tl.range(0, tl.cdiv(V, BV), num_stages=NUM_STAGES):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        p_v = o_t[:, None] * (HV * V) + i_h * V + o_v[None, :]
+        b_v = tl.load(v + p_v, mask=m, other=0.0).to(tl.float32)
+        tl.store(u + p_v, tl.dot(b_m, b_v, input_precision=DOT_PREC).to(u.dtype.element_ty), mask=m)
+
+
+def launch_split(q, k, v, g, beta, A_log, dt_bias, aqk, w, u, qg, kg, gl, scratch, table, flags: dict,
+                 scale: float, lower_bound: float, KP: int, BK: int, BKA: int, BV: int, config: dict, launch: dict):
+    """Launch K1, K2, K3 on one stream (each reads what the previous wrote to ``scratch``).  ``flags``: the
+    task constexprs shared with the one-kernel organisations (H, HV, K, V, C, L2NORM, USE_GATE, ...);
+    ``KP``: row stride of Gamma in the scratch (a multiple of both K-block widths ``BK``, K1/K3, and ``BKA``,
+    K2); ``launch``: extra launch options of K3 (the register cap)."""
+    NC, HV, C = table.num_chunks, flags["HV"], flags["C"]
+    H, K, V = flags["H"], flags["K"], flags["V"]
+    warps = config.get("intra_warps", 4)
+    dot_prec = config.get("intra_precision", "tf32")
+    chunks = (table.chunk_seq, table.chunk_pos, table.cu)
+    _split_prep_kernel[(NC, HV)](
+        q, k, g, A_log, dt_bias, qg, kg, gl, scratch, *chunks, lower_bound,
+        H=H, HV=HV, K=K, C=C, L2NORM=flags["L2NORM"], USE_GATE=flags["USE_GATE"], USE_LB=flags["USE_LB"],
+        HAS_A=flags["HAS_A"], HAS_BIAS=flags["HAS_BIAS"], KP=KP, BK=BK, num_warps=warps)
+    _split_a_kernel[(C // 16 * NC, HV)](
+        q, k, beta, aqk, scratch, *chunks, scale,
+        H=H, HV=HV, K=K, C=C, BETA_SIGMOID=flags["BETA_SIGMOID"], BETA_SCALE=flags["BETA_SCALE"], KP=KP, BK=BKA,
+        DOT_PREC=dot_prec, NUM_STAGES=config.get("intra_a_stages"), num_warps=config.get("intra_a_warps", 4))
+    _split_solve_kernel[(NC, HV)](
+        k, v, beta, w, u, scratch, *chunks,
+        H=H, HV=HV, K=K, V=V, C=C, BETA_SIGMOID=flags["BETA_SIGMOID"], BETA_SCALE=flags["BETA_SCALE"], KP=KP,
+        BK=BK, BV=BV, DOT_PREC=dot_prec, SOLVE_PREC=config.get("solve_precision", "tf32"),
+        NUM_STAGES=config.get("intra_stages", 1), num_warps=warps, **launch)
