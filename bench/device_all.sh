@@ -44,11 +44,12 @@ for f in "$OUT"/gpu_*.log; do echo "--- $f"; sed -n '/short test summary\|passed
 fi
 
 if want profile; then
-# hardware counters of one launch of each Triton forward kernel (Firecracker machines only; see KINDS.md)
+# hardware counters of one launch of each Triton forward kernel (Firecracker machines only; see KINDS.md);
+# PROFILE_ARGS go to bench/profile_forward.py, e.g. PROFILE_ARGS="--config {\"intra_impl\":\"rows\"}"
 section "ncu profile" "${LIMIT_PROFILE:-150}"
-run "${LIMIT_PROFILE:-150}" "$OUT/ncu.txt" ncu --clock-control none --kernel-name regex:_chunk_ --launch-skip 3 --launch-count 3 \
+run "${LIMIT_PROFILE:-150}" "$OUT/ncu.txt" ncu --clock-control none --kernel-name "regex:_chunk_|_split_" --launch-skip 5 --launch-count 5 \
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-  --section MemoryWorkloadAnalysis python3 bench/profile_forward.py
+  --section MemoryWorkloadAnalysis python3 bench/profile_forward.py ${PROFILE_ARGS:-}
 fi
 
 if want triton; then

@@ -1,7 +1,7 @@
 """Run the Triton chunkwise forward a few times at one shape, for a profiler to attach to.
 
-    ncu --clock-control none --kernel-name regex:_chunk_ --launch-skip 3 --launch-count 3 \\
-        python bench/profile_forward.py [--shape 2,8192,16] [--config '{"intra_impl": "split"}'] [--calls 2]
+    ncu --clock-control none --kernel-name "regex:_chunk_|_split_" --launch-skip 5 --launch-count 5 \\
+        python bench/profile_forward.py [--shape 2,8192,16] [--config '{"intra_impl": "rows"}'] [--calls 3]
 
 The first call compiles (and its launches are the ones ``--launch-skip`` skips); nothing is timed here:
 bench/bench_chunk.py and bench/device_triton.py are the benchmarks.
@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="2,8192,16", help="B,T,H (D = 128, bf16, log gate); default 2,8192,16")
     p.add_argument("--config", default="{}", help="Triton backend config, JSON (default: the shipped defaults)")
-    p.add_argument("--calls", type=int, default=2, help="forward calls (default 2: compile + one profiled)")
+    p.add_argument("--calls", type=int, default=3, help="forward calls (default 3: the first compiles)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
