@@ -130,11 +130,13 @@ def a_block_exact(q, k, s_g, s_r, r_k, t0, eos, i, i_kh,
         b_gi = tl.load(s_g + o_i[:, None] * KP + o_k[None, :])
         for j in range(0, 16):
             s = 16 * i + j
-            m_s = t0 + s < eos
+            # token s is inside the sequence, as a vector over the channels (a scalar mask breaks the
+            # interpreter of newer Triton releases)
+            m_s = (o_k * 0 + t0 + s) < eos
             b_gj = tl.load(s_g + s * KP + o_k)
             b_kj = tl.load(k + (t0 + s) * (H * K) + i_kh * K + o_k, mask=m_k & m_s,
                            other=0.0).to(tl.float32) * tl.load(s_r + C + s)
-            causal = (o_16 >= j) & m_i & m_s
+            causal = (o_16 >= j) & m_i & ((o_16 * 0 + t0 + s) < eos)
             b_kd = b_kj[None, :] * tl.where(causal[:, None] & m_k[None, :], tl.exp(b_gi - b_gj[None, :]), 0.0)
             sel = o_c[None, :] == s
             b_akk += tl.where(sel, tl.sum(b_ki * b_kd, 1)[:, None], 0.0)
