@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .chunk_intra_fused import _chunk_intra_fused_kernel
 from .chunk_intra_split import a_block_factored, launch_split
-from .gate import L2NORM_EPS, SPAN_MAX, beta_act, chunk_gamma, interpreting
+from .gate import SPAN_MAX, beta_act, chunk_bounds, chunk_gamma, interpreting, l2norm_factors
 from .solve_tril import block_inverse
 
 BLOCK = 16         # diagonal sub-block size of the blocked inverse
@@ -166,10 +166,7 @@ def _chunk_intra_rows_kernel(
     SCRATCH: tl.constexpr = C * C + C * 16 + C * KP + 2 * C
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_kh = i_h // (HV // H)
-    i_n = tl.load(chunk_seq + i_c)
-    bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
-    t0 = bos + tl.load(chunk_pos + i_c).to(tl.int64) * C
-    last = tl.minimum(t0 + C, eos) - 1
+    t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
     base = scratch + (i_c.to(tl.int64) * HV + i_h) * SCRATCH
     s_g = base + C * C + C * 16          # Gamma [C, KP]
     s_r = s_g + C * KP                   # L2-norm factors of q, k [2, C]
@@ -181,21 +178,7 @@ def _chunk_intra_rows_kernel(
     o_b = tl.arange(0, BK)
 
     # ---- phase 1: L2-norm factors, Gamma (gate + scan) to scratch
-    r_q = tl.full([C], 1.0, tl.float32)
-    r_k = tl.full([C], 1.0, tl.float32)
-    if L2NORM:
-        s_q = tl.zeros([C], dtype=tl.float32)
-        s_k = tl.zeros([C], dtype=tl.float32)
-        for i_k in range(0, tl.cdiv(K, BK)):
-            o_k = i_k * BK + o_b
-            m = m_t[:, None] & (o_k < K)[None, :]
-            p_qk = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]
-            b_q = tl.load(q + p_qk, mask=m, other=0.0).to(tl.float32)
-            b_k = tl.load(k + p_qk, mask=m, other=0.0).to(tl.float32)
-            s_q += tl.sum(b_q * b_q, 1)
-            s_k += tl.sum(b_k * b_k, 1)
-        r_q = tl.rsqrt(s_q + L2NORM_EPS)
-        r_k = tl.rsqrt(s_k + L2NORM_EPS)
+    r_q, r_k = l2norm_factors(q, k, o_t, m_t, i_kh, H, K, C, BK, L2NORM)
     tl.store(s_r + o_c, r_q)
     tl.store(s_r + C + o_c, r_k)
     for i_k in range(0, tl.cdiv(K, BK)):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gate import L2NORM_EPS, SPAN_MAX, beta_act, chunk_gamma
+from .gate import SPAN_MAX, beta_act, chunk_bounds, chunk_gamma, l2norm_factors
 from .solve_tril import block_inverse
 
 
@@ -27,10 +27,7 @@ def _chunk_intra_fused_kernel(
     SCRATCH: tl.constexpr = C * C + C * 16 + 2 * C * BK
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_kh = i_h // (HV // H)  # grouped value heads: key head of this value head
-    i_n = tl.load(chunk_seq + i_c)
-    bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
-    t0 = bos + tl.load(chunk_pos + i_c).to(tl.int64) * C
-    last = tl.minimum(t0 + C, eos) - 1          # last token of this chunk
+    t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
     base = scratch + (i_c.to(tl.int64) * HV + i_h) * SCRATCH
 
     o_c = tl.arange(0, C)
@@ -40,21 +37,7 @@ def _chunk_intra_fused_kernel(
     b_beta = tl.where(m_t, beta_act(tl.load(beta + o_t * HV + i_h, mask=m_t, other=0.0), BETA_SIGMOID, BETA_SCALE),
                       0.0)
     # fused L2 norm: per-row factors first (one extra read of the chunk's q and k rows)
-    r_q = tl.full([C], 1.0, tl.float32)
-    r_k = tl.full([C], 1.0, tl.float32)
-    if L2NORM:
-        s_q = tl.zeros([C], dtype=tl.float32)
-        s_k = tl.zeros([C], dtype=tl.float32)
-        for i_k in range(0, tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m = m_t[:, None] & (o_k < K)[None, :]
-            p_qk = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]
-            b_q = tl.load(q + p_qk, mask=m, other=0.0).to(tl.float32)
-            b_k = tl.load(k + p_qk, mask=m, other=0.0).to(tl.float32)
-            s_q += tl.sum(b_q * b_q, 1)
-            s_k += tl.sum(b_k * b_k, 1)
-        r_q = tl.rsqrt(s_q + L2NORM_EPS)
-        r_k = tl.rsqrt(s_k + L2NORM_EPS)
+    r_q, r_k = l2norm_factors(q, k, o_t, m_t, i_kh, H, K, C, BK, L2NORM)
 
     b_akk = tl.zeros([C, C], dtype=tl.float32)
     b_aqk = tl.zeros([C, C], dtype=tl.float32)

@@ -41,19 +41,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gate import L2NORM_EPS, SPAN_MAX, beta_act, chunk_gamma
+from .gate import SPAN_MAX, beta_act, chunk_bounds, chunk_gamma, l2norm_factors
 from .solve_tril import block_inverse
 
 
 @triton.jit
-def a_block_factored(q, k, s_g, r_k, t0, eos, i, i_kh,
-                     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
-                     DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """Row block ``i`` (rows 16 i .. 16 i + 15, columns s < 16 (i + 1)) of ``sum_c x_r[c] D_rs[c] k_s[c] r_k[s]``
-    for x = k (first result) and x = q (second), ``[16, C]`` float32, without the row factors (norm, beta,
-    scale) and without the causal mask: one product factored around the block's middle row, every factor
-    <= exp(span of block i).  ``i`` may be a constexpr (rows kernel) or a program id (split kernel);
-    ``NUM_STAGES``: pipelining of the K loop (None: the compiler's default, as a plain ``range``)."""
+def _a_block_around(q, k, s_g, r_k, t0, eos, i, i_kh, REF: tl.constexpr, END: tl.constexpr,
+                    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
+                    DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Row block ``i`` (rows 16 i .. 16 i + 15) against columns s < 16 (i + ``END``) of
+    ``sum_c x_r[c] D_rs[c] k_s[c] r_k[s]`` for x = k (first result) and x = q (second), ``[16, C]`` float32,
+    without the row factors (norm, beta, scale) and without the causal mask, as one tensor-core product
+    factored around row 16 i + ``REF``: ``exp(Gamma_r - Gamma_ref) * exp(Gamma_ref - Gamma_s)``.  ``i`` may be a
+    constexpr (rows kernel) or a program id (split kernel); ``NUM_STAGES``: pipelining of the K loop (None:
+    the compiler's default, as a plain ``range``)."""
     o_c = tl.arange(0, C)
     o_t = t0 + o_c
     m_t = o_t < eos
@@ -68,7 +69,7 @@ def a_block_factored(q, k, s_g, r_k, t0, eos, i, i_kh,
         m_k = o_k < K
         m = m_t[:, None] & m_k[None, :]
         mi = m_i[:, None] & m_k[None, :]
-        ref = tl.load(s_g + (16 * i + 8) * KP + o_k)
+        ref = tl.load(s_g + (16 * i + REF) * KP + o_k)
         b_gi = tl.load(s_g + o_i[:, None] * KP + o_k[None, :])
         e_r = tl.where(mi, tl.exp(b_gi - ref[None, :]), 0.0)
         p_i = t_i[:, None] * (H * K) + i_kh * K + o_k[None, :]
@@ -76,11 +77,21 @@ def a_block_factored(q, k, s_g, r_k, t0, eos, i, i_kh,
         b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32) * e_r
         b_g = tl.load(s_g + o_c[:, None] * KP + o_k[None, :])
         b_k = tl.load(k + o_t[:, None] * (H * K) + i_kh * K + o_k[None, :], mask=m, other=0.0)
-        e_s = tl.where((o_c < 16 * (i + 1))[:, None] & m, tl.exp(ref[None, :] - b_g), 0.0)
+        e_s = tl.where((o_c < 16 * (i + END))[:, None] & m, tl.exp(ref[None, :] - b_g), 0.0)
         b_ks = tl.trans(b_k.to(tl.float32) * r_k[:, None] * e_s)
         b_akk += tl.dot(b_ki, b_ks, input_precision=DOT_PREC)
         b_aqk += tl.dot(b_qi, b_ks, input_precision=DOT_PREC)
     return b_akk, b_aqk
+
+
+@triton.jit
+def a_block_factored(q, k, s_g, r_k, t0, eos, i, i_kh,
+                     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
+                     DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Row block ``i`` against columns s < 16 (i + 1) (:func:`_a_block_around`), factored around the block's
+    middle row: every factor <= exp(span of block i)."""
+    return _a_block_around(q, k, s_g, r_k, t0, eos, i, i_kh, 8, 1, H, K, C, KP, BK, DOT_PREC,
+                           NUM_STAGES)
 
 
 @triton.jit
@@ -91,33 +102,14 @@ def a_block_exact(q, k, s_g, s_r, r_k, t0, eos, i, i_kh,
     one product factored around row 16 i (``exp(Gamma_r - Gamma_16i)`` and ``exp(Gamma_16i - Gamma_s)``,
     both <= 1), the diagonal block element-wise (one column per step, every exponent <= 0 where kept)."""
     o_c = tl.arange(0, C)
-    o_t = t0 + o_c
-    m_t = o_t < eos
     o_b = tl.arange(0, BK)
     o_16 = tl.arange(0, 16)
     o_i = 16 * i + o_16
     t_i = t0 + o_i
     m_i = t_i < eos
-    b_akk = tl.zeros([16, C], dtype=tl.float32)
-    b_aqk = tl.zeros([16, C], dtype=tl.float32)
     # columns before the block (none for block 0): one product around the block's first row
-    for i_k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):
-        o_k = i_k * BK + o_b
-        m_k = o_k < K
-        m = m_t[:, None] & m_k[None, :]
-        mi = m_i[:, None] & m_k[None, :]
-        ref = tl.load(s_g + (16 * i) * KP + o_k)
-        b_gi = tl.load(s_g + o_i[:, None] * KP + o_k[None, :])
-        e_r = tl.where(mi, tl.exp(b_gi - ref[None, :]), 0.0)
-        p_i = t_i[:, None] * (H * K) + i_kh * K + o_k[None, :]
-        b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32) * e_r
-        b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32) * e_r
-        b_g = tl.load(s_g + o_c[:, None] * KP + o_k[None, :])
-        b_k = tl.load(k + o_t[:, None] * (H * K) + i_kh * K + o_k[None, :], mask=m, other=0.0)
-        e_s = tl.where((o_c < 16 * i)[:, None] & m, tl.exp(ref[None, :] - b_g), 0.0)
-        b_ks = tl.trans(b_k.to(tl.float32) * r_k[:, None] * e_s)
-        b_akk += tl.dot(b_ki, b_ks, input_precision=DOT_PREC)
-        b_aqk += tl.dot(b_qi, b_ks, input_precision=DOT_PREC)
+    b_akk, b_aqk = _a_block_around(q, k, s_g, r_k, t0, eos, i, i_kh, 0, 0, H, K, C, KP, BK, DOT_PREC,
+                                   NUM_STAGES)
     # diagonal block (a separate pass: fewer values live at once): column s = 16 i + j, rows r >= s,
     # exp(Gamma_r - Gamma_s) <= 1
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -145,15 +137,6 @@ def a_block_exact(q, k, s_g, s_r, r_k, t0, eos, i, i_kh,
 
 
 @triton.jit
-def _chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C: tl.constexpr):
-    """(first token, end of the sequence, last token) of chunk ``i_c``."""
-    i_n = tl.load(chunk_seq + i_c)
-    bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
-    t0 = bos + tl.load(chunk_pos + i_c).to(tl.int64) * C
-    return t0, eos, tl.minimum(t0 + C, eos) - 1
-
-
-@triton.jit
 def _split_prep_kernel(
     q, k, g, A_log, dt_bias, qg, kg, gl, scratch, chunk_seq, chunk_pos, cu, lower_bound,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
@@ -164,7 +147,7 @@ def _split_prep_kernel(
     SCRATCH: tl.constexpr = C * C + C * 16 + C * KP + 2 * C
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_kh = i_h // (HV // H)
-    t0, eos, last = _chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
+    t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
     base = scratch + (i_c.to(tl.int64) * HV + i_h) * SCRATCH
     s_g = base + C * C + C * 16          # Gamma [C, KP]
     s_r = s_g + C * KP                   # L2-norm factors of q, k [2, C]
@@ -173,21 +156,7 @@ def _split_prep_kernel(
     m_t = o_t < eos
     o_b = tl.arange(0, BK)
 
-    r_q = tl.full([C], 1.0, tl.float32)
-    r_k = tl.full([C], 1.0, tl.float32)
-    if L2NORM:
-        s_q = tl.zeros([C], dtype=tl.float32)
-        s_k = tl.zeros([C], dtype=tl.float32)
-        for i_k in range(0, tl.cdiv(K, BK)):
-            o_k = i_k * BK + o_b
-            m = m_t[:, None] & (o_k < K)[None, :]
-            p_qk = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]
-            b_q = tl.load(q + p_qk, mask=m, other=0.0).to(tl.float32)
-            b_k = tl.load(k + p_qk, mask=m, other=0.0).to(tl.float32)
-            s_q += tl.sum(b_q * b_q, 1)
-            s_k += tl.sum(b_k * b_k, 1)
-        r_q = tl.rsqrt(s_q + L2NORM_EPS)
-        r_k = tl.rsqrt(s_k + L2NORM_EPS)
+    r_q, r_k = l2norm_factors(q, k, o_t, m_t, i_kh, H, K, C, BK, L2NORM)
     tl.store(s_r + o_c, r_q)
     tl.store(s_r + C + o_c, r_k)
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -221,7 +190,7 @@ def _split_a_kernel(
     # (one flat axis, so the number of chunks keeps the 2^31 grid limit of axis 0)
     i, i_c, i_h = tl.program_id(0) % (C // 16), tl.program_id(0) // (C // 16), tl.program_id(1)
     i_kh = i_h // (HV // H)
-    t0, eos, last = _chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
+    t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
     base = scratch + (i_c.to(tl.int64) * HV + i_h) * SCRATCH
     s_g = base + C * C + C * 16
     s_r = s_g + C * KP
@@ -272,7 +241,7 @@ def _split_solve_kernel(
     SCRATCH: tl.constexpr = C * C + C * 16 + C * KP + 2 * C
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_kh = i_h // (HV // H)
-    t0, eos, last = _chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
+    t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
     base = scratch + (i_c.to(tl.int64) * HV + i_h) * SCRATCH
     s_g = base + C * C + C * 16
     s_r = s_g + C * KP

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gate import interpreting, mm
+from .gate import chunk_bounds, interpreting, mm
 
 
 def get_configs() -> list[dict]:
@@ -34,9 +34,7 @@ def _chunk_o_kernel(
     BK: tl.constexpr, BV: tl.constexpr, NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
 ):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n = tl.load(chunk_seq + i_c)
-    bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
-    t0 = bos + tl.load(chunk_pos + i_c).to(tl.int64) * C
+    t0, eos, _ = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
     o_c = tl.arange(0, C)
     o_t = t0 + o_c
     m_t = o_t < eos

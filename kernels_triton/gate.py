@@ -8,7 +8,10 @@ fused_recurrent.py for decode), so no prologue costs a pass over memory of its o
 * :func:`chunk_gamma` -- a ``[C, BK]`` tile of the gate, then ``Gamma_r = g_1 + ... + g_r`` inside the chunk
   (float32; design.md section 1);
 * :func:`beta_act` -- ``sigmoid(beta)`` (times 2 with ``allow_neg_eigval``) when beta arrives as logits;
-* the L2 norm ``x / sqrt(sum(x**2) + 1e-6)`` (``L2NORM_EPS``) is applied where the rows are loaded.
+* :func:`l2norm_factors` -- the per-row factors of the L2 norm ``x / sqrt(sum(x**2) + 1e-6)``
+  (``L2NORM_EPS``), applied where the rows are loaded (decode normalises its single row inline).
+
+Also :func:`chunk_bounds`, the chunk-table lookup every per-chunk kernel starts with.
 
 Also here: :func:`interpreting` and :func:`mm`, the two places where the CPU interpreter (tests) differs.
 """
@@ -56,6 +59,39 @@ def gate_value(x, a_log, lower_bound, USE_LB: tl.constexpr, HAS_A: tl.constexpr)
         return lower_bound * tl.sigmoid(x)
     else:
         return -tl.exp(a_log) * _softplus(x)
+
+
+@triton.jit
+def l2norm_factors(q, k, o_t, m_t, i_kh, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                   L2NORM: tl.constexpr):
+    """``(r_q, r_k)``, ``[C]`` float32: ``1 / sqrt(sum(x**2) + eps)`` of the rows ``o_t`` (valid where
+    ``m_t``) of key head ``i_kh`` of ``q, k [TT, H, K]``, or ones without ``L2NORM``."""
+    r_q = tl.full([C], 1.0, tl.float32)
+    r_k = tl.full([C], 1.0, tl.float32)
+    if L2NORM:
+        s_q = tl.zeros([C], dtype=tl.float32)
+        s_k = tl.zeros([C], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m = m_t[:, None] & (o_k < K)[None, :]
+            p_qk = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]
+            b_q = tl.load(q + p_qk, mask=m, other=0.0).to(tl.float32)
+            b_k = tl.load(k + p_qk, mask=m, other=0.0).to(tl.float32)
+            s_q += tl.sum(b_q * b_q, 1)
+            s_k += tl.sum(b_k * b_k, 1)
+        r_q = tl.rsqrt(s_q + L2NORM_EPS)
+        r_k = tl.rsqrt(s_k + L2NORM_EPS)
+    return r_q, r_k
+
+
+@triton.jit
+def chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C: tl.constexpr):
+    """``(first token, end of its sequence, last token)`` of chunk ``i_c`` of the chunk table
+    (chunk_fwd.ChunkTable), in the flat token axis (int64)."""
+    i_n = tl.load(chunk_seq + i_c)
+    bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
+    t0 = bos + tl.load(chunk_pos + i_c).to(tl.int64) * C
+    return t0, eos, tl.minimum(t0 + C, eos) - 1
 
 
 @triton.jit
