@@ -7,6 +7,7 @@ reported as such in the table instead of stopping the run.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import platform
 import sys
@@ -32,6 +33,21 @@ def make_inputs(B, T, H, D=128, gate="log", dtype=torch.bfloat16, device="cuda",
         x["A_log"] = torch.rand(H, generator=gen, device=device) * 0.5
         x["dt_bias"] = torch.randn(H * D, generator=gen, device=device) * 0.5
     return x
+
+
+def parse_config(text: str) -> dict:
+    """A Triton backend config from the command line: JSON (``{"intra_impl": "split2"}``) or
+    ``key=value,...`` (integers and ``None`` converted, everything else a string)."""
+    text = text.strip()
+    if text.startswith("{"):
+        return json.loads(text)
+    config = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"config item {item!r} is not key=value")
+        config[key.strip()] = None if value == "None" else int(value) if value.lstrip("-").isdigit() else value
+    return config
 
 
 def gate_kwargs(gate: str) -> dict:

@@ -11,7 +11,7 @@ set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
 log="$OUT/all.log"
-SECTIONS=${SECTIONS:-tests chunk decode tune cold model}  # also: sweep profile triton
+SECTIONS=${SECTIONS:-tests chunk decode tune cold model}  # also: sweep profile triton breakdown
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 section() { echo; echo "=== $1 ($(date -u +%T), limit ${2}s) ==="; }
 run() {  # run LIMIT FILE CMD...: bounded, output to the terminal and appended to FILE
@@ -52,6 +52,12 @@ run "${LIMIT_PROFILE:-150}" "$OUT/ncu.txt" ncu --clock-control none --kernel-nam
   --section MemoryWorkloadAnalysis python3 bench/profile_forward.py ${PROFILE_ARGS:-}
 fi
 
+if want breakdown; then
+# per-kernel GPU time of ours and FLA at the standard shapes (BREAKDOWN_ARGS go to bench/kernel_breakdown.py)
+section "kernel breakdown" "${LIMIT_BREAKDOWN:-240}"
+run "${LIMIT_BREAKDOWN:-240}" "$OUT/breakdown.md" python3 bench/kernel_breakdown.py ${BREAKDOWN_ARGS:-}
+fi
+
 if want triton; then
 # Triton backend vs FLA with a given config (TRITON_CONFIG, key=value,...), stage times, optional sweep
 section "Triton timing" "${LIMIT_TRITON:-300}"
@@ -79,7 +85,7 @@ TUNE_BUCKETS=${TUNE_BUCKETS:-chunk/bf16/K128V128/T8k/dense chunk/bf16/K128V128/T
   recurrent/bf16/K128V128/t1/dense chunk/bf16/K128V128/T1k/dense chunk/bf16/K128V128/T8k/varlen \
   recurrent/bf16/K128V128/tfew/dense}
 run "${LIMIT_TUNE:-300}" "$OUT/autotune.log" python3 -m kda_compile.autotune --output "$OUT/h100.json" \
-  --budget "${TUNE_BUDGET:-270}" --max-configs "${TUNE_MAX_CONFIGS:-6}" ${TUNE_FORCE:+--force} \
+  --budget "${TUNE_BUDGET:-270}" --max-configs "${TUNE_MAX_CONFIGS:-6}" ${TUNE_FORCE:+--force} ${TUNE_ARGS:-} \
   $(for b in $TUNE_BUCKETS; do printf -- '--bucket %s ' "$b"; done)
 fi
 

@@ -24,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import LOWER_BOUND, STANDARD_SHAPES, gate_kwargs, make_inputs, time_ms, versions  # noqa: E402
+from common import LOWER_BOUND, STANDARD_SHAPES, gate_kwargs, make_inputs, parse_config, time_ms, versions  # noqa: E402
 
 T_START = time.time()
 LOG = None
@@ -84,14 +84,15 @@ def reference(x, gate):
     return o
 
 
-def correctness(shapes, gates):
-    say("\n## Correctness: relative error vs the float64 recurrence (bf16, D=128)\n")
+def correctness(shapes, gates, config=None):
+    say(f"\n## Correctness: relative error vs the float64 recurrence (bf16, D=128), ours with "
+        f"{config or 'the default config'}\n")
     say("| shape | gate | ours (triton) | FLA chunk_kda | ours finite |")
     say("|---|---|---|---|---|")
     for (B, T, H) in shapes:
         for gate in gates:
             x = make_inputs(B, T, H, gate=gate)
-            o = ours(x, gate)()
+            o = ours(x, gate, config)()
             try:
                 of = fla(x, gate)()
             except Exception as exc:  # report, keep going
@@ -242,7 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-sweep", action="store_true")
     p.add_argument("--sweep-stages", default="intra,state,o", help="stages the sweep covers (default all three)")
     p.add_argument("--skip-tests", action="store_true")
-    p.add_argument("--config", default="", help="extra config as key=value,... for the timing section")
+    p.add_argument("--config", default="", help="config (key=value,... or JSON) for the correctness and timing sections")
     p.add_argument("--sections", default="correctness,timing,decode,sweep,precision,tests",
                    help="comma-separated subset of: correctness,timing,decode,sweep,precision,tests")
     a = p.parse_args(argv)
@@ -250,14 +251,11 @@ def main(argv=None) -> int:
     say(f"# Triton backend on {torch.cuda.get_device_name()}\n\n{versions()}\n")
     say("Command: `python bench/device_triton.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`")
     torch.manual_seed(0)
-    extra = {}
-    for item in filter(None, a.config.split(",")):
-        key, value = item.split("=")
-        extra[key] = int(value) if value.isdigit() else value
+    extra = parse_config(a.config)
     want = set(a.sections.split(","))
     if "correctness" in want:
-        correctness(STANDARD_SHAPES + [(1, 65536, 16)], ("log",))
-        correctness(STANDARD_SHAPES[:1], ("safe",))
+        correctness(STANDARD_SHAPES + [(1, 65536, 16)], ("log",), extra or None)
+        correctness(STANDARD_SHAPES[:1], ("safe",), extra or None)
     if "timing" in want:
         timing(STANDARD_SHAPES, ("log", "safe"), extra or None,
                "config " + str(extra) if extra else "default config")

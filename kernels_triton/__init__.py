@@ -3,9 +3,11 @@
 One file per stage, named as its TileLang twin in ``kda_compile.kernels_tl``:
 
     gate.py               prologues (q/k L2 norm, gate + chunk-local cumsum, beta activation), fused helpers
-    chunk_intra.py        A_kk, A_qk, inverse, W, U (stage 1; "rows" organisation, default)
+    chunk_intra.py        A_kk, A_qk, inverse, W, U (stage 1; "rows" organisation, the stage's host launch)
     chunk_intra_fused.py  stage 1, "fused" organisation (config intra_impl="fused")
     chunk_intra_split.py  stage 1, "split" organisation: three smaller kernels (config intra_impl="split")
+    chunk_intra_split2.py stage 1, "split2" organisation (the default): split with qg/kg/ke written by its
+                          A kernel, so its solve kernel reads neither Gamma nor k
     solve_tril.py         the blocked triangular inverse used by stage 1
     chunk_state.py        inter-chunk state recurrence (stage 2)
     chunk_o.py            output (stage 3)

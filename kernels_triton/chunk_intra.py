@@ -21,11 +21,13 @@ Numerics (never exp(-Gamma) alone):
 * The inverse is blocked (solve_tril.py): 16x16 diagonal blocks by forward substitution, then
   (I + A_kk)^-1 = (I - N)(I + N^2) Dinv with N = Dinv A_off.
 
-Three organisations share these numerics (``intra_impl`` in the config): "rows" (this file, default) keeps
+Four organisations share these numerics (``intra_impl`` in the config): "rows" (this file) keeps
 Gamma and A in a per-program scratch and builds A one 16-row block at a time; "fused"
 (chunk_intra_fused.py) keeps [C, C] accumulators in registers; "split" (chunk_intra_split.py) runs the
 stage as three kernels (prologue + qg/kg; A by row block, C/16 programs per chunk and head, each block
-choosing its own path; inverse + W/U) for more parallelism and fewer registers per program.
+choosing its own path; inverse + W/U) for more parallelism and fewer registers per program; "split2"
+(chunk_intra_split2.py, the default) is "split" with qg, kg and ``k r_k exp(Gamma)`` written by the A
+kernel, so the solve kernel reads neither Gamma nor k.
 """
 from __future__ import annotations
 
@@ -35,10 +37,12 @@ import triton.language as tl
 
 from .chunk_intra_fused import _chunk_intra_fused_kernel
 from .chunk_intra_split import a_block_factored, launch_split
+from .chunk_intra_split2 import launch_split2
 from .gate import SPAN_MAX, beta_act, chunk_bounds, chunk_gamma, interpreting, l2norm_factors
 from .solve_tril import block_inverse
 
 BLOCK = 16         # diagonal sub-block size of the blocked inverse
+IMPLS = ("rows", "fused", "split", "split2")  # organisations of the stage (config key intra_impl)
 # "split" organisation (intra_BK, intra_warps: prep and solve kernels; intra_a_BK, intra_a_warps: the A kernel).
 # Chosen by ptxas register counts (K = 128, bf16, sm_90, Triton 3.6): the A kernel uses 116 registers at
 # BK 16 / 4 warps (80 at 8 warps), 165-204 at BK 32, 240 at BK 16 / 2 warps (so 2 warps is left out) and
@@ -46,24 +50,37 @@ BLOCK = 16         # diagonal sub-block size of the blocked inverse
 SPLIT_SHAPES = [(32, 4, 16, 4), (32, 8, 16, 4), (32, 4, 16, 8), (32, 4, 32, 4), (16, 4, 16, 4), (32, 8, 32, 8)]
 
 
+# "split2" (chunk_intra_split2.py): (intra_a_BK, intra_a_warps, intra_a_stages, intra_a_outputs) of its A
+# kernel; the first is the default.  Measured on the H100 (bench/kernel_breakdown.py, B2·T8192·H16, A kernel):
+# BK 32 / stages 1 349 µs, BK 32 / compiler's pipelining 440, BK 16 / stages 1 469, outputs written in the
+# product pass 384, BK 32 / 8 warps 606, BK 64 / 8 warps 562 (see docs/triton.md).
+SPLIT2_SHAPES = [(32, 4, 1, "span"), (16, 4, 1, "span"), (32, 4, None, "span"), (32, 4, 1, "main"),
+                 (64, 8, 1, "span")]
+
+
 def get_configs() -> list[dict]:
-    """Search space of this stage: kernel organisation (``intra_impl``: "rows", "fused" or "split"), K/V-block
-    width, warps, pipelining (split's A kernel has its own ``intra_a_BK``, default 16, ``intra_a_warps``,
-    default 4, and ``intra_a_stages``, default None = the compiler's), a register cap (``intra_maxnreg``,
-    NVIDIA; None = compiler's choice; split: its solve kernel only), and the precision of the float32
-    products (A and W/U: ``intra_precision``; the inverse: ``solve_precision``)."""
-    return ([{"intra_impl": impl, "intra_BK": bk, "intra_warps": w, "intra_stages": 1}
-             for impl in ("rows", "fused") for bk in (32, 64) for w in (4, 8)]
+    """Search space of this stage: kernel organisation (``intra_impl``: "rows", "fused", "split" or
+    "split2"), K/V-block width, warps, pipelining (the split organisations' A kernel has its own
+    ``intra_a_BK``, ``intra_a_warps`` and ``intra_a_stages``, None = the compiler's; split2's A kernel writes
+    qg/kg/ke in its span pass or its product pass, ``intra_a_outputs``), a register cap (``intra_maxnreg``,
+    NVIDIA; None = compiler's choice; split/split2: their solve kernel only), and the precision of the
+    float32 products (A and W/U: ``intra_precision``; the inverse: ``solve_precision``)."""
+    return ([{"intra_impl": "split2", "intra_a_BK": abk, "intra_a_warps": aw, "intra_a_stages": st,
+              "intra_a_outputs": where} for abk, aw, st, where in SPLIT2_SHAPES]
+            + [{"intra_impl": impl, "intra_BK": bk, "intra_warps": w, "intra_stages": 1}
+               for impl in ("rows", "fused") for bk in (32, 64) for w in (4, 8)]
             + [{"intra_impl": "split", "intra_BK": bk, "intra_warps": w, "intra_a_BK": abk, "intra_a_warps": aw,
-                "intra_stages": 1} for bk, w, abk, aw in SPLIT_SHAPES]
+                "intra_a_stages": None, "intra_stages": 1} for bk, w, abk, aw in SPLIT_SHAPES]
             + [{"intra_maxnreg": r} for r in (128, 168)]
             + [{"intra_precision": p, "solve_precision": sp} for p in ("tf32", "tf32x3", "ieee")
                for sp in ("tf32", "ieee")])
 
 
-# "split" measured fastest on the H100 (intra stage 1.10 ms vs 1.22 for "rows" at B2·T8192·H16; bench/RESULTS.md)
-DEFAULT_CONFIG = {"intra_impl": "split", "intra_BK": 32, "intra_warps": 4, "intra_a_BK": 16, "intra_a_warps": 4,
-                  "intra_stages": 1, "intra_precision": "tf32", "solve_precision": "tf32"}
+# "split2" measured fastest on the H100 (bench/RESULTS.md, session 3): intra stage 0.88 ms at B2·T8192·H16
+# (prep 175 + A 349 + solve 355 µs) against 1.11 ms for "split" and 1.22 for "rows"
+DEFAULT_CONFIG = {"intra_impl": "split2", "intra_BK": 32, "intra_warps": 4, "intra_a_BK": 32, "intra_a_warps": 4,
+                  "intra_a_stages": 1, "intra_a_outputs": "span", "intra_stages": 1, "intra_precision": "tf32",
+                  "solve_precision": "tf32"}
 
 
 @triton.jit
@@ -267,11 +284,11 @@ def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, config: dict):
     gl = torch.empty(table.num_chunks, HV, K, device=dev, dtype=torch.float32)
     if table.num_chunks:
         impl = config.get("intra_impl", "rows")
-        if impl not in ("rows", "fused", "split"):
-            raise ValueError(f"intra_impl must be 'rows', 'fused' or 'split', got {impl!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"intra_impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
         # split: its A kernel has its own K-block width; Gamma's row stride in the scratch fits both
         BKA = min(config.get("intra_a_BK", 16), triton.next_power_of_2(K))
-        KP = triton.cdiv(K, max(BK, BKA)) * max(BK, BKA) if impl == "split" else triton.cdiv(K, BK) * BK
+        KP = triton.cdiv(K, max(BK, BKA)) * max(BK, BKA) if impl in ("split", "split2") else triton.cdiv(K, BK) * BK
         per_program = C * C + C * BLOCK + (2 * C * BK if impl == "fused" else C * KP + 2 * C)
         scratch = torch.empty(table.num_chunks * HV * per_program, device=dev, dtype=torch.float32)
         # register cap (NVIDIA): trades spills for more programs per multiprocessor
@@ -284,6 +301,10 @@ def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, config: dict):
         A_log = A_log if A_log is not None else g
         dt_bias = dt_bias if dt_bias is not None else g
         lower_bound = float(opts.lower_bound) if opts.lower_bound is not None else 0.0
+        if impl == "split2":
+            launch_split2(q, k, v, g, beta, A_log, dt_bias, aqk, w, u, qg, kg, gl, scratch, table, flags,
+                          float(opts.scale), lower_bound, KP, BK, BKA, BV, config, launch)
+            return aqk, w, u, qg, kg, gl
         if impl == "split":
             launch_split(q, k, v, g, beta, A_log, dt_bias, aqk, w, u, qg, kg, gl, scratch, table, flags,
                          float(opts.scale), lower_bound, KP, BK, BKA, BV, config, launch)

@@ -46,15 +46,32 @@ from .solve_tril import block_inverse
 
 
 @triton.jit
+def block_outputs(qg, kg, ke, s_g, s_r, b_qi, b_ki, b_gi, t0, last, o_i, t_i, mi, o_k, i_h,
+                  HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr):
+    """Rows ``o_i`` (channels ``o_k``) of ``qg = q r_q exp(Gamma)``, ``kg = k r_k exp(Gamma_C - Gamma)`` and
+    ``ke = k r_k exp(Gamma)`` from the raw rows ``b_qi``, ``b_ki`` and their Gamma ``b_gi`` (every exponent
+    <= 0 on valid rows); norm factors and Gamma_C from the scratch."""
+    p_o = t_i[:, None] * (HV * K) + i_h * K + o_k[None, :]
+    b_gc = tl.load(s_g + (last - t0) * KP + o_k)
+    e_g = tl.where(mi, tl.exp(b_gi), 0.0)
+    b_kr = b_ki * tl.load(s_r + C + o_i)[:, None]
+    tl.store(qg + p_o, (b_qi * tl.load(s_r + o_i)[:, None] * e_g).to(qg.dtype.element_ty), mask=mi)
+    tl.store(ke + p_o, (b_kr * e_g).to(ke.dtype.element_ty), mask=mi)
+    tl.store(kg + p_o, tl.where(mi, b_kr * tl.exp(b_gc[None, :] - b_gi), 0.0).to(kg.dtype.element_ty), mask=mi)
+
+
+@triton.jit
 def _a_block_around(q, k, s_g, r_k, t0, eos, i, i_kh, REF: tl.constexpr, END: tl.constexpr,
                     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
-                    DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr):
+                    DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr, out):
     """Row block ``i`` (rows 16 i .. 16 i + 15) against columns s < 16 (i + ``END``) of
     ``sum_c x_r[c] D_rs[c] k_s[c] r_k[s]`` for x = k (first result) and x = q (second), ``[16, C]`` float32,
     without the row factors (norm, beta, scale) and without the causal mask, as one tensor-core product
     factored around row 16 i + ``REF``: ``exp(Gamma_r - Gamma_ref) * exp(Gamma_ref - Gamma_s)``.  ``i`` may be a
     constexpr (rows kernel) or a program id (split kernel); ``NUM_STAGES``: pipelining of the K loop (None:
-    the compiler's default, as a plain ``range``)."""
+    the compiler's default, as a plain ``range``).  ``out``: None, or ``(qg, kg, ke, s_r, last, i_h, HV)`` to
+    also write the block's rows of ``qg = q r_q exp(Gamma)``, ``kg = k r_k exp(Gamma_C - Gamma)`` and
+    ``ke = k r_k exp(Gamma)`` from the tiles this pass loads anyway ("split2")."""
     o_c = tl.arange(0, C)
     o_t = t0 + o_c
     m_t = o_t < eos
@@ -73,11 +90,18 @@ def _a_block_around(q, k, s_g, r_k, t0, eos, i, i_kh, REF: tl.constexpr, END: tl
         b_gi = tl.load(s_g + o_i[:, None] * KP + o_k[None, :])
         e_r = tl.where(mi, tl.exp(b_gi - ref[None, :]), 0.0)
         p_i = t_i[:, None] * (H * K) + i_kh * K + o_k[None, :]
-        b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32) * e_r
-        b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32) * e_r
-        b_g = tl.load(s_g + o_c[:, None] * KP + o_k[None, :])
-        b_k = tl.load(k + o_t[:, None] * (H * K) + i_kh * K + o_k[None, :], mask=m, other=0.0)
-        e_s = tl.where((o_c < 16 * (i + END))[:, None] & m, tl.exp(ref[None, :] - b_g), 0.0)
+        b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32)
+        b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32)
+        if out is not None:  # the block's rows of qg, kg, ke
+            qg, kg, ke, s_r, last, i_h, HV = out
+            block_outputs(qg, kg, ke, s_g, s_r, b_qi, b_ki, b_gi, t0, last, o_i, t_i, mi, o_k, i_h, HV, K, C, KP)
+        b_ki = b_ki * e_r
+        b_qi = b_qi * e_r
+        # only the columns this block uses are read (rows s < 16 (i + END) of Gamma and k)
+        m_s = (o_c < 16 * (i + END))[:, None] & m
+        b_g = tl.load(s_g + o_c[:, None] * KP + o_k[None, :], mask=m_s, other=0.0)
+        b_k = tl.load(k + o_t[:, None] * (H * K) + i_kh * K + o_k[None, :], mask=m_s, other=0.0)
+        e_s = tl.where(m_s, tl.exp(ref[None, :] - b_g), 0.0)
         b_ks = tl.trans(b_k.to(tl.float32) * r_k[:, None] * e_s)
         b_akk += tl.dot(b_ki, b_ks, input_precision=DOT_PREC)
         b_aqk += tl.dot(b_qi, b_ks, input_precision=DOT_PREC)
@@ -87,17 +111,17 @@ def _a_block_around(q, k, s_g, r_k, t0, eos, i, i_kh, REF: tl.constexpr, END: tl
 @triton.jit
 def a_block_factored(q, k, s_g, r_k, t0, eos, i, i_kh,
                      H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
-                     DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr):
+                     DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr, out=None):
     """Row block ``i`` against columns s < 16 (i + 1) (:func:`_a_block_around`), factored around the block's
     middle row: every factor <= exp(span of block i)."""
     return _a_block_around(q, k, s_g, r_k, t0, eos, i, i_kh, 8, 1, H, K, C, KP, BK, DOT_PREC,
-                           NUM_STAGES)
+                           NUM_STAGES, out)
 
 
 @triton.jit
 def a_block_exact(q, k, s_g, s_r, r_k, t0, eos, i, i_kh,
                   H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
-                  DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr):
+                  DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr, out=None):
     """Same result as :func:`a_block_factored` for a block whose span exceeds SPAN_MAX: columns s < 16 i as
     one product factored around row 16 i (``exp(Gamma_r - Gamma_16i)`` and ``exp(Gamma_16i - Gamma_s)``,
     both <= 1), the diagonal block element-wise (one column per step, every exponent <= 0 where kept)."""
@@ -109,7 +133,7 @@ def a_block_exact(q, k, s_g, s_r, r_k, t0, eos, i, i_kh,
     m_i = t_i < eos
     # columns before the block (none for block 0): one product around the block's first row
     b_akk, b_aqk = _a_block_around(q, k, s_g, r_k, t0, eos, i, i_kh, 0, 0, H, K, C, KP, BK, DOT_PREC,
-                                   NUM_STAGES)
+                                   NUM_STAGES, out)
     # diagonal block (a separate pass: fewer values live at once): column s = 16 i + j, rows r >= s,
     # exp(Gamma_r - Gamma_s) <= 1
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -141,9 +165,10 @@ def _split_prep_kernel(
     q, k, g, A_log, dt_bias, qg, kg, gl, scratch, chunk_seq, chunk_pos, cu, lower_bound,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
     L2NORM: tl.constexpr, USE_GATE: tl.constexpr, USE_LB: tl.constexpr, HAS_A: tl.constexpr,
-    HAS_BIAS: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr, WRITE_QK: tl.constexpr = True,
 ):
-    """K1: norm factors and Gamma to scratch; qg, kg, gl (as the rows kernel's phases 1 and 4)."""
+    """K1: norm factors and Gamma to scratch; gl; qg and kg (as the rows kernel's phases 1 and 4) unless
+    ``WRITE_QK`` is off ("split2": the A kernel writes them)."""
     SCRATCH: tl.constexpr = C * C + C * 16 + C * KP + 2 * C
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_kh = i_h // (HV // H)
@@ -167,12 +192,13 @@ def _split_prep_kernel(
                           USE_GATE, USE_LB, HAS_A, HAS_BIAS)
         tl.store(s_g + o_c[:, None] * KP + o_k[None, :], b_g)
         b_gl = tl.sum(tl.where((o_c == last - t0)[:, None], b_g, 0.0), 0)     # Gamma_C
-        p_qk = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]
-        p_g = o_t[:, None] * (HV * K) + i_h * K + o_k[None, :]
-        b_q = tl.load(q + p_qk, mask=m, other=0.0).to(tl.float32) * r_q[:, None]
-        tl.store(qg + p_g, tl.where(m, b_q * tl.exp(b_g), 0.0).to(qg.dtype.element_ty), mask=m)
-        b_k = tl.load(k + p_qk, mask=m, other=0.0).to(tl.float32) * r_k[:, None]
-        tl.store(kg + p_g, tl.where(m, b_k * tl.exp(b_gl[None, :] - b_g), 0.0).to(kg.dtype.element_ty), mask=m)
+        if WRITE_QK:
+            p_qk = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]
+            p_g = o_t[:, None] * (HV * K) + i_h * K + o_k[None, :]
+            b_q = tl.load(q + p_qk, mask=m, other=0.0).to(tl.float32) * r_q[:, None]
+            tl.store(qg + p_g, tl.where(m, b_q * tl.exp(b_g), 0.0).to(qg.dtype.element_ty), mask=m)
+            b_k = tl.load(k + p_qk, mask=m, other=0.0).to(tl.float32) * r_k[:, None]
+            tl.store(kg + p_g, tl.where(m, b_k * tl.exp(b_gl[None, :] - b_g), 0.0).to(kg.dtype.element_ty), mask=m)
         tl.store(gl + (i_c.to(tl.int64) * HV + i_h) * K + o_k, b_gl, mask=m_k)
 
 
@@ -181,10 +207,12 @@ def _split_a_kernel(
     q, k, beta, aqk, scratch, chunk_seq, chunk_pos, cu, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
     BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
-    DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr,
+    DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr, qg=None, kg=None, ke=None, WRITE_QK: tl.constexpr = 0,
 ):
     """K2: row block ``i`` of chunk ``i_c`` of A_kk (to scratch) and A_qk (to the output), its path chosen by
-    its own span."""
+    its own span.  With ``WRITE_QK`` ("split2") also the block's rows of ``qg = q r_q exp(Gamma)``,
+    ``kg = k r_k exp(Gamma_C - Gamma)`` and ``ke = k r_k exp(Gamma)`` (what W is made of), in the span pass
+    (1, loading the rows again) or in the product pass (2, from its tiles; more registers)."""
     SCRATCH: tl.constexpr = C * C + C * 16 + C * KP + 2 * C
     # row block fastest: the C/16 programs of one chunk run together and share its Gamma, q, k through L2
     # (one flat axis, so the number of chunks keeps the 2^31 grid limit of axis 0)
@@ -201,6 +229,8 @@ def _split_a_kernel(
     m_i = t_i < eos
     o_b = tl.arange(0, BK)
 
+    b_ri = tl.load(s_r + o_i)
+    b_rki = tl.load(s_r + C + o_i)
     # span of this block: largest |Gamma_r - Gamma at row 16 i + 8| over its valid rows and all channels
     b_span = tl.zeros([16, BK], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -209,18 +239,26 @@ def _split_a_kernel(
         b_gi = tl.load(s_g + o_i[:, None] * KP + o_k[None, :])
         ref = tl.load(s_g + (16 * i + 8) * KP + o_k)
         b_span = tl.maximum(b_span, tl.where(mi, tl.abs(b_gi - ref[None, :]), 0.0))
+        if WRITE_QK == 1:
+            p_i = t_i[:, None] * (H * K) + i_kh * K + o_k[None, :]
+            b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32)
+            b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32)
+            block_outputs(qg, kg, ke, s_g, s_r, b_qi, b_ki, b_gi, t0, last, o_i, t_i, mi, o_k, i_h, HV, K, C, KP)
     span = tl.max(tl.max(b_span, 1), 0)
 
     r_k = tl.load(s_r + C + o_c)
+    if WRITE_QK == 2:
+        out = (qg, kg, ke, s_r, last, i_h, HV)
+    else:
+        out = None
     if span <= SPAN_MAX:
-        b_akk, b_aqk = a_block_factored(q, k, s_g, r_k, t0, eos, i, i_kh, H, K, C, KP, BK, DOT_PREC, NUM_STAGES)
+        b_akk, b_aqk = a_block_factored(q, k, s_g, r_k, t0, eos, i, i_kh, H, K, C, KP, BK, DOT_PREC, NUM_STAGES,
+                                        out)
     else:
         b_akk, b_aqk = a_block_exact(q, k, s_g, s_r, r_k, t0, eos, i, i_kh, H, K, C, KP, BK, DOT_PREC,
-                                       NUM_STAGES)
+                                       NUM_STAGES, out)
 
     valid = m_i[:, None] & m_t[None, :]
-    b_ri = tl.load(s_r + o_i)
-    b_rki = tl.load(s_r + C + o_i)
     b_bi = beta_act(tl.load(beta + t_i * HV + i_h, mask=m_i, other=0.0), BETA_SIGMOID, BETA_SCALE)
     b_akk = tl.where((o_i[:, None] > o_c[None, :]) & valid, b_akk * (b_rki * b_bi)[:, None], 0.0)
     b_aqk = tl.where((o_i[:, None] >= o_c[None, :]) & valid, b_aqk * (b_ri * scale)[:, None], 0.0)

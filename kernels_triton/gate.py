@@ -5,7 +5,7 @@ fused_recurrent.py for decode), so no prologue costs a pass over memory of its o
 
 * :func:`gate_value` -- ``-exp(A_log) * softplus(g + dt_bias)``, or with ``lower_bound`` set
   ``lower_bound * sigmoid(exp(A_log) * (g + dt_bias))`` (``A_log`` optional there);
-* :func:`chunk_gamma` -- a ``[C, BK]`` tile of the gate, then ``Gamma_r = g_1 + ... + g_r`` inside the chunk
+* :func:`gate_tile` / :func:`chunk_gamma` -- a ``[C, BK]`` tile of the gate, then ``Gamma_r = g_1 + ... + g_r`` inside the chunk
   (float32; design.md section 1);
 * :func:`beta_act` -- ``sigmoid(beta)`` (times 2 with ``allow_neg_eigval``) when beta arrives as logits;
 * :func:`l2norm_factors` -- the per-row factors of the L2 norm ``x / sqrt(sum(x**2) + 1e-6)``
@@ -104,11 +104,11 @@ def beta_act(b, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr):
 
 
 @triton.jit
-def chunk_gamma(g, A_log, dt_bias, lower_bound, o_t, m, i_h, o_k, m_k,
-                HV: tl.constexpr, K: tl.constexpr, USE_GATE: tl.constexpr, USE_LB: tl.constexpr,
-                HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """``Gamma`` for tokens ``o_t`` (one chunk, masked rows contribute 0) and channels ``o_k`` of value head
-    ``i_h``: the gate of ``g [TT, HV, K]`` when ``USE_GATE`` (else g as given), cumulated over the chunk."""
+def gate_tile(g, A_log, dt_bias, lower_bound, o_t, m, i_h, o_k, m_k,
+              HV: tl.constexpr, K: tl.constexpr, USE_GATE: tl.constexpr, USE_LB: tl.constexpr,
+              HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The per-token log decay (float32, 0 where ``m`` is false) of tokens ``o_t`` and channels ``o_k`` of
+    value head ``i_h``: the gate of ``g [TT, HV, K]`` when ``USE_GATE``, else g as given."""
     b_g = tl.load(g + o_t[:, None] * (HV * K) + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
     if USE_GATE:
         if HAS_BIAS:
@@ -117,5 +117,15 @@ def chunk_gamma(g, A_log, dt_bias, lower_bound, o_t, m, i_h, o_k, m_k,
         if HAS_A:
             a_log = tl.load(A_log + i_h).to(tl.float32)
         b_g = tl.where(m, gate_value(b_g, a_log, lower_bound, USE_LB, HAS_A), 0.0)
-    return tl.cumsum(b_g, 0)
+    return b_g
+
+
+@triton.jit
+def chunk_gamma(g, A_log, dt_bias, lower_bound, o_t, m, i_h, o_k, m_k,
+                HV: tl.constexpr, K: tl.constexpr, USE_GATE: tl.constexpr, USE_LB: tl.constexpr,
+                HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``Gamma`` for tokens ``o_t`` (one chunk, masked rows contribute 0) and channels ``o_k`` of value head
+    ``i_h``: :func:`gate_tile` cumulated over the chunk."""
+    return tl.cumsum(gate_tile(g, A_log, dt_bias, lower_bound, o_t, m, i_h, o_k, m_k, HV, K, USE_GATE, USE_LB,
+                               HAS_A, HAS_BIAS), 0)
 

@@ -31,3 +31,25 @@ def test_half_inputs_keep_tf32_intermediates(restore_matmul_precision, dtype):
     torch.set_float32_matmul_precision("highest")
     cfg = chunk_fwd.default_config(2, 4, 64, dtype)
     assert cfg["intra_precision"] == "tf32" and cfg["dot_precision"] == "tf32"
+
+
+def test_default_intra_stage_is_split2_and_the_space_lists_every_organisation():
+    from kda_compile.kernels_triton import chunk_intra
+    assert chunk_fwd.default_config()["intra_impl"] == "split2"
+    space = chunk_fwd.get_configs(2, 16, 128, torch.bfloat16)
+    assert {c["intra_impl"] for c in space} == set(chunk_intra.IMPLS)
+    assert len(space) == len({tuple(sorted(c.items())) for c in space}), "duplicate configs in the search space"
+
+
+@pytest.mark.parametrize("bad, key", [({"intra_impl": "columns"}, "intra_impl"),
+                                      ({"intra_impl": "split2", "intra_a_outputs": "late"}, "intra_a_outputs")])
+def test_unknown_intra_options_are_rejected_before_any_launch(bad, key):
+    from kda_compile.api import _options
+    from kda_compile.kernels_triton import chunk_intra
+    T, H, K = 10, 1, 16
+    q = torch.randn(T, H, K)
+    opts = _options(q, None, False, False, False, False, None, 64, False)
+    table = chunk_fwd.chunk_table(1, T, None, 64, "cpu")
+    with pytest.raises(ValueError, match=key):
+        chunk_intra.chunk_intra(q, q.clone(), q.clone(), -torch.rand(T, H, K), torch.rand(T, H), None, None, opts,
+                                table, {**chunk_fwd.default_config(), **bad})

@@ -27,6 +27,15 @@ GPU_CASES = {
                                             beta_logits=True, config={"intra_impl": "split"}),
     "chunk_fp32_k128_split_masked": dict(op="chunk", dtype="float32", B=1, T=200, H=1, HV=2, K=128, V=128,
                                          masked=True, tol=3e-4, config={"intra_impl": "split", "intra_BK": 64}),
+    # the same at K = V = 128 for "split2"
+    "chunk_bf16_k128_split2_safe_gate": dict(op="chunk", dtype="bfloat16", cu=[0, 1, 300, 777, 1000], H=2, HV=4,
+                                             K=128, V=128, gate="raw", lower_bound=-5.0, l2norm=True,
+                                             beta_logits=True, config={"intra_impl": "split2"}),
+    "chunk_fp32_k128_split2_masked": dict(op="chunk", dtype="float32", B=1, T=200, H=1, HV=2, K=128, V=128,
+                                          masked=True, tol=3e-4, config={"intra_impl": "split2", "intra_BK": 64}),
+    "chunk_bf16_k128_split2_outputs_main": dict(op="chunk", dtype="bfloat16", B=2, T=250, H=2, HV=2, K=128, V=128,
+                                                l2norm=True, config={"intra_impl": "split2", "intra_a_BK": 32,
+                                                                     "intra_a_outputs": "main"}),
     "rec_bf16_decode_b64": dict(op="recurrent", dtype="bfloat16", B=64, T=1, H=4, HV=8, K=128, V=128, l2norm=True),
 }
 

@@ -1,0 +1,117 @@
+"""Per-kernel GPU time of one chunkwise forward: ours (Triton backend, any configs) next to FLA's chunk_kda.
+
+    python bench/kernel_breakdown.py [--shapes 2,8192,16 1,32768,16 8,4096,32] [--gates log,safe]
+                                     [--config intra_impl=split2,intra_a_warps=8 ...] [--calls 10] [--out FILE]
+
+For each shape and gate, every provider runs ``--calls`` forwards under ``torch.profiler`` (after a warm-up
+that compiles); the table gives each kernel's mean GPU time per forward call (µs), its share of the
+provider's kernel total, and the total.  This says *where* each implementation spends its time (which
+stage to work on); the end-to-end ratios come from bench/bench_chunk.py and bench/device_triton.py
+(``triton.testing.do_bench``), not from here, since the profiler adds a little per-launch overhead.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import STANDARD_SHAPES, gate_kwargs, make_inputs, parse_config  # noqa: E402
+
+LOWER_BOUND = -5.0
+
+
+def ours(x, gate, config):
+    """Our Triton forward with ``config`` (merged over the shipped defaults)."""
+    from kda_compile.api import _options
+    from kda_compile.kernels_triton.chunk_fwd import chunk_kda_fwd
+    opts = _options(x["q"], None, True, gate != "log", False, False, LOWER_BOUND if gate != "log" else None, 64,
+                    False)
+    return lambda: chunk_kda_fwd(x["q"], x["k"], x["v"], x["g"], x["beta"], None, None, x.get("A_log"),
+                                 x.get("dt_bias"), opts, False, config)[0]
+
+
+def fla(x, gate):
+    from fla.ops.kda import chunk_kda
+    kw = dict(use_qk_l2norm_in_kernel=True, **gate_kwargs(gate))
+    if gate != "log":
+        kw.update(A_log=x["A_log"], dt_bias=x["dt_bias"])
+    return lambda: chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], **kw)[0]
+
+
+def kernel_times(fn, calls: int) -> dict[str, float]:
+    """Mean GPU µs per call of each kernel launched by ``fn`` (name -> µs), in launch order."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = collections.OrderedDict()
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = ev.name if len(ev.name) < 60 else ev.name[:57] + "..."
+        totals[name] = totals.get(name, 0.0) + ev.time_range.elapsed_us() / calls
+    return totals
+
+
+def table(label: str, times: dict[str, float]) -> list[str]:
+    total = sum(times.values()) or float("nan")
+    rows = [f"| {label} | **total** | **{total:.1f}** | 100% |"]
+    rows += [f"| | `{name}` | {t:.1f} | {100 * t / total:.0f}% |" for name, t in times.items()]
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="*", default=[",".join(map(str, s)) for s in STANDARD_SHAPES],
+                   help="B,T,H triples (D = 128, bf16); default: the three standard shapes")
+    p.add_argument("--gates", default="log", help="comma-separated: log, safe (default: log)")
+    p.add_argument("--config", action="append", default=None,
+                   help="our Triton config, JSON or key=value,...; repeatable (default: one run with the shipped "
+                        "defaults)")
+    p.add_argument("--calls", type=int, default=10, help="profiled forward calls per provider (default 10)")
+    p.add_argument("--no-fla", action="store_true", help="leave FLA out")
+    p.add_argument("--out", default=None, help="also append the tables (markdown) to this file")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    configs = [parse_config(c) for c in (a.config or ["{}"])]
+    lines = []
+
+    def say(text):
+        print(text, flush=True)
+        lines.append(text)
+
+    for shape in a.shapes:
+        B, T, H = (int(s) for s in shape.split(","))
+        for gate in a.gates.split(","):
+            x = make_inputs(B, T, H, gate=gate)
+            say(f"\n### B{B} T{T} H{H}, {gate} gate: GPU µs per forward call ({a.calls} calls, torch.profiler)\n")
+            say("| provider | kernel | µs | share |")
+            say("|---|---|---|---|")
+            for cfg in configs:
+                for row in table(f"ours {json.dumps(cfg) if cfg else '(defaults)'}", kernel_times(ours(x, gate, cfg), a.calls)):
+                    say(row)
+            if not a.no_fla:
+                try:
+                    for row in table("FLA chunk_kda", kernel_times(fla(x, gate), a.calls)):
+                        say(row)
+                except Exception as exc:  # a peer that cannot run is a table entry, not a crash
+                    say(f"| FLA chunk_kda | failed: {type(exc).__name__}: {str(exc)[:150]} | | |")
+            del x
+            torch.cuda.empty_cache()
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
