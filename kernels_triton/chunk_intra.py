@@ -56,17 +56,20 @@ SPLIT_SHAPES = [(32, 4, 16, 4), (32, 8, 16, 4), (32, 4, 16, 8), (32, 4, 32, 4), 
 # product pass 384, BK 32 / 8 warps 606, BK 64 / 8 warps 562 (see docs/triton.md).
 SPLIT2_SHAPES = [(32, 4, 1, "span"), (16, 4, 1, "span"), (32, 4, None, "span"), (32, 4, 1, "main"),
                  (64, 8, 1, "span")]
+SPLIT2_NORMS = ("a", "prep")  # intra_norms: where split2 takes the q/k L2-norm factors (A kernel or prep)
 
 
 def get_configs() -> list[dict]:
     """Search space of this stage: kernel organisation (``intra_impl``: "rows", "fused", "split" or
     "split2"), K/V-block width, warps, pipelining (the split organisations' A kernel has its own
     ``intra_a_BK``, ``intra_a_warps`` and ``intra_a_stages``, None = the compiler's; split2's A kernel writes
-    qg/kg/ke in its span pass or its product pass, ``intra_a_outputs``), a register cap (``intra_maxnreg``,
+    qg/kg/ke in its span pass or its product pass, ``intra_a_outputs``, and takes the q/k L2-norm factors
+    itself or from prep, ``intra_norms``), a register cap (``intra_maxnreg``,
     NVIDIA; None = compiler's choice; split/split2: their solve kernel only), and the precision of the
     float32 products (A and W/U: ``intra_precision``; the inverse: ``solve_precision``)."""
     return ([{"intra_impl": "split2", "intra_a_BK": abk, "intra_a_warps": aw, "intra_a_stages": st,
-              "intra_a_outputs": where} for abk, aw, st, where in SPLIT2_SHAPES]
+              "intra_a_outputs": where, "intra_norms": norms} for norms in SPLIT2_NORMS
+             for abk, aw, st, where in SPLIT2_SHAPES]
             + [{"intra_impl": impl, "intra_BK": bk, "intra_warps": w, "intra_stages": 1}
                for impl in ("rows", "fused") for bk in (32, 64) for w in (4, 8)]
             + [{"intra_impl": "split", "intra_BK": bk, "intra_warps": w, "intra_a_BK": abk, "intra_a_warps": aw,
@@ -76,11 +79,12 @@ def get_configs() -> list[dict]:
                for sp in ("tf32", "ieee")])
 
 
-# "split2" measured fastest on the H100 (bench/RESULTS.md, session 3): intra stage 0.88 ms at B2·T8192·H16
-# (prep 175 + A 349 + solve 355 µs) against 1.11 ms for "split" and 1.22 for "rows"
+# "split2" measured fastest on the H100 (bench/RESULTS.md, session 3): intra stage 0.87-0.88 ms at B2·T8192·H16
+# (norms in the A kernel: prep 101 + A 418 + solve 356 µs; in prep: 175 + 349 + 355) against 1.11 ms for
+# "split" and 1.22 for "rows"; norms in A won at every standard shape in the same run (run M)
 DEFAULT_CONFIG = {"intra_impl": "split2", "intra_BK": 32, "intra_warps": 4, "intra_a_BK": 32, "intra_a_warps": 4,
-                  "intra_a_stages": 1, "intra_a_outputs": "span", "intra_stages": 1, "intra_precision": "tf32",
-                  "solve_precision": "tf32"}
+                  "intra_a_stages": 1, "intra_a_outputs": "span", "intra_norms": "a", "intra_stages": 1,
+                  "intra_precision": "tf32", "solve_precision": "tf32"}
 
 
 @triton.jit

@@ -41,21 +41,34 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gate import SPAN_MAX, beta_act, chunk_bounds, chunk_gamma, l2norm_factors
+from .gate import L2NORM_EPS, SPAN_MAX, beta_act, chunk_bounds, chunk_gamma, l2norm_factors
 from .solve_tril import block_inverse
 
 
 @triton.jit
-def block_outputs(qg, kg, ke, s_g, s_r, b_qi, b_ki, b_gi, t0, last, o_i, t_i, mi, o_k, i_h,
-                  HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr):
-    """Rows ``o_i`` (channels ``o_k``) of ``qg = q r_q exp(Gamma)``, ``kg = k r_k exp(Gamma_C - Gamma)`` and
-    ``ke = k r_k exp(Gamma)`` from the raw rows ``b_qi``, ``b_ki`` and their Gamma ``b_gi`` (every exponent
-    <= 0 on valid rows); norm factors and Gamma_C from the scratch."""
+def row_norms(x, o_t, m_t, i_kh, H: tl.constexpr, K: tl.constexpr, R: tl.constexpr, BK: tl.constexpr):
+    """``1 / sqrt(sum(x**2) + eps)`` of the rows ``o_t`` (``[R]``, valid where ``m_t``; others give
+    1/sqrt(eps) and must not be used) of key head ``i_kh`` of ``x [TT, H, K]``."""
+    s_x = tl.zeros([R], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_x = tl.load(x + o_t[:, None] * (H * K) + i_kh * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :],
+                      other=0.0).to(tl.float32)
+        s_x += tl.sum(b_x * b_x, 1)
+    return tl.rsqrt(s_x + L2NORM_EPS)
+
+
+@triton.jit
+def block_outputs(qg, kg, ke, s_g, r_qi, r_ki, b_qi, b_ki, b_gi, t0, last, t_i, mi, o_k, i_h,
+                  HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
+    """Rows ``t_i`` (channels ``o_k``) of ``qg = q r_q exp(Gamma)``, ``kg = k r_k exp(Gamma_C - Gamma)`` and
+    ``ke = k r_k exp(Gamma)`` from the raw rows ``b_qi``, ``b_ki``, their norm factors ``r_qi``, ``r_ki`` and
+    their Gamma ``b_gi`` (every exponent <= 0 on valid rows); Gamma_C from the scratch."""
     p_o = t_i[:, None] * (HV * K) + i_h * K + o_k[None, :]
     b_gc = tl.load(s_g + (last - t0) * KP + o_k)
     e_g = tl.where(mi, tl.exp(b_gi), 0.0)
-    b_kr = b_ki * tl.load(s_r + C + o_i)[:, None]
-    tl.store(qg + p_o, (b_qi * tl.load(s_r + o_i)[:, None] * e_g).to(qg.dtype.element_ty), mask=mi)
+    b_kr = b_ki * r_ki[:, None]
+    tl.store(qg + p_o, (b_qi * r_qi[:, None] * e_g).to(qg.dtype.element_ty), mask=mi)
     tl.store(ke + p_o, (b_kr * e_g).to(ke.dtype.element_ty), mask=mi)
     tl.store(kg + p_o, tl.where(mi, b_kr * tl.exp(b_gc[None, :] - b_gi), 0.0).to(kg.dtype.element_ty), mask=mi)
 
@@ -69,7 +82,7 @@ def _a_block_around(q, k, s_g, r_k, t0, eos, i, i_kh, REF: tl.constexpr, END: tl
     without the row factors (norm, beta, scale) and without the causal mask, as one tensor-core product
     factored around row 16 i + ``REF``: ``exp(Gamma_r - Gamma_ref) * exp(Gamma_ref - Gamma_s)``.  ``i`` may be a
     constexpr (rows kernel) or a program id (split kernel); ``NUM_STAGES``: pipelining of the K loop (None:
-    the compiler's default, as a plain ``range``).  ``out``: None, or ``(qg, kg, ke, s_r, last, i_h, HV)`` to
+    the compiler's default, as a plain ``range``).  ``out``: None, or ``(qg, kg, ke, r_qi, r_ki, last, i_h, HV)`` to
     also write the block's rows of ``qg = q r_q exp(Gamma)``, ``kg = k r_k exp(Gamma_C - Gamma)`` and
     ``ke = k r_k exp(Gamma)`` from the tiles this pass loads anyway ("split2")."""
     o_c = tl.arange(0, C)
@@ -93,8 +106,8 @@ def _a_block_around(q, k, s_g, r_k, t0, eos, i, i_kh, REF: tl.constexpr, END: tl
         b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32)
         b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32)
         if out is not None:  # the block's rows of qg, kg, ke
-            qg, kg, ke, s_r, last, i_h, HV = out
-            block_outputs(qg, kg, ke, s_g, s_r, b_qi, b_ki, b_gi, t0, last, o_i, t_i, mi, o_k, i_h, HV, K, C, KP)
+            qg, kg, ke, r_qi, r_ki, last, i_h, HV = out
+            block_outputs(qg, kg, ke, s_g, r_qi, r_ki, b_qi, b_ki, b_gi, t0, last, t_i, mi, o_k, i_h, HV, K, KP)
         b_ki = b_ki * e_r
         b_qi = b_qi * e_r
         # only the columns this block uses are read (rows s < 16 (i + END) of Gamma and k)
@@ -102,7 +115,10 @@ def _a_block_around(q, k, s_g, r_k, t0, eos, i, i_kh, REF: tl.constexpr, END: tl
         b_g = tl.load(s_g + o_c[:, None] * KP + o_k[None, :], mask=m_s, other=0.0)
         b_k = tl.load(k + o_t[:, None] * (H * K) + i_kh * K + o_k[None, :], mask=m_s, other=0.0)
         e_s = tl.where(m_s, tl.exp(ref[None, :] - b_g), 0.0)
-        b_ks = tl.trans(b_k.to(tl.float32) * r_k[:, None] * e_s)
+        if r_k is not None:  # column norm factors (None: the caller scales the columns afterwards)
+            b_ks = tl.trans(b_k.to(tl.float32) * r_k[:, None] * e_s)
+        else:
+            b_ks = tl.trans(b_k.to(tl.float32) * e_s)
         b_akk += tl.dot(b_ki, b_ks, input_precision=DOT_PREC)
         b_aqk += tl.dot(b_qi, b_ks, input_precision=DOT_PREC)
     return b_akk, b_aqk
@@ -151,7 +167,9 @@ def a_block_exact(q, k, s_g, s_r, r_k, t0, eos, i, i_kh,
             m_s = (o_k * 0 + t0 + s) < eos
             b_gj = tl.load(s_g + s * KP + o_k)
             b_kj = tl.load(k + (t0 + s) * (H * K) + i_kh * K + o_k, mask=m_k & m_s,
-                           other=0.0).to(tl.float32) * tl.load(s_r + C + s)
+                           other=0.0).to(tl.float32)
+            if r_k is not None:  # the column's norm factor (= r_k[s]), else the caller scales afterwards
+                b_kj = b_kj * tl.load(s_r + C + s)
             causal = (o_16 >= j) & m_i & ((o_16 * 0 + t0 + s) < eos)
             b_kd = b_kj[None, :] * tl.where(causal[:, None] & m_k[None, :], tl.exp(b_gi - b_gj[None, :]), 0.0)
             sel = o_c[None, :] == s
@@ -166,9 +184,11 @@ def _split_prep_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
     L2NORM: tl.constexpr, USE_GATE: tl.constexpr, USE_LB: tl.constexpr, HAS_A: tl.constexpr,
     HAS_BIAS: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr, WRITE_QK: tl.constexpr = True,
+    NORMS: tl.constexpr = True,
 ):
-    """K1: norm factors and Gamma to scratch; gl; qg and kg (as the rows kernel's phases 1 and 4) unless
-    ``WRITE_QK`` is off ("split2": the A kernel writes them)."""
+    """K1: norm factors (unless ``NORMS`` is off) and Gamma to scratch; gl; qg and kg (as the rows kernel's
+    phases 1 and 4) unless ``WRITE_QK`` is off ("split2": the A kernel writes them and may take the norm
+    factors itself)."""
     SCRATCH: tl.constexpr = C * C + C * 16 + C * KP + 2 * C
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_kh = i_h // (HV // H)
@@ -181,9 +201,10 @@ def _split_prep_kernel(
     m_t = o_t < eos
     o_b = tl.arange(0, BK)
 
-    r_q, r_k = l2norm_factors(q, k, o_t, m_t, i_kh, H, K, C, BK, L2NORM)
-    tl.store(s_r + o_c, r_q)
-    tl.store(s_r + C + o_c, r_k)
+    if NORMS:
+        r_q, r_k = l2norm_factors(q, k, o_t, m_t, i_kh, H, K, C, BK, L2NORM)
+        tl.store(s_r + o_c, r_q)
+        tl.store(s_r + C + o_c, r_k)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + o_b
         m_k = o_k < K
@@ -208,11 +229,14 @@ def _split_a_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
     BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
     DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr, qg=None, kg=None, ke=None, WRITE_QK: tl.constexpr = 0,
+    L2NORM: tl.constexpr = False, NORMS_IN_A: tl.constexpr = False,
 ):
     """K2: row block ``i`` of chunk ``i_c`` of A_kk (to scratch) and A_qk (to the output), its path chosen by
     its own span.  With ``WRITE_QK`` ("split2") also the block's rows of ``qg = q r_q exp(Gamma)``,
     ``kg = k r_k exp(Gamma_C - Gamma)`` and ``ke = k r_k exp(Gamma)`` (what W is made of), in the span pass
-    (1, loading the rows again) or in the product pass (2, from its tiles; more registers)."""
+    (1, loading the rows again) or in the product pass (2, from its tiles; more registers).  With
+    ``NORMS_IN_A`` the L2-norm factors (``L2NORM``) are computed here, from the rows the block uses, instead
+    of being read from the scratch (prep then reads only g)."""
     SCRATCH: tl.constexpr = C * C + C * 16 + C * KP + 2 * C
     # row block fastest: the C/16 programs of one chunk run together and share its Gamma, q, k through L2
     # (one flat axis, so the number of chunks keeps the 2^31 grid limit of axis 0)
@@ -229,8 +253,15 @@ def _split_a_kernel(
     m_i = t_i < eos
     o_b = tl.arange(0, BK)
 
-    b_ri = tl.load(s_r + o_i)
-    b_rki = tl.load(s_r + C + o_i)
+    if NORMS_IN_A:  # own rows here, the columns after the span pass (fewer values live across it)
+        b_ri = tl.full([16], 1.0, tl.float32)
+        b_rki = tl.full([16], 1.0, tl.float32)
+        if L2NORM:
+            b_ri = row_norms(q, t_i, m_i, i_kh, H, K, 16, BK)
+            b_rki = row_norms(k, t_i, m_i, i_kh, H, K, 16, BK)
+    else:
+        b_ri = tl.load(s_r + o_i)
+        b_rki = tl.load(s_r + C + o_i)
     # span of this block: largest |Gamma_r - Gamma at row 16 i + 8| over its valid rows and all channels
     b_span = tl.zeros([16, BK], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -243,12 +274,15 @@ def _split_a_kernel(
             p_i = t_i[:, None] * (H * K) + i_kh * K + o_k[None, :]
             b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32)
             b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32)
-            block_outputs(qg, kg, ke, s_g, s_r, b_qi, b_ki, b_gi, t0, last, o_i, t_i, mi, o_k, i_h, HV, K, C, KP)
+            block_outputs(qg, kg, ke, s_g, b_ri, b_rki, b_qi, b_ki, b_gi, t0, last, t_i, mi, o_k, i_h, HV, K, KP)
     span = tl.max(tl.max(b_span, 1), 0)
+    if NORMS_IN_A:  # the columns are scaled after the products (fewer values live in them)
+        r_k = None
+    else:
+        r_k = tl.load(s_r + C + o_c)
 
-    r_k = tl.load(s_r + C + o_c)
     if WRITE_QK == 2:
-        out = (qg, kg, ke, s_r, last, i_h, HV)
+        out = (qg, kg, ke, b_ri, b_rki, last, i_h, HV)
     else:
         out = None
     if span <= SPAN_MAX:
@@ -258,6 +292,10 @@ def _split_a_kernel(
         b_akk, b_aqk = a_block_exact(q, k, s_g, s_r, r_k, t0, eos, i, i_kh, H, K, C, KP, BK, DOT_PREC,
                                        NUM_STAGES, out)
 
+    if NORMS_IN_A and L2NORM:  # column factors: k rows s < 16 (i + 1), the ones this block uses
+        r_s = row_norms(k, t0 + o_c, m_t & (o_c < 16 * (i + 1)), i_kh, H, K, C, BK)
+        b_akk = b_akk * r_s[None, :]
+        b_aqk = b_aqk * r_s[None, :]
     valid = m_i[:, None] & m_t[None, :]
     b_bi = beta_act(tl.load(beta + t_i * HV + i_h, mask=m_i, other=0.0), BETA_SIGMOID, BETA_SCALE)
     b_akk = tl.where((o_i[:, None] > o_c[None, :]) & valid, b_akk * (b_rki * b_bi)[:, None], 0.0)

@@ -5,7 +5,11 @@ Measured on the H100 (bench/kernel_breakdown.py, B2·T8192·H16), the three kern
 314 µs, A 389 µs and solve 410 µs; prep ran at 62 % of DRAM bandwidth and solve read Gamma (float32, C·K
 per chunk and head) and k again only to form ``k r_k exp(Gamma)``.  Here:
 
-1. prep (``_split_prep_kernel``, ``WRITE_QK=False``): norm factors and Gamma to the scratch, gl; no qg/kg.
+1. prep (``_split_prep_kernel``, ``WRITE_QK=False``): Gamma to the scratch, gl; no qg/kg.  With
+   ``intra_norms="a"`` (default) prep reads only g: the A kernel takes the q/k L2-norm factors itself (its own
+   rows, and the k rows it uses as columns, which it reads anyway; the columns are scaled after the
+   products).  Measured (run M, B2·T8192·H16): prep 101 µs + A 418 µs against 175 + 383 with the factors
+   from prep (``intra_norms="prep"``); the forward was 1-4 % faster at every standard shape.
 2. A (``_split_a_kernel``, ``WRITE_QK`` 1 or 2): as in "split", and in its span pass (which already loads
    the block's Gamma rows; ``intra_a_outputs="span"``, the default) or its product pass (``"main"``) the
    block's rows of ``qg = q r_q exp(Gamma)``, ``kg = k r_k exp(Gamma_C - Gamma)`` and
@@ -82,14 +86,19 @@ def launch_split2(q, k, v, g, beta, A_log, dt_bias, aqk, w, u, qg, kg, gl, scrat
     if where not in OUTPUT_PASSES:
         raise ValueError(f"intra_a_outputs must be 'span' or 'main', got {where!r}")
     write_qk = OUTPUT_PASSES[where]
+    norms = config.get("intra_norms", "a")
+    if norms not in ("prep", "a"):
+        raise ValueError(f"intra_norms must be 'prep' or 'a', got {norms!r}")
     _split_prep_kernel[(NC, HV)](
         q, k, g, A_log, dt_bias, qg, kg, gl, scratch, *chunks, lower_bound,
         H=H, HV=HV, K=K, C=C, L2NORM=flags["L2NORM"], USE_GATE=flags["USE_GATE"], USE_LB=flags["USE_LB"],
-        HAS_A=flags["HAS_A"], HAS_BIAS=flags["HAS_BIAS"], KP=KP, BK=BK, WRITE_QK=False, num_warps=warps)
+        HAS_A=flags["HAS_A"], HAS_BIAS=flags["HAS_BIAS"], KP=KP, BK=BK, WRITE_QK=False, NORMS=norms == "prep",
+        num_warps=warps)
     _split_a_kernel[(C // 16 * NC, HV)](
         q, k, beta, aqk, scratch, *chunks, scale,
         H=H, HV=HV, K=K, C=C, BETA_SIGMOID=flags["BETA_SIGMOID"], BETA_SCALE=flags["BETA_SCALE"], KP=KP, BK=BKA,
         DOT_PREC=dot_prec, NUM_STAGES=config.get("intra_a_stages"), qg=qg, kg=kg, ke=w, WRITE_QK=write_qk,
+        L2NORM=flags["L2NORM"], NORMS_IN_A=norms == "a",
         num_warps=config.get("intra_a_warps", 4))
     _split2_solve_kernel[(NC, HV)](
         w, v, beta, u, scratch, *chunks, HV=HV, K=K, V=V, C=C, KP=KP,

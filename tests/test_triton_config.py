@@ -42,7 +42,8 @@ def test_default_intra_stage_is_split2_and_the_space_lists_every_organisation():
 
 
 @pytest.mark.parametrize("bad, key", [({"intra_impl": "columns"}, "intra_impl"),
-                                      ({"intra_impl": "split2", "intra_a_outputs": "late"}, "intra_a_outputs")])
+                                      ({"intra_impl": "split2", "intra_a_outputs": "late"}, "intra_a_outputs"),
+                                      ({"intra_impl": "split2", "intra_norms": "solve"}, "intra_norms")])
 def test_unknown_intra_options_are_rejected_before_any_launch(bad, key):
     from kda_compile.api import _options
     from kda_compile.kernels_triton import chunk_intra

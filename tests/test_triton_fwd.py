@@ -76,6 +76,9 @@ CASES = {
     "chunk_fp32_split2_outputs_main_strong": dict(op="chunk", dtype="float32", cu=[0, 20, 83], H=1, HV=2, K=32,
                                                   V=16, gscale=30.0, tol=1e-4,
                                                   config={"intra_impl": "split2", "intra_a_outputs": "main"}),
+    "chunk_fp32_split2_norms_prep_masked": dict(op="chunk", dtype="float32", B=1, T=70, H=1, HV=2, K=32, V=16,
+                                                masked=True, l2norm=True, tol=3e-4,
+                                                config={"intra_impl": "split2", "intra_norms": "prep"}),
     # the one-program organisation ("rows"; the default before "split"), factored and element-wise paths
     "chunk_fp32_rows_strong_gate": dict(op="chunk", dtype="float32", cu=[0, 20, 83], H=1, HV=2, K=32, V=16,
                                         gscale=30.0, tol=1e-4, config={"intra_impl": "rows"}),
