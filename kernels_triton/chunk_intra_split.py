@@ -253,7 +253,7 @@ def _split_a_kernel(
     m_i = t_i < eos
     o_b = tl.arange(0, BK)
 
-    if NORMS_IN_A:  # own rows here, the columns after the span pass (fewer values live across it)
+    if NORMS_IN_A:  # own rows here; the columns' factors scale A after the products (below)
         b_ri = tl.full([16], 1.0, tl.float32)
         b_rki = tl.full([16], 1.0, tl.float32)
         if L2NORM:
