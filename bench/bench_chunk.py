@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from common import (GATES, LOWER_BOUND, STANDARD_SHAPES, dense_cu_seqlens, emit, fast_backends, gate_kwargs,
-                    make_inputs, parser, ratio, table, try_time, versions)
+from common import (GATES, LOWER_BOUND, STANDARD_SHAPES, dense_cu_seqlens, emit, fast_backends, fla_forward,
+                    gate_kwargs, kda_options, make_inputs, parser, ratio, table, try_time, versions)
 
 
 def ours(name, x, gate):
@@ -22,15 +22,6 @@ def ours(name, x, gate):
     kw = dict(use_qk_l2norm_in_kernel=True, **gate_kwargs(gate))
     return lambda: kda_compile.chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], A_log=x.get("A_log"),
                                          dt_bias=x.get("dt_bias"), backend=name, **kw)
-
-
-def fla(x, gate):
-    from fla.ops.kda import chunk_kda
-
-    kw = dict(use_qk_l2norm_in_kernel=True, **gate_kwargs(gate))
-    if gate != "log":
-        kw.update(A_log=x["A_log"], dt_bias=x["dt_bias"])
-    return lambda: chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], **kw)
 
 
 def cudnn_kda(x, gate):
@@ -53,11 +44,9 @@ def sdpa(x):
 
 def stages(x, gate, config=None):
     """Times of the two TileLang stages alone (``config``: kernel config overrides, see chunk_fwd)."""
-    from kda_compile.api import _options
     from kda_compile.kernels_tl.chunk_fwd import plan
 
-    opts = _options(x["q"], None, True, gate != "log", False, False, LOWER_BOUND if gate != "log" else None, 64,
-                    False)
+    opts = kda_options(x, gate)
     s1, s2, _ = plan(x["q"], x["k"], x["v"], x["g"], x["beta"], None, None, x.get("A_log"), x.get("dt_bias"),
                      opts, False, config)
     return try_time("stage1", s1), try_time("stage2", s2)
@@ -85,7 +74,7 @@ def main():
         for gate in gates:
             x = make_inputs(B, T, H, gate=gate)
             ours_t = [try_time(b, ours(b, x, gate)) for b in backends]
-            fla_t = try_time("fla", fla(x, gate))
+            fla_t = try_time("fla", fla_forward(x, gate))
             cud_t = try_time("cudnn", cudnn_kda(x, gate))
             if sd is None:
                 sd = try_time("sdpa", sdpa(x))

@@ -35,6 +35,33 @@ def make_inputs(B, T, H, D=128, gate="log", dtype=torch.bfloat16, device="cuda",
     return x
 
 
+def kda_options(x, gate):
+    """kda_compile's resolved options for bench inputs ``x`` (:func:`make_inputs`) and a gate mode: q/k L2 norm
+    in the kernel, chunk size 64, the safe gate's lower bound unless ``gate == "log"``."""
+    from kda_compile.api import _options
+    return _options(x["q"], None, True, gate != "log", False, False, LOWER_BOUND if gate != "log" else None, 64,
+                    False)
+
+
+def triton_forward(x, gate, config: dict):
+    """Our Triton forward straight through the backend, ``config`` merged over its defaults (no dispatch, no
+    table): a zero-argument callable returning o."""
+    from kda_compile.kernels_triton.chunk_fwd import chunk_kda_fwd
+    opts = kda_options(x, gate)
+    return lambda: chunk_kda_fwd(x["q"], x["k"], x["v"], x["g"], x["beta"], None, None, x.get("A_log"),
+                                 x.get("dt_bias"), opts, False, config)[0]
+
+
+def fla_forward(x, gate):
+    """FLA's ``chunk_kda`` with the same flags as ours (q/k L2 norm in the kernel, the gate mode's keywords):
+    a zero-argument callable returning o."""
+    from fla.ops.kda import chunk_kda
+    kw = dict(use_qk_l2norm_in_kernel=True, **gate_kwargs(gate))
+    if gate != "log":
+        kw.update(A_log=x["A_log"], dt_bias=x["dt_bias"])
+    return lambda: chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], **kw)[0]
+
+
 def parse_config(text: str) -> dict:
     """A Triton backend config from the command line: JSON (``{"intra_impl": "split2"}``) or
     ``key=value,...`` (integers and ``None`` converted, everything else a string)."""

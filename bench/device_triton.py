@@ -24,7 +24,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import LOWER_BOUND, STANDARD_SHAPES, gate_kwargs, make_inputs, parse_config, time_ms, versions  # noqa: E402
+from common import (STANDARD_SHAPES, fla_forward, gate_kwargs, kda_options, make_inputs, parse_config,  # noqa: E402
+                    time_ms, triton_forward, versions)
 
 T_START = time.time()
 LOG = None
@@ -48,31 +49,14 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def options(x, gate):
-    from kda_compile.api import _options
-    return _options(x["q"], None, True, gate != "log", False, False, LOWER_BOUND if gate != "log" else None, 64,
-                    False)
-
-
 def ours(x, gate, config=None):
     """Our forward through the public API (config None) or straight through the backend with a config."""
     import kda_compile
-    from kda_compile.kernels_triton.chunk_fwd import chunk_kda_fwd
+    if config is not None:
+        return triton_forward(x, gate, config)
     kw = dict(use_qk_l2norm_in_kernel=True, **gate_kwargs(gate))
-    if config is None:
-        return lambda: kda_compile.chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], A_log=x.get("A_log"),
-                                             dt_bias=x.get("dt_bias"), backend="triton", **kw)[0]
-    opts = options(x, gate)
-    return lambda: chunk_kda_fwd(x["q"], x["k"], x["v"], x["g"], x["beta"], None, None, x.get("A_log"),
-                                 x.get("dt_bias"), opts, False, config)[0]
-
-
-def fla(x, gate):
-    from fla.ops.kda import chunk_kda
-    kw = dict(use_qk_l2norm_in_kernel=True, **gate_kwargs(gate))
-    if gate != "log":
-        kw.update(A_log=x["A_log"], dt_bias=x["dt_bias"])
-    return lambda: chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], **kw)[0]
+    return lambda: kda_compile.chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], A_log=x.get("A_log"),
+                                         dt_bias=x.get("dt_bias"), backend="triton", **kw)[0]
 
 
 def reference(x, gate):
@@ -80,7 +64,7 @@ def reference(x, gate):
     from kda_compile.reference import kda_reference
     d = {n: t.double() for n, t in x.items()}
     o, _ = kda_reference(d["q"], d["k"], d["v"], d["g"], d["beta"], None, None, d.get("A_log"), d.get("dt_bias"),
-                         options(x, gate), algorithm="recurrent")
+                         kda_options(x, gate), algorithm="recurrent")
     return o
 
 
@@ -94,7 +78,7 @@ def correctness(shapes, gates, config=None):
             x = make_inputs(B, T, H, gate=gate)
             o = ours(x, gate, config)()
             try:
-                of = fla(x, gate)()
+                of = fla_forward(x, gate)()
             except Exception as exc:  # report, keep going
                 say(f"FLA failed: {type(exc).__name__}: {str(exc)[:200]}")
                 of = None
@@ -115,7 +99,7 @@ def stage_times(x, gate, config, only=None):
     B, T, H, K = x["q"].shape
     HV = x["v"].shape[2]
     cfg = {**default_config(B, HV, x["v"].shape[3]), **config}
-    opts = options(x, gate)
+    opts = kda_options(x, gate)
     table = chunk_table(B, T, None, 64, x["q"].device)
     q, k, v = (x[n].reshape(B * T, H, K) for n in "qkv")
     g, beta = x["g"].reshape(B * T, HV, K), x["beta"].reshape(B * T, HV)
@@ -139,7 +123,7 @@ def timing(shapes, gates, config=None, label="default config"):
             x = make_inputs(B, T, H, gate=gate)
             t_ours = time_ms(ours(x, gate, config))
             try:
-                t_fla = time_ms(fla(x, gate))
+                t_fla = time_ms(fla_forward(x, gate))
             except Exception as exc:
                 say(f"FLA failed: {type(exc).__name__}: {str(exc)[:200]}")
                 t_fla = float("nan")

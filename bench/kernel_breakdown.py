@@ -20,28 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import STANDARD_SHAPES, gate_kwargs, make_inputs, parse_config  # noqa: E402
-
-LOWER_BOUND = -5.0
-
-
-def ours(x, gate, config):
-    """Our Triton forward with ``config`` (merged over the shipped defaults)."""
-    from kda_compile.api import _options
-    from kda_compile.kernels_triton.chunk_fwd import chunk_kda_fwd
-    opts = _options(x["q"], None, True, gate != "log", False, False, LOWER_BOUND if gate != "log" else None, 64,
-                    False)
-    return lambda: chunk_kda_fwd(x["q"], x["k"], x["v"], x["g"], x["beta"], None, None, x.get("A_log"),
-                                 x.get("dt_bias"), opts, False, config)[0]
-
-
-def fla(x, gate):
-    from fla.ops.kda import chunk_kda
-    kw = dict(use_qk_l2norm_in_kernel=True, **gate_kwargs(gate))
-    if gate != "log":
-        kw.update(A_log=x["A_log"], dt_bias=x["dt_bias"])
-    return lambda: chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], **kw)[0]
-
+from common import STANDARD_SHAPES, fla_forward, make_inputs, parse_config, triton_forward  # noqa: E402
 
 def kernel_times(fn, calls: int) -> dict[str, float]:
     """Mean GPU µs per call of each kernel launched by ``fn`` (name -> µs), in launch order."""
@@ -97,11 +76,12 @@ def main(argv=None) -> int:
             say("| provider | kernel | µs | share |")
             say("|---|---|---|---|")
             for cfg in configs:
-                for row in table(f"ours {json.dumps(cfg) if cfg else '(defaults)'}", kernel_times(ours(x, gate, cfg), a.calls)):
+                label = f"ours {json.dumps(cfg) if cfg else '(defaults)'}"
+                for row in table(label, kernel_times(triton_forward(x, gate, cfg), a.calls)):
                     say(row)
             if not a.no_fla:
                 try:
-                    for row in table("FLA chunk_kda", kernel_times(fla(x, gate), a.calls)):
+                    for row in table("FLA chunk_kda", kernel_times(fla_forward(x, gate), a.calls)):
                         say(row)
                 except Exception as exc:  # a peer that cannot run is a table entry, not a crash
                     say(f"| FLA chunk_kda | failed: {type(exc).__name__}: {str(exc)[:150]} | | |")

@@ -36,10 +36,10 @@ import triton
 import triton.language as tl
 
 from .chunk_intra_fused import _chunk_intra_fused_kernel
-from .chunk_intra_split import a_block_factored, launch_split
+from .chunk_intra_split import a_block_factored, launch_split, scratch_views
 from .chunk_intra_split2 import launch_split2
-from .gate import SPAN_MAX, beta_act, chunk_bounds, chunk_gamma, interpreting, l2norm_factors
-from .solve_tril import block_inverse
+from .gate import SPAN_MAX, beta_act, chunk_beta, chunk_bounds, chunk_gamma, interpreting, l2norm_factors
+from .solve_tril import block_inverse, t_times_v
 
 BLOCK = 16         # diagonal sub-block size of the blocked inverse
 IMPLS = ("rows", "fused", "split", "split2")  # organisations of the stage (config key intra_impl)
@@ -182,15 +182,11 @@ def _chunk_intra_rows_kernel(
     """Same outputs as the fused kernel, organised to keep few values live: Gamma goes through scratch
     (one scan per channel block, no recomputation, reference rows read back instead of reduced), and A is
     built one 16-row block at a time ([16, C] products instead of masked [C, C] ones)."""
-    NB: tl.constexpr = C // 16
     KP: tl.constexpr = ((K + BK - 1) // BK) * BK
-    SCRATCH: tl.constexpr = C * C + C * 16 + C * KP + 2 * C
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_kh = i_h // (HV // H)
     t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
-    base = scratch + (i_c.to(tl.int64) * HV + i_h) * SCRATCH
-    s_g = base + C * C + C * 16          # Gamma [C, KP]
-    s_r = s_g + C * KP                   # L2-norm factors of q, k [2, C]
+    base, s_g, s_r = scratch_views(scratch, i_c, i_h, HV, C, KP)
 
     o_c = tl.arange(0, C)
     o_t = t0 + o_c
@@ -230,8 +226,7 @@ def _chunk_intra_rows_kernel(
     tl.debug_barrier()
 
     # ---- phase 3: T = (I + A_kk)^-1 diag(beta)
-    b_beta = tl.where(m_t, beta_act(tl.load(beta + o_t * HV + i_h, mask=m_t, other=0.0), BETA_SIGMOID, BETA_SCALE),
-                      0.0)
+    b_beta = chunk_beta(beta, o_t, m_t, i_h, HV, BETA_SIGMOID, BETA_SCALE)
     b_m = block_inverse(base, b_beta, C, SOLVE_PREC)
 
     # ---- phase 4: W = T (k * exp(Gamma)), U = T v, and q * exp(Gamma), k * exp(Gamma_C - Gamma), Gamma_C
@@ -258,12 +253,7 @@ def _chunk_intra_rows_kernel(
         b_k = tl.load(k + p_qk, mask=m, other=0.0).to(tl.float32) * r_k[:, None]
         tl.store(kg + p_g, tl.where(m, b_k * tl.exp(b_gl[None, :] - b_g), 0.0).to(kg.dtype.element_ty), mask=m)
         tl.store(gl + (i_c.to(tl.int64) * HV + i_h) * K + o_k, b_gl, mask=m_k)
-    for i_v in tl.range(0, tl.cdiv(V, BV), num_stages=NUM_STAGES):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m = m_t[:, None] & (o_v < V)[None, :]
-        p_v = o_t[:, None] * (HV * V) + i_h * V + o_v[None, :]
-        b_v = tl.load(v + p_v, mask=m, other=0.0).to(tl.float32)
-        tl.store(u + p_v, tl.dot(b_m, b_v, input_precision=DOT_PREC).to(u.dtype.element_ty), mask=m)
+    t_times_v(b_m, v, u, o_t, m_t, i_h, HV, V, BV, DOT_PREC, NUM_STAGES)
 
 
 def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, config: dict):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gate import SPAN_MAX, beta_act, chunk_bounds, chunk_gamma, l2norm_factors
-from .solve_tril import block_inverse
+from .gate import SPAN_MAX, chunk_beta, chunk_bounds, chunk_gamma, l2norm_factors
+from .solve_tril import block_inverse, t_times_v
 
 
 @triton.jit
@@ -34,8 +34,7 @@ def _chunk_intra_fused_kernel(
     o_t = t0 + o_c
     m_t = o_t < eos
     blk = o_c // 16
-    b_beta = tl.where(m_t, beta_act(tl.load(beta + o_t * HV + i_h, mask=m_t, other=0.0), BETA_SIGMOID, BETA_SCALE),
-                      0.0)
+    b_beta = chunk_beta(beta, o_t, m_t, i_h, HV, BETA_SIGMOID, BETA_SCALE)
     # fused L2 norm: per-row factors first (one extra read of the chunk's q and k rows)
     r_q, r_k = l2norm_factors(q, k, o_t, m_t, i_kh, H, K, C, BK, L2NORM)
 
@@ -123,9 +122,4 @@ def _chunk_intra_fused_kernel(
                           HAS_BIAS)
         b_w = tl.dot(b_m, tl.where(m, b_k * r_k[:, None] * tl.exp(b_g), 0.0), input_precision=DOT_PREC)
         tl.store(w + o_t[:, None] * (HV * K) + i_h * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m)
-    for i_v in tl.range(0, tl.cdiv(V, BV), num_stages=NUM_STAGES):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m = m_t[:, None] & (o_v < V)[None, :]
-        p_v = o_t[:, None] * (HV * V) + i_h * V + o_v[None, :]
-        b_v = tl.load(v + p_v, mask=m, other=0.0).to(tl.float32)
-        tl.store(u + p_v, tl.dot(b_m, b_v, input_precision=DOT_PREC).to(u.dtype.element_ty), mask=m)
+    t_times_v(b_m, v, u, o_t, m_t, i_h, HV, V, BV, DOT_PREC, NUM_STAGES)

@@ -41,8 +41,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gate import L2NORM_EPS, SPAN_MAX, beta_act, chunk_bounds, chunk_gamma, l2norm_factors
-from .solve_tril import block_inverse
+from .gate import L2NORM_EPS, SPAN_MAX, beta_act, chunk_beta, chunk_bounds, chunk_gamma, l2norm_factors
+from .solve_tril import block_inverse, t_times_v
+
+
+@triton.jit
+def scratch_views(scratch, i_c, i_h, HV: tl.constexpr, C: tl.constexpr, KP: tl.constexpr):
+    """The float32 scratch of chunk ``i_c`` and value head ``i_h`` ("rows", "split", "split2"; C^2 + 16 C +
+    C KP + 2 C floats): ``base`` (A_kk ``[C, C]``, then ``[C, 16]`` for the inverse's diagonal blocks),
+    ``s_g`` (Gamma ``[C, KP]``) and ``s_r`` (L2-norm factors of q and k, ``[2, C]``)."""
+    base = scratch + (i_c.to(tl.int64) * HV + i_h) * (C * C + C * 16 + C * KP + 2 * C)
+    s_g = base + C * C + C * 16
+    return base, s_g, s_g + C * KP
 
 
 @triton.jit
@@ -189,13 +199,10 @@ def _split_prep_kernel(
     """K1: norm factors (unless ``NORMS`` is off) and Gamma to scratch; gl; qg and kg (as the rows kernel's
     phases 1 and 4) unless ``WRITE_QK`` is off ("split2": the A kernel writes them and may take the norm
     factors itself)."""
-    SCRATCH: tl.constexpr = C * C + C * 16 + C * KP + 2 * C
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_kh = i_h // (HV // H)
     t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
-    base = scratch + (i_c.to(tl.int64) * HV + i_h) * SCRATCH
-    s_g = base + C * C + C * 16          # Gamma [C, KP]
-    s_r = s_g + C * KP                   # L2-norm factors of q, k [2, C]
+    base, s_g, s_r = scratch_views(scratch, i_c, i_h, HV, C, KP)
     o_c = tl.arange(0, C)
     o_t = t0 + o_c
     m_t = o_t < eos
@@ -228,24 +235,21 @@ def _split_a_kernel(
     q, k, beta, aqk, scratch, chunk_seq, chunk_pos, cu, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
     BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
-    DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr, qg=None, kg=None, ke=None, WRITE_QK: tl.constexpr = 0,
+    DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr, qg=None, kg=None, ke=None, OUT_PASS: tl.constexpr = 0,
     L2NORM: tl.constexpr = False, NORMS_IN_A: tl.constexpr = False,
 ):
     """K2: row block ``i`` of chunk ``i_c`` of A_kk (to scratch) and A_qk (to the output), its path chosen by
-    its own span.  With ``WRITE_QK`` ("split2") also the block's rows of ``qg = q r_q exp(Gamma)``,
+    its own span.  With ``OUT_PASS`` ("split2") also the block's rows of ``qg = q r_q exp(Gamma)``,
     ``kg = k r_k exp(Gamma_C - Gamma)`` and ``ke = k r_k exp(Gamma)`` (what W is made of), in the span pass
     (1, loading the rows again) or in the product pass (2, from its tiles; more registers).  With
     ``NORMS_IN_A`` the L2-norm factors (``L2NORM``) are computed here, from the rows the block uses, instead
     of being read from the scratch (prep then reads only g)."""
-    SCRATCH: tl.constexpr = C * C + C * 16 + C * KP + 2 * C
     # row block fastest: the C/16 programs of one chunk run together and share its Gamma, q, k through L2
     # (one flat axis, so the number of chunks keeps the 2^31 grid limit of axis 0)
     i, i_c, i_h = tl.program_id(0) % (C // 16), tl.program_id(0) // (C // 16), tl.program_id(1)
     i_kh = i_h // (HV // H)
     t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
-    base = scratch + (i_c.to(tl.int64) * HV + i_h) * SCRATCH
-    s_g = base + C * C + C * 16
-    s_r = s_g + C * KP
+    base, s_g, s_r = scratch_views(scratch, i_c, i_h, HV, C, KP)
     o_c = tl.arange(0, C)
     m_t = (t0 + o_c) < eos
     o_i = 16 * i + tl.arange(0, 16)
@@ -270,7 +274,7 @@ def _split_a_kernel(
         b_gi = tl.load(s_g + o_i[:, None] * KP + o_k[None, :])
         ref = tl.load(s_g + (16 * i + 8) * KP + o_k)
         b_span = tl.maximum(b_span, tl.where(mi, tl.abs(b_gi - ref[None, :]), 0.0))
-        if WRITE_QK == 1:
+        if OUT_PASS == 1:
             p_i = t_i[:, None] * (H * K) + i_kh * K + o_k[None, :]
             b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32)
             b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32)
@@ -281,7 +285,7 @@ def _split_a_kernel(
     else:
         r_k = tl.load(s_r + C + o_c)
 
-    if WRITE_QK == 2:
+    if OUT_PASS == 2:
         out = (qg, kg, ke, b_ri, b_rki, last, i_h, HV)
     else:
         out = None
@@ -314,20 +318,16 @@ def _split_solve_kernel(
     NUM_STAGES: tl.constexpr,
 ):
     """K3: T = (I + A_kk)^-1 diag(beta) from the scratch, W = T (k r_k exp(Gamma)), U = T v."""
-    SCRATCH: tl.constexpr = C * C + C * 16 + C * KP + 2 * C
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_kh = i_h // (HV // H)
     t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
-    base = scratch + (i_c.to(tl.int64) * HV + i_h) * SCRATCH
-    s_g = base + C * C + C * 16
-    s_r = s_g + C * KP
+    base, s_g, s_r = scratch_views(scratch, i_c, i_h, HV, C, KP)
     o_c = tl.arange(0, C)
     o_t = t0 + o_c
     m_t = o_t < eos
     o_b = tl.arange(0, BK)
 
-    b_beta = tl.where(m_t, beta_act(tl.load(beta + o_t * HV + i_h, mask=m_t, other=0.0), BETA_SIGMOID, BETA_SCALE),
-                      0.0)
+    b_beta = chunk_beta(beta, o_t, m_t, i_h, HV, BETA_SIGMOID, BETA_SCALE)
     b_m = block_inverse(base, b_beta, C, SOLVE_PREC)
 
     r_k = tl.load(s_r + C + o_c)
@@ -340,35 +340,42 @@ def _split_solve_kernel(
         b_g = tl.load(s_g + o_c[:, None] * KP + o_k[None, :])
         b_w = tl.dot(b_m, tl.where(m, b_k * tl.exp(b_g), 0.0), input_precision=DOT_PREC)
         tl.store(w + p_g, b_w.to(w.dtype.element_ty), mask=m)
-    for i_v in tl.range(0, tl.cdiv(V, BV), num_stages=NUM_STAGES):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m = m_t[:, None] & (o_v < V)[None, :]
-        p_v = o_t[:, None] * (HV * V) + i_h * V + o_v[None, :]
-        b_v = tl.load(v + p_v, mask=m, other=0.0).to(tl.float32)
-        tl.store(u + p_v, tl.dot(b_m, b_v, input_precision=DOT_PREC).to(u.dtype.element_ty), mask=m)
+    t_times_v(b_m, v, u, o_t, m_t, i_h, HV, V, BV, DOT_PREC, NUM_STAGES)
+
+
+def launch_prep_and_a(q, k, g, beta, A_log, dt_bias, aqk, qg, kg, gl, scratch, table, flags: dict, scale: float,
+                      lower_bound: float, KP: int, BK: int, BKA: int, config: dict, ke=None, out_pass: int = 0,
+                      norms_in_a: bool = False):
+    """Launch K1 (prep) and K2 (A by row block), the first two kernels of "split" and "split2".  ``flags``: the
+    task constexprs shared with the one-kernel organisations (H, HV, K, V, C, L2NORM, USE_GATE, ...); ``KP``:
+    row stride of Gamma in the scratch (a multiple of both K-block widths ``BK``, K1, and ``BKA``, K2).
+    ``out_pass`` 0: prep writes qg and kg; 1 or 2: the A kernel writes them and ``ke`` (split2, in its span or
+    product pass); ``norms_in_a``: the A kernel takes the L2-norm factors instead of prep."""
+    NC, HV, C = table.num_chunks, flags["HV"], flags["C"]
+    chunks = (table.chunk_seq, table.chunk_pos, table.cu)
+    _split_prep_kernel[(NC, HV)](
+        q, k, g, A_log, dt_bias, qg, kg, gl, scratch, *chunks, lower_bound,
+        H=flags["H"], HV=HV, K=flags["K"], C=C, L2NORM=flags["L2NORM"], USE_GATE=flags["USE_GATE"],
+        USE_LB=flags["USE_LB"], HAS_A=flags["HAS_A"], HAS_BIAS=flags["HAS_BIAS"], KP=KP, BK=BK,
+        WRITE_QK=out_pass == 0, NORMS=not norms_in_a, num_warps=config.get("intra_warps", 4))
+    outputs = dict(qg=qg, kg=kg, ke=ke) if out_pass else {}
+    _split_a_kernel[(C // 16 * NC, HV)](
+        q, k, beta, aqk, scratch, *chunks, scale,
+        H=flags["H"], HV=HV, K=flags["K"], C=C, BETA_SIGMOID=flags["BETA_SIGMOID"], BETA_SCALE=flags["BETA_SCALE"],
+        KP=KP, BK=BKA, DOT_PREC=config.get("intra_precision", "tf32"), NUM_STAGES=config.get("intra_a_stages"),
+        **outputs, OUT_PASS=out_pass, L2NORM=flags["L2NORM"], NORMS_IN_A=norms_in_a,
+        num_warps=config.get("intra_a_warps", 4))
 
 
 def launch_split(q, k, v, g, beta, A_log, dt_bias, aqk, w, u, qg, kg, gl, scratch, table, flags: dict,
                  scale: float, lower_bound: float, KP: int, BK: int, BKA: int, BV: int, config: dict, launch: dict):
-    """Launch K1, K2, K3 on one stream (each reads what the previous wrote to ``scratch``).  ``flags``: the
-    task constexprs shared with the one-kernel organisations (H, HV, K, V, C, L2NORM, USE_GATE, ...);
-    ``KP``: row stride of Gamma in the scratch (a multiple of both K-block widths ``BK``, K1/K3, and ``BKA``,
-    K2); ``launch``: extra launch options of K3 (the register cap)."""
-    NC, HV, C = table.num_chunks, flags["HV"], flags["C"]
-    H, K, V = flags["H"], flags["K"], flags["V"]
-    warps = config.get("intra_warps", 4)
-    dot_prec = config.get("intra_precision", "tf32")
-    chunks = (table.chunk_seq, table.chunk_pos, table.cu)
-    _split_prep_kernel[(NC, HV)](
-        q, k, g, A_log, dt_bias, qg, kg, gl, scratch, *chunks, lower_bound,
-        H=H, HV=HV, K=K, C=C, L2NORM=flags["L2NORM"], USE_GATE=flags["USE_GATE"], USE_LB=flags["USE_LB"],
-        HAS_A=flags["HAS_A"], HAS_BIAS=flags["HAS_BIAS"], KP=KP, BK=BK, num_warps=warps)
-    _split_a_kernel[(C // 16 * NC, HV)](
-        q, k, beta, aqk, scratch, *chunks, scale,
-        H=H, HV=HV, K=K, C=C, BETA_SIGMOID=flags["BETA_SIGMOID"], BETA_SCALE=flags["BETA_SCALE"], KP=KP, BK=BKA,
-        DOT_PREC=dot_prec, NUM_STAGES=config.get("intra_a_stages"), num_warps=config.get("intra_a_warps", 4))
-    _split_solve_kernel[(NC, HV)](
-        k, v, beta, w, u, scratch, *chunks,
-        H=H, HV=HV, K=K, V=V, C=C, BETA_SIGMOID=flags["BETA_SIGMOID"], BETA_SCALE=flags["BETA_SCALE"], KP=KP,
-        BK=BK, BV=BV, DOT_PREC=dot_prec, SOLVE_PREC=config.get("solve_precision", "tf32"),
-        NUM_STAGES=config.get("intra_stages", 1), num_warps=warps, **launch)
+    """Launch K1, K2 (:func:`launch_prep_and_a`) and K3 on one stream (each reads what the previous wrote to
+    ``scratch``); ``launch``: extra launch options of K3 (the register cap)."""
+    launch_prep_and_a(q, k, g, beta, A_log, dt_bias, aqk, qg, kg, gl, scratch, table, flags, scale, lower_bound,
+                      KP, BK, BKA, config)
+    _split_solve_kernel[(table.num_chunks, flags["HV"])](
+        k, v, beta, w, u, scratch, table.chunk_seq, table.chunk_pos, table.cu,
+        H=flags["H"], HV=flags["HV"], K=flags["K"], V=flags["V"], C=flags["C"], BETA_SIGMOID=flags["BETA_SIGMOID"],
+        BETA_SCALE=flags["BETA_SCALE"], KP=KP, BK=BK, BV=BV, DOT_PREC=config.get("intra_precision", "tf32"),
+        SOLVE_PREC=config.get("solve_precision", "tf32"), NUM_STAGES=config.get("intra_stages", 1),
+        num_warps=config.get("intra_warps", 4), **launch)

@@ -10,7 +10,7 @@ per chunk and head) and k again only to form ``k r_k exp(Gamma)``.  Here:
    rows, and the k rows it uses as columns, which it reads anyway; the columns are scaled after the
    products).  Measured (run M, B2·T8192·H16): prep 101 µs + A 418 µs against 175 + 383 with the factors
    from prep (``intra_norms="prep"``); the forward was 1-4 % faster at every standard shape.
-2. A (``_split_a_kernel``, ``WRITE_QK`` 1 or 2): as in "split", and in its span pass (which already loads
+2. A (``_split_a_kernel``, ``OUT_PASS`` 1 or 2): as in "split", and in its span pass (which already loads
    the block's Gamma rows; ``intra_a_outputs="span"``, the default) or its product pass (``"main"``) the
    block's rows of ``qg = q r_q exp(Gamma)``, ``kg = k r_k exp(Gamma_C - Gamma)`` and
    ``ke = k r_k exp(Gamma)``, the last into W's buffer (input dtype).
@@ -32,9 +32,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunk_intra_split import _split_a_kernel, _split_prep_kernel
-from .gate import beta_act, chunk_bounds
-from .solve_tril import block_inverse
+from .chunk_intra_split import launch_prep_and_a, scratch_views
+from .gate import chunk_beta, chunk_bounds
+from .solve_tril import block_inverse, t_times_v
 
 # where the A kernel writes qg, kg, ke (config intra_a_outputs): its span pass, or its product pass
 OUTPUT_PASSES = {"span": 1, "main": 2}
@@ -48,16 +48,14 @@ def _split2_solve_kernel(
     DOT_PREC: tl.constexpr, SOLVE_PREC: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """K3: T = (I + A_kk)^-1 diag(beta) from the scratch; W = T ke (in place over ke, in ``w``), U = T v."""
-    SCRATCH: tl.constexpr = C * C + C * 16 + C * KP + 2 * C
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
-    base = scratch + (i_c.to(tl.int64) * HV + i_h) * SCRATCH
+    base, s_g, s_r = scratch_views(scratch, i_c, i_h, HV, C, KP)
     o_c = tl.arange(0, C)
     o_t = t0 + o_c
     m_t = o_t < eos
 
-    b_beta = tl.where(m_t, beta_act(tl.load(beta + o_t * HV + i_h, mask=m_t, other=0.0), BETA_SIGMOID, BETA_SCALE),
-                      0.0)
+    b_beta = chunk_beta(beta, o_t, m_t, i_h, HV, BETA_SIGMOID, BETA_SCALE)
     b_m = block_inverse(base, b_beta, C, SOLVE_PREC)
     for i_k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -65,43 +63,23 @@ def _split2_solve_kernel(
         p_w = w + o_t[:, None] * (HV * K) + i_h * K + o_k[None, :]
         b_ke = tl.load(p_w, mask=m, other=0.0).to(tl.float32)
         tl.store(p_w, tl.dot(b_m, b_ke, input_precision=DOT_PREC).to(w.dtype.element_ty), mask=m)
-    for i_v in tl.range(0, tl.cdiv(V, BV), num_stages=NUM_STAGES):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m = m_t[:, None] & (o_v < V)[None, :]
-        p_v = o_t[:, None] * (HV * V) + i_h * V + o_v[None, :]
-        b_v = tl.load(v + p_v, mask=m, other=0.0).to(tl.float32)
-        tl.store(u + p_v, tl.dot(b_m, b_v, input_precision=DOT_PREC).to(u.dtype.element_ty), mask=m)
+    t_times_v(b_m, v, u, o_t, m_t, i_h, HV, V, BV, DOT_PREC, NUM_STAGES)
 
 
 def launch_split2(q, k, v, g, beta, A_log, dt_bias, aqk, w, u, qg, kg, gl, scratch, table, flags: dict,
                   scale: float, lower_bound: float, KP: int, BK: int, BKA: int, BV: int, config: dict, launch: dict):
     """Launch K1 (split's prep without qg/kg), K2 (split's A kernel writing qg, kg and ke into ``w``) and K3 on
     one stream; arguments as :func:`chunk_intra_split.launch_split`."""
-    NC, HV, C = table.num_chunks, flags["HV"], flags["C"]
-    H, K, V = flags["H"], flags["K"], flags["V"]
-    warps = config.get("intra_warps", 4)
-    dot_prec = config.get("intra_precision", "tf32")
-    chunks = (table.chunk_seq, table.chunk_pos, table.cu)
     where = config.get("intra_a_outputs", "span")
     if where not in OUTPUT_PASSES:
         raise ValueError(f"intra_a_outputs must be 'span' or 'main', got {where!r}")
-    write_qk = OUTPUT_PASSES[where]
     norms = config.get("intra_norms", "a")
     if norms not in ("prep", "a"):
         raise ValueError(f"intra_norms must be 'prep' or 'a', got {norms!r}")
-    _split_prep_kernel[(NC, HV)](
-        q, k, g, A_log, dt_bias, qg, kg, gl, scratch, *chunks, lower_bound,
-        H=H, HV=HV, K=K, C=C, L2NORM=flags["L2NORM"], USE_GATE=flags["USE_GATE"], USE_LB=flags["USE_LB"],
-        HAS_A=flags["HAS_A"], HAS_BIAS=flags["HAS_BIAS"], KP=KP, BK=BK, WRITE_QK=False, NORMS=norms == "prep",
-        num_warps=warps)
-    _split_a_kernel[(C // 16 * NC, HV)](
-        q, k, beta, aqk, scratch, *chunks, scale,
-        H=H, HV=HV, K=K, C=C, BETA_SIGMOID=flags["BETA_SIGMOID"], BETA_SCALE=flags["BETA_SCALE"], KP=KP, BK=BKA,
-        DOT_PREC=dot_prec, NUM_STAGES=config.get("intra_a_stages"), qg=qg, kg=kg, ke=w, WRITE_QK=write_qk,
-        L2NORM=flags["L2NORM"], NORMS_IN_A=norms == "a",
-        num_warps=config.get("intra_a_warps", 4))
-    _split2_solve_kernel[(NC, HV)](
-        w, v, beta, u, scratch, *chunks, HV=HV, K=K, V=V, C=C, KP=KP,
-        BETA_SIGMOID=flags["BETA_SIGMOID"], BETA_SCALE=flags["BETA_SCALE"], BK=BK, BV=BV, DOT_PREC=dot_prec,
-        SOLVE_PREC=config.get("solve_precision", "tf32"), NUM_STAGES=config.get("intra_stages", 1),
-        num_warps=warps, **launch)
+    launch_prep_and_a(q, k, g, beta, A_log, dt_bias, aqk, qg, kg, gl, scratch, table, flags, scale, lower_bound,
+                      KP, BK, BKA, config, ke=w, out_pass=OUTPUT_PASSES[where], norms_in_a=norms == "a")
+    _split2_solve_kernel[(table.num_chunks, flags["HV"])](
+        w, v, beta, u, scratch, table.chunk_seq, table.chunk_pos, table.cu, HV=flags["HV"], K=flags["K"],
+        V=flags["V"], C=flags["C"], KP=KP, BETA_SIGMOID=flags["BETA_SIGMOID"], BETA_SCALE=flags["BETA_SCALE"], BK=BK,
+        BV=BV, DOT_PREC=config.get("intra_precision", "tf32"), SOLVE_PREC=config.get("solve_precision", "tf32"),
+        NUM_STAGES=config.get("intra_stages", 1), num_warps=config.get("intra_warps", 4), **launch)

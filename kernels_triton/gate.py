@@ -5,8 +5,8 @@ fused_recurrent.py for decode), so no prologue costs a pass over memory of its o
 
 * :func:`gate_value` -- ``-exp(A_log) * softplus(g + dt_bias)``, or with ``lower_bound`` set
   ``lower_bound * sigmoid(exp(A_log) * (g + dt_bias))`` (``A_log`` optional there);
-* :func:`gate_tile` / :func:`chunk_gamma` -- a ``[C, BK]`` tile of the gate, then ``Gamma_r = g_1 + ... + g_r`` inside the chunk
-  (float32; design.md section 1);
+* :func:`gate_tile` / :func:`chunk_gamma` -- a ``[C, BK]`` tile of the gate, then
+  ``Gamma_r = g_1 + ... + g_r`` inside the chunk (float32; design.md section 1);
 * :func:`beta_act` -- ``sigmoid(beta)`` (times 2 with ``allow_neg_eigval``) when beta arrives as logits;
 * :func:`l2norm_factors` -- the per-row factors of the L2 norm ``x / sqrt(sum(x**2) + 1e-6)``
   (``L2NORM_EPS``), applied where the rows are loaded (decode normalises its single row inline).
@@ -118,6 +118,14 @@ def gate_tile(g, A_log, dt_bias, lower_bound, o_t, m, i_h, o_k, m_k,
             a_log = tl.load(A_log + i_h).to(tl.float32)
         b_g = tl.where(m, gate_value(b_g, a_log, lower_bound, USE_LB, HAS_A), 0.0)
     return b_g
+
+
+@triton.jit
+def chunk_beta(beta, o_t, m_t, i_h, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr):
+    """Beta (:func:`beta_act`) of tokens ``o_t`` of value head ``i_h`` of ``beta [TT, HV]``, 0 where ``m_t``
+    is false."""
+    return tl.where(m_t, beta_act(tl.load(beta + o_t * HV + i_h, mask=m_t, other=0.0), BETA_SIGMOID, BETA_SCALE),
+                    0.0)
 
 
 @triton.jit

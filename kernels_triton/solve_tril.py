@@ -8,6 +8,8 @@ called inside the intra-chunk kernels (chunk_intra.py, chunk_intra_fused.py) on 
 * with Dinv their inverse and N = Dinv A_off (strictly block-lower, so N^4 = 0), (I + A) = Dblk (I + N) and
   (I + A)^-1 = (I - N)(I + N^2) Dinv: three or four [C, C] tensor-core products (``SOLVE_PREC``: "tf32"
   default, "ieee" for float32 FMA; measured error of both in docs/triton.md).
+
+Also :func:`t_times_v`, the ``U = T v`` product every organisation ends with.
 """
 from __future__ import annotations
 
@@ -47,3 +49,16 @@ def block_inverse(base, b_beta, C: tl.constexpr, SOLVE_PREC: tl.constexpr):
     else:
         b_x = eye - b_n
     return tl.dot(b_x, b_dinv, input_precision=SOLVE_PREC) * b_beta[None, :]
+
+
+@triton.jit
+def t_times_v(b_m, v, u, o_t, m_t, i_h, HV: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+              DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """``U = T v`` for the chunk's rows ``o_t`` (valid where ``m_t``) of value head ``i_h``: ``T [C, C]`` float32
+    (:func:`block_inverse`), ``v, u [TT, HV, V]``, one ``[C, BV]`` block at a time."""
+    for i_v in tl.range(0, tl.cdiv(V, BV), num_stages=NUM_STAGES):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        p_v = o_t[:, None] * (HV * V) + i_h * V + o_v[None, :]
+        b_v = tl.load(v + p_v, mask=m, other=0.0).to(tl.float32)
+        tl.store(u + p_v, tl.dot(b_m, b_v, input_precision=DOT_PREC).to(u.dtype.element_ty), mask=m)
