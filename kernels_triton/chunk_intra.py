@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .chunk_intra_fused import _chunk_intra_fused_kernel
-from .chunk_intra_split import a_block_factored, launch_split, scratch_views
+from .chunk_intra_split import a_block_factored, launch_split, scratch_views, store_a_block
 from .chunk_intra_split2 import launch_split2
 from .gate import SPAN_MAX, beta_act, chunk_beta, chunk_bounds, chunk_gamma, interpreting, l2norm_factors
 from .solve_tril import block_inverse, t_times_v
@@ -94,24 +94,12 @@ def _a_factored(q, k, beta, aqk, base, s_g, s_r, t0, eos, i_h, i_kh, scale,
     """A_kk (to scratch) and A_qk (to the output) by row block, each block one product factored around
     its middle row (every factor <= exp(SPAN_MAX))."""
     NB: tl.constexpr = C // 16
-    o_c = tl.arange(0, C)
-    o_t = t0 + o_c
-    m_t = o_t < eos
-    r_k = tl.load(s_r + C + o_c)
+    r_k = tl.load(s_r + C + tl.arange(0, C))
     for i in tl.static_range(NB):
         o_i = 16 * i + tl.arange(0, 16)
-        t_i = t0 + o_i
-        m_i = t_i < eos
         b_akk, b_aqk = a_block_factored(q, k, s_g, r_k, t0, eos, i, i_kh, H, K, C, KP, BK, DOT_PREC, None)
-        valid = m_i[:, None] & m_t[None, :]
-        b_ri = tl.load(s_r + o_i)
-        b_rki = tl.load(s_r + C + o_i)
-        b_bi = beta_act(tl.load(beta + t_i * HV + i_h, mask=m_i, other=0.0), BETA_SIGMOID, BETA_SCALE)
-        b_akk = tl.where((o_i[:, None] > o_c[None, :]) & valid, b_akk * (b_rki * b_bi)[:, None], 0.0)
-        b_aqk = tl.where((o_i[:, None] >= o_c[None, :]) & valid, b_aqk * (b_ri * scale)[:, None], 0.0)
-        tl.store(base + o_i[:, None] * C + o_c[None, :], b_akk)
-        tl.store(aqk + t_i[:, None] * (HV * C) + i_h * C + o_c[None, :], b_aqk.to(aqk.dtype.element_ty),
-                 mask=m_i[:, None])
+        store_a_block(b_akk, b_aqk, base, aqk, beta, tl.load(s_r + o_i), tl.load(s_r + C + o_i), t0, eos, i, i_h,
+                      scale, HV, C, BETA_SIGMOID, BETA_SCALE)
 
 
 @triton.jit

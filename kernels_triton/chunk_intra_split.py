@@ -84,6 +84,25 @@ def block_outputs(qg, kg, ke, s_g, r_qi, r_ki, b_qi, b_ki, b_gi, t0, last, t_i, 
 
 
 @triton.jit
+def store_a_block(b_akk, b_aqk, base, aqk, beta, b_ri, b_rki, t0, eos, i, i_h, scale, HV: tl.constexpr,
+                  C: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr):
+    """Row block ``i`` of A_kk (rows times ``r_k beta``, strictly causal, to the scratch at ``base``, zeros
+    above the diagonal included) and of A_qk (rows times ``r_q scale``, causal, to ``aqk [TT, HV, C]``) from
+    the raw products ``[16, C]`` and the rows' norm factors ``b_ri`` (q) and ``b_rki`` (k)."""
+    o_c = tl.arange(0, C)
+    o_i = 16 * i + tl.arange(0, 16)
+    t_i = t0 + o_i
+    m_i = t_i < eos
+    valid = m_i[:, None] & ((t0 + o_c) < eos)[None, :]
+    b_bi = beta_act(tl.load(beta + t_i * HV + i_h, mask=m_i, other=0.0), BETA_SIGMOID, BETA_SCALE)
+    b_akk = tl.where((o_i[:, None] > o_c[None, :]) & valid, b_akk * (b_rki * b_bi)[:, None], 0.0)
+    b_aqk = tl.where((o_i[:, None] >= o_c[None, :]) & valid, b_aqk * (b_ri * scale)[:, None], 0.0)
+    tl.store(base + o_i[:, None] * C + o_c[None, :], b_akk)
+    tl.store(aqk + t_i[:, None] * (HV * C) + i_h * C + o_c[None, :], b_aqk.to(aqk.dtype.element_ty),
+             mask=m_i[:, None])
+
+
+@triton.jit
 def _a_block_around(q, k, s_g, r_k, t0, eos, i, i_kh, REF: tl.constexpr, END: tl.constexpr,
                     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
                     DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr, out):
@@ -300,13 +319,8 @@ def _split_a_kernel(
         r_s = row_norms(k, t0 + o_c, m_t & (o_c < 16 * (i + 1)), i_kh, H, K, C, BK)
         b_akk = b_akk * r_s[None, :]
         b_aqk = b_aqk * r_s[None, :]
-    valid = m_i[:, None] & m_t[None, :]
-    b_bi = beta_act(tl.load(beta + t_i * HV + i_h, mask=m_i, other=0.0), BETA_SIGMOID, BETA_SCALE)
-    b_akk = tl.where((o_i[:, None] > o_c[None, :]) & valid, b_akk * (b_rki * b_bi)[:, None], 0.0)
-    b_aqk = tl.where((o_i[:, None] >= o_c[None, :]) & valid, b_aqk * (b_ri * scale)[:, None], 0.0)
-    tl.store(base + o_i[:, None] * C + o_c[None, :], b_akk)
-    tl.store(aqk + t_i[:, None] * (HV * C) + i_h * C + o_c[None, :], b_aqk.to(aqk.dtype.element_ty),
-             mask=m_i[:, None])
+    store_a_block(b_akk, b_aqk, base, aqk, beta, b_ri, b_rki, t0, eos, i, i_h, scale, HV, C, BETA_SIGMOID,
+                  BETA_SCALE)
 
 
 @triton.jit
