@@ -37,7 +37,7 @@ import triton.language as tl
 
 from .chunk_intra_fused import _chunk_intra_fused_kernel
 from .chunk_intra_split import a_block_factored, launch_split, scratch_views, store_a_block
-from .chunk_intra_split2 import launch_split2
+from .chunk_intra_split2 import NORM_PLACES, launch_split2
 from .gate import SPAN_MAX, beta_act, chunk_beta, chunk_bounds, chunk_gamma, interpreting, l2norm_factors
 from .solve_tril import block_inverse, t_times_v
 
@@ -56,7 +56,6 @@ SPLIT_SHAPES = [(32, 4, 16, 4), (32, 8, 16, 4), (32, 4, 16, 8), (32, 4, 32, 4), 
 # product pass 384, BK 32 / 8 warps 606, BK 64 / 8 warps 562 (see docs/triton.md).
 SPLIT2_SHAPES = [(32, 4, 1, "span"), (16, 4, 1, "span"), (32, 4, None, "span"), (32, 4, 1, "main"),
                  (64, 8, 1, "span")]
-SPLIT2_NORMS = ("a", "prep")  # intra_norms: where split2 takes the q/k L2-norm factors (A kernel or prep)
 
 
 def get_configs() -> list[dict]:
@@ -68,7 +67,7 @@ def get_configs() -> list[dict]:
     NVIDIA; None = compiler's choice; split/split2: their solve kernel only), and the precision of the
     float32 products (A and W/U: ``intra_precision``; the inverse: ``solve_precision``)."""
     return ([{"intra_impl": "split2", "intra_a_BK": abk, "intra_a_warps": aw, "intra_a_stages": st,
-              "intra_a_outputs": where, "intra_norms": norms} for norms in SPLIT2_NORMS
+              "intra_a_outputs": where, "intra_norms": norms} for norms in NORM_PLACES
              for abk, aw, st, where in SPLIT2_SHAPES]
             + [{"intra_impl": impl, "intra_BK": bk, "intra_warps": w, "intra_stages": 1}
                for impl in ("rows", "fused") for bk in (32, 64) for w in (4, 8)]

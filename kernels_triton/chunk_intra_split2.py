@@ -38,6 +38,8 @@ from .solve_tril import block_inverse, t_times_v
 
 # where the A kernel writes qg, kg, ke (config intra_a_outputs): its span pass, or its product pass
 OUTPUT_PASSES = {"span": 1, "main": 2}
+# where it takes the q/k L2-norm factors (config intra_norms): itself ("a", default) or from prep
+NORM_PLACES = ("a", "prep")
 
 
 @triton.jit
@@ -74,8 +76,8 @@ def launch_split2(q, k, v, g, beta, A_log, dt_bias, aqk, w, u, qg, kg, gl, scrat
     if where not in OUTPUT_PASSES:
         raise ValueError(f"intra_a_outputs must be 'span' or 'main', got {where!r}")
     norms = config.get("intra_norms", "a")
-    if norms not in ("prep", "a"):
-        raise ValueError(f"intra_norms must be 'prep' or 'a', got {norms!r}")
+    if norms not in NORM_PLACES:
+        raise ValueError(f"intra_norms must be one of {NORM_PLACES}, got {norms!r}")
     launch_prep_and_a(q, k, g, beta, A_log, dt_bias, aqk, qg, kg, gl, scratch, table, flags, scale, lower_bound,
                       KP, BK, BKA, config, ke=w, out_pass=OUTPUT_PASSES[where], norms_in_a=norms == "a")
     _split2_solve_kernel[(table.num_chunks, flags["HV"])](
