@@ -62,6 +62,17 @@ def fla_forward(x, gate):
     return lambda: chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], **kw)[0]
 
 
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """A ``B,T,H`` triple from the command line, e.g. ``8,4096,32``."""
+    try:
+        B, T, H = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"a shape is B,T,H (three integers), e.g. 8,4096,32; got {text!r}") from None
+    if min(B, T, H) < 1:
+        raise ValueError(f"B, T and H must be positive, got {text!r}")
+    return B, T, H
+
+
 def parse_config(text: str) -> dict:
     """A Triton backend config from the command line: JSON (``{"intra_impl": "split2"}``) or
     ``key=value,...`` (integers and ``None`` converted, everything else a string)."""

@@ -24,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (STANDARD_SHAPES, fla_forward, gate_kwargs, kda_options, make_inputs, parse_config,  # noqa: E402
+from common import (STANDARD_SHAPES, fla_forward, gate_kwargs, kda_options, make_inputs, parse_config, parse_shape,  # noqa: E402
                     time_ms, triton_forward, versions)
 
 T_START = time.time()
@@ -228,6 +228,9 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-stages", default="intra,state,o", help="stages the sweep covers (default all three)")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--config", default="", help="config (key=value,... or JSON) for the correctness and timing sections")
+    p.add_argument("--shapes", nargs="*", default=None,
+                   help="B,T,H triples (D = 128, bf16) for the correctness and timing sections; default: the "
+                        "standard shapes (correctness also B1,T65536,H16)")
     p.add_argument("--sections", default="correctness,timing,decode,sweep,precision,tests",
                    help="comma-separated subset of: correctness,timing,decode,sweep,precision,tests")
     a = p.parse_args(argv)
@@ -237,11 +240,12 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     extra = parse_config(a.config)
     want = set(a.sections.split(","))
+    shapes = [parse_shape(s) for s in a.shapes] if a.shapes else None
     if "correctness" in want:
-        correctness(STANDARD_SHAPES + [(1, 65536, 16)], ("log",), extra or None)
-        correctness(STANDARD_SHAPES[:1], ("safe",), extra or None)
+        correctness(shapes or STANDARD_SHAPES + [(1, 65536, 16)], ("log",), extra or None)
+        correctness((shapes or STANDARD_SHAPES)[:1], ("safe",), extra or None)
     if "timing" in want:
-        timing(STANDARD_SHAPES, ("log", "safe"), extra or None,
+        timing(shapes or STANDARD_SHAPES, ("log", "safe"), extra or None,
                "config " + str(extra) if extra else "default config")
     say(f"\n(at {elapsed():.0f}s)")
     if "decode" in want and elapsed() < a.budget:

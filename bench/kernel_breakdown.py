@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import STANDARD_SHAPES, fla_forward, make_inputs, parse_config, triton_forward  # noqa: E402
+from common import STANDARD_SHAPES, fla_forward, make_inputs, parse_config, parse_shape, triton_forward  # noqa: E402
 
 def kernel_times(fn, calls: int) -> dict[str, float]:
     """Mean GPU µs per call of each kernel launched by ``fn`` (name -> µs), in launch order."""
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         lines.append(text)
 
     for shape in a.shapes:
-        B, T, H = (int(s) for s in shape.split(","))
+        B, T, H = parse_shape(shape)
         for gate in a.gates.split(","):
             x = make_inputs(B, T, H, gate=gate)
             say(f"\n### B{B} T{T} H{H}, {gate} gate: GPU µs per forward call ({a.calls} calls, torch.profiler)\n")

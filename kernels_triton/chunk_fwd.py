@@ -7,7 +7,8 @@ code path.  Stages (one file each, same stems as ``kernels_tl``):
 
     gate.py         prologues (q/k L2 norm, gate + chunk-local cumsum Gamma, beta activation), fused into:
     chunk_intra.py  A_kk, A_qk, the blocked inverse (solve_tril.py), W, U, q*exp(Gamma), k*exp(Gamma_C - Gamma)
-                    (other organisations of the same stage: chunk_intra_fused.py, chunk_intra_split.py)
+                    (its organisations: chunk_intra_split3.py, the default, and chunk_intra_fused.py,
+                    chunk_intra_split.py, chunk_intra_split2.py)
     chunk_state.py  inter-chunk state recurrence: state entering each chunk, V_new, final state
     chunk_o.py      O = scale (q * exp(Gamma)) S + A_qk V_new
 
@@ -72,26 +73,23 @@ def _build_table(lengths: tuple, chunk_size: int, device: str) -> ChunkTable:
 def float32_precisions() -> dict:
     """Precision of the float32 products for float32 inputs, following PyTorch's own switch
     (``torch.set_float32_matmul_precision``): "highest" (PyTorch's default) gives float32-accurate products
-    (3xTF32 on the tensor cores, the inverse in float32 FMA), "high"/"medium" allow TF32 (~1e-3 error)."""
+    (3xTF32 on the tensor cores, the inverse in float32 FMA, its diagonal blocks by forward substitution), "high"/"medium" allow TF32 (~1e-3 error)."""
     if torch.get_float32_matmul_precision() == "highest":
-        return {"intra_precision": "tf32x3", "solve_precision": "ieee", "dot_precision": "tf32x3"}
-    return {"intra_precision": "tf32", "solve_precision": "tf32", "dot_precision": "tf32"}
+        return {"intra_precision": "tf32x3", "solve_precision": "ieee", "solve_diag": "subst",
+                "dot_precision": "tf32x3"}
+    return {"intra_precision": "tf32", "solve_precision": "tf32", "solve_diag": "tf32", "dot_precision": "tf32"}
 
 
 def default_config(num_seqs: int = 0, HV: int = 0, V: int = 128, dtype: torch.dtype | None = None) -> dict:
-    """Shipped defaults of every stage (measured on an H100, docs/triton.md).  The state recurrence runs one
-    program per (V block, sequence, head): its V block is the widest that still gives >= 128 programs.
+    """Shipped defaults of every stage (measured on an H100, docs/triton.md).  The state recurrence's V block
+    is left to the call (``state_BV`` None: :func:`chunk_state.state_block_v`).  The arguments other than
+    ``dtype`` are kept for the backend interface; the defaults do not depend on them.
     bf16/fp16 inputs keep TF32 for the float32 intermediates (A, inverse); float32 inputs follow
     :func:`float32_precisions`."""
     cfg = {**chunk_intra.DEFAULT_CONFIG, **chunk_state.DEFAULT_CONFIG, **chunk_o.DEFAULT_CONFIG,
            "dot_precision": "tf32"}
     if dtype == torch.float32:
         cfg.update(float32_precisions())
-    if num_seqs and HV:
-        bv = 64
-        while bv > 16 and num_seqs * HV * -(-V // bv) < 128:
-            bv //= 2
-        cfg["state_BV"] = bv
     return cfg
 
 

@@ -8,26 +8,26 @@ beta activation; gate.py) and computes:
     M = (I + A_kk)^-1,  W = M diag(beta) (k * exp(Gamma)),  U = M diag(beta) v
     qg = q * exp(Gamma),  kg = k * exp(Gamma_C - Gamma),  gl = Gamma_C     (for chunk_o and chunk_state)
 
-Numerics (never exp(-Gamma) alone):
+Numerics (never exp(-Gamma) alone).  Five organisations compute these outputs (``intra_impl`` in the config):
 
-* Row block i (16 rows) against columns s < 16 (i + 1) is one tensor-core product factored around the
-  block's middle row: ``exp(Gamma_r - Gamma_ref) * exp(Gamma_ref - Gamma_s)`` (the sub-chunk idea of
-  flash-linear-attention's KDA kernels).  Every factor is <= exp(span) with ``span`` the largest
-  ``|Gamma - Gamma_ref|`` over the block (8 tokens of decay either side; <= 40 with the safe gate's
-  lower_bound = -5); this path is taken when span <= SPAN_MAX, so no causal entry overflows, and a factor
-  that underflows multiplies one <= exp(SPAN_MAX), i.e. the true value is below exp(-27).
-* Otherwise (e.g. masked tokens with g = -1000) the off-diagonal blocks use the reference row 16 i (both
-  factors <= 1) and the diagonal blocks are computed element-wise, one column of every block per step.
-* The inverse is blocked (solve_tril.py): 16x16 diagonal blocks by forward substitution, then
-  (I + A_kk)^-1 = (I - N)(I + N^2) Dinv with N = Dinv A_off.
+* "split3" (chunk_intra_split3.py, the default and the only one in the autotune space): three kernels
+  (Gamma; A by 16-row block, C/16 programs per chunk and head; inverse + W/U).  Each row block is one
+  tensor-core product factored around its *first* row, shifted: ``exp(Gamma_r - Gamma_f + d) *
+  exp(Gamma_f - d - Gamma_s)``, so an entry depends only on tokens up to its own row: causal bit for bit
+  (design.md section 6).  Rows whose factors would leave exp(+-SPAN_MAX) (masked tokens, g = -1000) take
+  their diagonal tile element-wise.
+* "rows" (this file), "fused" (chunk_intra_fused.py), "split" (chunk_intra_split.py) and "split2"
+  (chunk_intra_split2.py) factor each row block around its *middle* row ``16 i + 8`` (every factor <=
+  exp(span), span <= 40 with the safe gate), or around row 16 i with an element-wise diagonal when the span
+  exceeds SPAN_MAX.  The middle row is a later token for the block's first eight rows, so their outputs
+  move by rounding (~1e-7 relative) when only a later token's inputs change: not causal bit for bit.  They
+  stay selectable by an explicit config (they are checked against the reference like the default) but the
+  autotune space leaves them out.  "rows" keeps Gamma and A in a per-program scratch, "fused" keeps [C, C]
+  accumulators in registers, "split" is three kernels, "split2" is "split" with qg/kg/ke written by the A
+  kernel; "split3" reuses split2's solve kernel.
 
-Four organisations share these numerics (``intra_impl`` in the config): "rows" (this file) keeps
-Gamma and A in a per-program scratch and builds A one 16-row block at a time; "fused"
-(chunk_intra_fused.py) keeps [C, C] accumulators in registers; "split" (chunk_intra_split.py) runs the
-stage as three kernels (prologue + qg/kg; A by row block, C/16 programs per chunk and head, each block
-choosing its own path; inverse + W/U) for more parallelism and fewer registers per program; "split2"
-(chunk_intra_split2.py, the default) is "split" with qg, kg and ``k r_k exp(Gamma)`` written by the A
-kernel, so the solve kernel reads neither Gamma nor k.
+The inverse is blocked (solve_tril.py): 16x16 diagonal blocks by forward substitution or by products
+(``solve_diag``), then (I + A_kk)^-1 = (I - N)(I + N^2) Dinv with N = Dinv A_off.
 """
 from __future__ import annotations
 
@@ -37,53 +37,46 @@ import triton.language as tl
 
 from .chunk_intra_fused import _chunk_intra_fused_kernel
 from .chunk_intra_split import a_block_factored, launch_split, scratch_views, store_a_block
-from .chunk_intra_split2 import NORM_PLACES, launch_split2
+from .chunk_intra_split2 import launch_split2
+from .chunk_intra_split3 import launch_split3
 from .gate import SPAN_MAX, beta_act, chunk_beta, chunk_bounds, chunk_gamma, interpreting, l2norm_factors
-from .solve_tril import block_inverse, t_times_v
+from .solve_tril import block_inverse, solve_diag, t_times_v
 
 BLOCK = 16         # diagonal sub-block size of the blocked inverse
-IMPLS = ("rows", "fused", "split", "split2")  # organisations of the stage (config key intra_impl)
-# "split" organisation (intra_BK, intra_warps: prep and solve kernels; intra_a_BK, intra_a_warps: the A kernel).
-# Chosen by ptxas register counts (K = 128, bf16, sm_90, Triton 3.6): the A kernel uses 116 registers at
-# BK 16 / 4 warps (80 at 8 warps), 165-204 at BK 32, 240 at BK 16 / 2 warps (so 2 warps is left out) and
-# spills at BK 64; at BK 64 the prep and solve kernels reach 255 registers and spill, so BK 64 is left out.
-SPLIT_SHAPES = [(32, 4, 16, 4), (32, 8, 16, 4), (32, 4, 16, 8), (32, 4, 32, 4), (16, 4, 16, 4), (32, 8, 32, 8)]
-
-
-# "split2" (chunk_intra_split2.py): (intra_a_BK, intra_a_warps, intra_a_stages, intra_a_outputs) of its A
-# kernel; the first is the default.  Measured on the H100 (bench/kernel_breakdown.py, B2·T8192·H16, A kernel):
-# BK 32 / stages 1 349 µs, BK 32 / compiler's pipelining 440, BK 16 / stages 1 469, outputs written in the
-# product pass 384, BK 32 / 8 warps 606, BK 64 / 8 warps 562 (see docs/triton.md).
-SPLIT2_SHAPES = [(32, 4, 1, "span"), (16, 4, 1, "span"), (32, 4, None, "span"), (32, 4, 1, "main"),
-                 (64, 8, 1, "span")]
+IMPLS = ("rows", "fused", "split", "split2", "split3")  # organisations of the stage (config key intra_impl)
+# The split/split2 measurements that chose their shapes (register counts, A-kernel times) are in docs/triton.md;
+# they are no longer searched (not causal, module docstring).
+# organisations the autotune space holds: those whose outputs never depend on a later token (see above)
+CAUSAL_IMPLS = ("split3",)
+# "split3" alternatives to the default, each changing one knob (H100, bench/RESULTS.md run P, µs per forward at
+# B8·T4096·H32 safe gate: default 4034, solve_diag "subst" 4131, intra_a_warps 8 4294, intra_warps 8 5365;
+# run R: intra_prep_BK 64 within 1 % of the default)
+SPLIT3_VARIANTS = [{"solve_diag": "subst"}, {"solve_diag": "ieee"}, {"intra_a_warps": 8}, {"intra_a_BK": 16},
+                   {"intra_a_norms": "first"}, {"intra_a_row_BK": 32}, {"intra_prep_BK": 64},
+                   {"intra_warps": 8}]
 
 
 def get_configs() -> list[dict]:
-    """Search space of this stage: kernel organisation (``intra_impl``: "rows", "fused", "split" or
-    "split2"), K/V-block width, warps, pipelining (the split organisations' A kernel has its own
-    ``intra_a_BK``, ``intra_a_warps`` and ``intra_a_stages``, None = the compiler's; split2's A kernel writes
-    qg/kg/ke in its span pass or its product pass, ``intra_a_outputs``, and takes the q/k L2-norm factors
-    itself or from prep, ``intra_norms``), a register cap (``intra_maxnreg``,
-    NVIDIA; None = compiler's choice; split/split2: their solve kernel only), and the precision of the
-    float32 products (A and W/U: ``intra_precision``; the inverse: ``solve_precision``)."""
-    return ([{"intra_impl": "split2", "intra_a_BK": abk, "intra_a_warps": aw, "intra_a_stages": st,
-              "intra_a_outputs": where, "intra_norms": norms} for norms in NORM_PLACES
-             for abk, aw, st, where in SPLIT2_SHAPES]
-            + [{"intra_impl": impl, "intra_BK": bk, "intra_warps": w, "intra_stages": 1}
-               for impl in ("rows", "fused") for bk in (32, 64) for w in (4, 8)]
-            + [{"intra_impl": "split", "intra_BK": bk, "intra_warps": w, "intra_a_BK": abk, "intra_a_warps": aw,
-                "intra_a_stages": None, "intra_stages": 1} for bk, w, abk, aw in SPLIT_SHAPES]
+    """Search space of this stage, alternatives to DEFAULT_CONFIG (causal organisations only, see the module
+    docstring): split3's knobs (A kernel: ``intra_a_BK`` product K-slice, ``intra_a_warps``, ``intra_a_norms``
+    where the column norms are taken, ``intra_a_row_BK`` K-slice of its own rows; ``intra_prep_BK`` the Gamma
+    kernel's K-slice; ``intra_warps`` the solve kernel's warps; ``solve_diag`` how the inverse's 16x16
+    diagonal blocks are formed), a register cap of the solve kernel (``intra_maxnreg``, NVIDIA; None =
+    compiler's choice), and the precision of the float32 products (A and W/U: ``intra_precision``; the
+    inverse: ``solve_precision``)."""
+    return ([{"intra_impl": "split3", **v} for v in SPLIT3_VARIANTS]
             + [{"intra_maxnreg": r} for r in (128, 168)]
             + [{"intra_precision": p, "solve_precision": sp} for p in ("tf32", "tf32x3", "ieee")
                for sp in ("tf32", "ieee")])
 
 
-# "split2" measured fastest on the H100 (bench/RESULTS.md, session 3): intra stage 0.87-0.88 ms at B2·T8192·H16
-# (norms in the A kernel: prep 101 + A 418 + solve 356 µs; in prep: 175 + 349 + 355) against 1.11 ms for
-# "split" and 1.22 for "rows"; norms in A won at every standard shape in the same run (run M)
-DEFAULT_CONFIG = {"intra_impl": "split2", "intra_BK": 32, "intra_warps": 4, "intra_a_BK": 32, "intra_a_warps": 4,
-                  "intra_a_stages": 1, "intra_a_outputs": "span", "intra_norms": "a", "intra_stages": 1,
-                  "intra_precision": "tf32", "solve_precision": "tf32"}
+# "split3" with the inverse's diagonal blocks by TF32 products: fastest on the H100 at every standard shape and
+# both gate modes of runs P and R (bench/RESULTS.md), e.g. B2·T8192·H16 log gate 1066 µs (run R) against 1138
+# with forward substitution (run P) and 1134 for split2 (run N); causal bit for bit, unlike split2
+DEFAULT_CONFIG = {"intra_impl": "split3", "intra_BK": 32, "intra_warps": 4, "intra_a_BK": 32, "intra_a_warps": 4,
+                  "intra_a_stages": 1, "intra_a_norms": "split", "intra_a_row_BK": None, "intra_prep_BK": 32,
+                  "intra_prep_warps": 4, "intra_stages": 1, "intra_precision": "tf32", "solve_precision": "tf32",
+                  "solve_diag": "tf32"}
 
 
 @triton.jit
@@ -164,6 +157,7 @@ def _chunk_intra_rows_kernel(
     HAS_BIAS: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr,
     # kernel config
     BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, SOLVE_PREC: tl.constexpr,
+    SOLVE_DIAG: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     """Same outputs as the fused kernel, organised to keep few values live: Gamma goes through scratch
@@ -214,7 +208,7 @@ def _chunk_intra_rows_kernel(
 
     # ---- phase 3: T = (I + A_kk)^-1 diag(beta)
     b_beta = chunk_beta(beta, o_t, m_t, i_h, HV, BETA_SIGMOID, BETA_SCALE)
-    b_m = block_inverse(base, b_beta, C, SOLVE_PREC)
+    b_m = block_inverse(base, b_beta, C, SOLVE_PREC, SOLVE_DIAG)
 
     # ---- phase 4: W = T (k * exp(Gamma)), U = T v, and q * exp(Gamma), k * exp(Gamma_C - Gamma), Gamma_C
     for i_k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):
@@ -267,9 +261,12 @@ def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, config: dict):
         impl = config.get("intra_impl", "rows")
         if impl not in IMPLS:
             raise ValueError(f"intra_impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+        solve_diag(config)  # an unknown diagonal method fails here, before any launch
         # split: its A kernel has its own K-block width; Gamma's row stride in the scratch fits both
         BKA = min(config.get("intra_a_BK", 16), triton.next_power_of_2(K))
-        KP = triton.cdiv(K, max(BK, BKA)) * max(BK, BKA) if impl in ("split", "split2") else triton.cdiv(K, BK) * BK
+        # split3: its A kernel also reads whole rows (K rounded up to a power of two)
+        row = max(BK, BKA, triton.next_power_of_2(K) if impl == "split3" else 1)
+        KP = triton.cdiv(K, row) * row if impl in ("split", "split2", "split3") else triton.cdiv(K, BK) * BK
         per_program = C * C + C * BLOCK + (2 * C * BK if impl == "fused" else C * KP + 2 * C)
         scratch = torch.empty(table.num_chunks * HV * per_program, device=dev, dtype=torch.float32)
         # register cap (NVIDIA): trades spills for more programs per multiprocessor
@@ -282,6 +279,10 @@ def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, config: dict):
         A_log = A_log if A_log is not None else g
         dt_bias = dt_bias if dt_bias is not None else g
         lower_bound = float(opts.lower_bound) if opts.lower_bound is not None else 0.0
+        if impl == "split3":
+            launch_split3(q, k, v, g, beta, A_log, dt_bias, aqk, w, u, qg, kg, gl, scratch, table, flags,
+                          float(opts.scale), lower_bound, KP, BK, BKA, BV, config, launch)
+            return aqk, w, u, qg, kg, gl
         if impl == "split2":
             launch_split2(q, k, v, g, beta, A_log, dt_bias, aqk, w, u, qg, kg, gl, scratch, table, flags,
                           float(opts.scale), lower_bound, KP, BK, BKA, BV, config, launch)
@@ -296,6 +297,6 @@ def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, config: dict):
             aqk, w, u, qg, kg, gl, scratch, table.chunk_seq, table.chunk_pos, table.cu, float(opts.scale),
             lower_bound, **flags,
             BK=BK, BV=BV, DOT_PREC=config.get("intra_precision", "tf32"),
-            SOLVE_PREC=config.get("solve_precision", "tf32"), NUM_STAGES=config.get("intra_stages", 1),
-            num_warps=config.get("intra_warps", 4), **launch)
+            SOLVE_PREC=config.get("solve_precision", "tf32"), SOLVE_DIAG=solve_diag(config),
+            NUM_STAGES=config.get("intra_stages", 1), num_warps=config.get("intra_warps", 4), **launch)
     return aqk, w, u, qg, kg, gl

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .gate import SPAN_MAX, chunk_beta, chunk_bounds, chunk_gamma, l2norm_factors
-from .solve_tril import block_inverse, t_times_v
+from .solve_tril import block_inverse, solve_diag, t_times_v
 
 
 @triton.jit
@@ -21,6 +21,7 @@ def _chunk_intra_fused_kernel(
     HAS_BIAS: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr,
     # kernel config
     BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, SOLVE_PREC: tl.constexpr,
+    SOLVE_DIAG: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     NB: tl.constexpr = C // 16
@@ -110,7 +111,7 @@ def _chunk_intra_fused_kernel(
     # ---- blocked inverse of the unit lower-triangular I + A_kk
     tl.store(base + o_c[:, None] * C + o_c[None, :], b_akk)
     tl.debug_barrier()
-    b_m = block_inverse(base, b_beta, C, SOLVE_PREC)
+    b_m = block_inverse(base, b_beta, C, SOLVE_PREC, SOLVE_DIAG)
 
     # ---- W = T (k * exp(Gamma)), U = T v
     for i_k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):

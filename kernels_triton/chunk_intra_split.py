@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .gate import L2NORM_EPS, SPAN_MAX, beta_act, chunk_beta, chunk_bounds, chunk_gamma, l2norm_factors
-from .solve_tril import block_inverse, t_times_v
+from .solve_tril import block_inverse, solve_diag, t_times_v
 
 
 @triton.jit
@@ -69,13 +69,12 @@ def row_norms(x, o_t, m_t, i_kh, H: tl.constexpr, K: tl.constexpr, R: tl.constex
 
 
 @triton.jit
-def block_outputs(qg, kg, ke, s_g, r_qi, r_ki, b_qi, b_ki, b_gi, t0, last, t_i, mi, o_k, i_h,
-                  HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
+def block_outputs(qg, kg, ke, b_gc, r_qi, r_ki, b_qi, b_ki, b_gi, t_i, mi, o_k, i_h, HV: tl.constexpr,
+                  K: tl.constexpr):
     """Rows ``t_i`` (channels ``o_k``) of ``qg = q r_q exp(Gamma)``, ``kg = k r_k exp(Gamma_C - Gamma)`` and
-    ``ke = k r_k exp(Gamma)`` from the raw rows ``b_qi``, ``b_ki``, their norm factors ``r_qi``, ``r_ki`` and
-    their Gamma ``b_gi`` (every exponent <= 0 on valid rows); Gamma_C from the scratch."""
+    ``ke = k r_k exp(Gamma)`` from the raw rows ``b_qi``, ``b_ki``, their norm factors ``r_qi``, ``r_ki``,
+    their Gamma ``b_gi`` and the chunk's Gamma_C ``b_gc`` (every exponent <= 0 on valid rows)."""
     p_o = t_i[:, None] * (HV * K) + i_h * K + o_k[None, :]
-    b_gc = tl.load(s_g + (last - t0) * KP + o_k)
     e_g = tl.where(mi, tl.exp(b_gi), 0.0)
     b_kr = b_ki * r_ki[:, None]
     tl.store(qg + p_o, (b_qi * r_qi[:, None] * e_g).to(qg.dtype.element_ty), mask=mi)
@@ -136,7 +135,8 @@ def _a_block_around(q, k, s_g, r_k, t0, eos, i, i_kh, REF: tl.constexpr, END: tl
         b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32)
         if out is not None:  # the block's rows of qg, kg, ke
             qg, kg, ke, r_qi, r_ki, last, i_h, HV = out
-            block_outputs(qg, kg, ke, s_g, r_qi, r_ki, b_qi, b_ki, b_gi, t0, last, t_i, mi, o_k, i_h, HV, K, KP)
+            b_gc = tl.load(s_g + (last - t0) * KP + o_k)
+            block_outputs(qg, kg, ke, b_gc, r_qi, r_ki, b_qi, b_ki, b_gi, t_i, mi, o_k, i_h, HV, K)
         b_ki = b_ki * e_r
         b_qi = b_qi * e_r
         # only the columns this block uses are read (rows s < 16 (i + END) of Gamma and k)
@@ -170,41 +170,52 @@ def a_block_exact(q, k, s_g, s_r, r_k, t0, eos, i, i_kh,
     """Same result as :func:`a_block_factored` for a block whose span exceeds SPAN_MAX: columns s < 16 i as
     one product factored around row 16 i (``exp(Gamma_r - Gamma_16i)`` and ``exp(Gamma_16i - Gamma_s)``,
     both <= 1), the diagonal block element-wise (one column per step, every exponent <= 0 where kept)."""
-    o_c = tl.arange(0, C)
-    o_b = tl.arange(0, BK)
-    o_16 = tl.arange(0, 16)
-    o_i = 16 * i + o_16
-    t_i = t0 + o_i
-    m_i = t_i < eos
+    o_i = 16 * i + tl.arange(0, 16)
     # columns before the block (none for block 0): one product around the block's first row
     b_akk, b_aqk = _a_block_around(q, k, s_g, r_k, t0, eos, i, i_kh, 0, 0, H, K, C, KP, BK, DOT_PREC,
                                    NUM_STAGES, out)
-    # diagonal block (a separate pass: fewer values live at once): column s = 16 i + j, rows r >= s,
-    # exp(Gamma_r - Gamma_s) <= 1
+    # diagonal block (a separate pass: fewer values live at once)
+    r_cols = tl.full([16], 1.0, tl.float32)
+    if r_k is not None:  # the columns' norm factors, else the caller scales afterwards
+        r_cols = tl.load(s_r + C + o_i)
+    d_kk, d_qk = diag_block_elementwise(q, k, s_g, r_cols, t0, eos, i, i_kh, H, K, C, KP, BK)
+    return b_akk + d_kk, b_aqk + d_qk
+
+
+@triton.jit
+def diag_block_elementwise(q, k, s_g, r_cols, t0, eos, i, i_kh, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                           KP: tl.constexpr, BK: tl.constexpr):
+    """Row block ``i`` of ``sum_c x_r[c] exp(Gamma_r[c] - Gamma_s[c]) k_s[c] r_cols[s]`` for x = k and x = q over
+    the block's own columns s = 16 i + j (``[16, C]``, other columns 0), element-wise: one column per step,
+    every exponent kept <= 0 (r >= s).  ``r_cols``: the norm factors of those 16 columns (or ones)."""
+    o_16 = tl.arange(0, 16)
+    o_c = tl.arange(0, C)
+    o_i = 16 * i + o_16
+    m_i = (t0 + o_i) < eos
+    d_kk = tl.zeros([16, C], dtype=tl.float32)
+    d_qk = tl.zeros([16, C], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + o_b
+        o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         mi = m_i[:, None] & m_k[None, :]
-        p_i = t_i[:, None] * (H * K) + i_kh * K + o_k[None, :]
-        b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32)
-        b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32)
-        b_gi = tl.load(s_g + o_i[:, None] * KP + o_k[None, :])
+        p_i = (t0 + o_i)[:, None] * (H * K) + i_kh * K + o_k[None, :]
+        b_q = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32)
+        b_g = tl.load(s_g + o_i[:, None] * KP + o_k[None, :], mask=mi, other=0.0)
         for j in range(0, 16):
             s = 16 * i + j
             # token s is inside the sequence, as a vector over the channels (a scalar mask breaks the
             # interpreter of newer Triton releases)
             m_s = (o_k * 0 + t0 + s) < eos
-            b_gj = tl.load(s_g + s * KP + o_k)
-            b_kj = tl.load(k + (t0 + s) * (H * K) + i_kh * K + o_k, mask=m_k & m_s,
-                           other=0.0).to(tl.float32)
-            if r_k is not None:  # the column's norm factor (= r_k[s]), else the caller scales afterwards
-                b_kj = b_kj * tl.load(s_r + C + s)
-            causal = (o_16 >= j) & m_i & ((o_16 * 0 + t0 + s) < eos)
-            b_kd = b_kj[None, :] * tl.where(causal[:, None] & m_k[None, :], tl.exp(b_gi - b_gj[None, :]), 0.0)
+            b_gj = tl.load(s_g + s * KP + o_k, mask=m_k, other=0.0)
+            b_kj = tl.load(k + (t0 + s) * (H * K) + i_kh * K + o_k, mask=m_k & m_s, other=0.0).to(tl.float32)
+            b_kj = b_kj * tl.sum(tl.where(o_16 == j, r_cols, 0.0))
+            causal = (o_16 >= j) & m_i
+            b_kd = b_kj[None, :] * tl.where(causal[:, None] & m_k[None, :], tl.exp(b_g - b_gj[None, :]), 0.0)
             sel = o_c[None, :] == s
-            b_akk += tl.where(sel, tl.sum(b_ki * b_kd, 1)[:, None], 0.0)
-            b_aqk += tl.where(sel, tl.sum(b_qi * b_kd, 1)[:, None], 0.0)
-    return b_akk, b_aqk
+            d_kk += tl.where(sel, tl.sum(b_k * b_kd, 1)[:, None], 0.0)
+            d_qk += tl.where(sel, tl.sum(b_q * b_kd, 1)[:, None], 0.0)
+    return d_kk, d_qk
 
 
 @triton.jit
@@ -297,7 +308,8 @@ def _split_a_kernel(
             p_i = t_i[:, None] * (H * K) + i_kh * K + o_k[None, :]
             b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32)
             b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32)
-            block_outputs(qg, kg, ke, s_g, b_ri, b_rki, b_qi, b_ki, b_gi, t0, last, t_i, mi, o_k, i_h, HV, K, KP)
+            b_gc = tl.load(s_g + (last - t0) * KP + o_k)
+            block_outputs(qg, kg, ke, b_gc, b_ri, b_rki, b_qi, b_ki, b_gi, t_i, mi, o_k, i_h, HV, K)
     span = tl.max(tl.max(b_span, 1), 0)
     if NORMS_IN_A:  # the columns are scaled after the products (fewer values live in them)
         r_k = None
@@ -329,6 +341,7 @@ def _split_solve_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr, KP: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, SOLVE_PREC: tl.constexpr,
+    SOLVE_DIAG: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     """K3: T = (I + A_kk)^-1 diag(beta) from the scratch, W = T (k r_k exp(Gamma)), U = T v."""
@@ -342,7 +355,7 @@ def _split_solve_kernel(
     o_b = tl.arange(0, BK)
 
     b_beta = chunk_beta(beta, o_t, m_t, i_h, HV, BETA_SIGMOID, BETA_SCALE)
-    b_m = block_inverse(base, b_beta, C, SOLVE_PREC)
+    b_m = block_inverse(base, b_beta, C, SOLVE_PREC, SOLVE_DIAG)
 
     r_k = tl.load(s_r + C + o_c)
     for i_k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):
@@ -391,5 +404,6 @@ def launch_split(q, k, v, g, beta, A_log, dt_bias, aqk, w, u, qg, kg, gl, scratc
         k, v, beta, w, u, scratch, table.chunk_seq, table.chunk_pos, table.cu,
         H=flags["H"], HV=flags["HV"], K=flags["K"], V=flags["V"], C=flags["C"], BETA_SIGMOID=flags["BETA_SIGMOID"],
         BETA_SCALE=flags["BETA_SCALE"], KP=KP, BK=BK, BV=BV, DOT_PREC=config.get("intra_precision", "tf32"),
-        SOLVE_PREC=config.get("solve_precision", "tf32"), NUM_STAGES=config.get("intra_stages", 1),
+        SOLVE_PREC=config.get("solve_precision", "tf32"),
+        SOLVE_DIAG=solve_diag(config), NUM_STAGES=config.get("intra_stages", 1),
         num_warps=config.get("intra_warps", 4), **launch)

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .chunk_intra_split import launch_prep_and_a, scratch_views
 from .gate import chunk_beta, chunk_bounds
-from .solve_tril import block_inverse, t_times_v
+from .solve_tril import block_inverse, solve_diag, t_times_v
 
 # where the A kernel writes qg, kg, ke (config intra_a_outputs): its span pass, or its product pass
 OUTPUT_PASSES = {"span": 1, "main": 2}
@@ -47,7 +47,7 @@ def _split2_solve_kernel(
     w, v, beta, u, scratch, chunk_seq, chunk_pos, cu,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, KP: tl.constexpr,
     BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    DOT_PREC: tl.constexpr, SOLVE_PREC: tl.constexpr, NUM_STAGES: tl.constexpr,
+    DOT_PREC: tl.constexpr, SOLVE_PREC: tl.constexpr, SOLVE_DIAG: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """K3: T = (I + A_kk)^-1 diag(beta) from the scratch; W = T ke (in place over ke, in ``w``), U = T v."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -58,7 +58,7 @@ def _split2_solve_kernel(
     m_t = o_t < eos
 
     b_beta = chunk_beta(beta, o_t, m_t, i_h, HV, BETA_SIGMOID, BETA_SCALE)
-    b_m = block_inverse(base, b_beta, C, SOLVE_PREC)
+    b_m = block_inverse(base, b_beta, C, SOLVE_PREC, SOLVE_DIAG)
     for i_k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
@@ -84,4 +84,5 @@ def launch_split2(q, k, v, g, beta, A_log, dt_bias, aqk, w, u, qg, kg, gl, scrat
         w, v, beta, u, scratch, table.chunk_seq, table.chunk_pos, table.cu, HV=flags["HV"], K=flags["K"],
         V=flags["V"], C=flags["C"], KP=KP, BETA_SIGMOID=flags["BETA_SIGMOID"], BETA_SCALE=flags["BETA_SCALE"], BK=BK,
         BV=BV, DOT_PREC=config.get("intra_precision", "tf32"), SOLVE_PREC=config.get("solve_precision", "tf32"),
+        SOLVE_DIAG=solve_diag(config),
         NUM_STAGES=config.get("intra_stages", 1), num_warps=config.get("intra_warps", 4), **launch)

@@ -26,7 +26,18 @@ def get_configs() -> list[dict]:
             for bv in (16, 32, 64) for w in (4, 8) for s in (2, 3)]
 
 
-DEFAULT_CONFIG = {"state_BV": 32, "state_warps": 4, "state_stages": 3}
+# state_BV None: chosen per call by :func:`state_block_v`, so a tuned table entry whose winner is the default
+# stays shape-adaptive across its bucket (a B8·H32 call in the T8k bucket tuned at B2·H16 keeps its own BV)
+DEFAULT_CONFIG = {"state_BV": None, "state_warps": 4, "state_stages": 3}
+
+
+def state_block_v(num_seqs: int, HV: int, V: int) -> int:
+    """Default V-block width: the widest (<= 64) that still gives >= 128 programs (V blocks x sequences x
+    heads), since the recurrence over chunks is sequential inside a program."""
+    bv = 64
+    while bv > 16 and num_seqs * HV * -(-V // bv) < 128:
+        bv //= 2
+    return bv
 
 
 @triton.jit
@@ -95,7 +106,7 @@ def chunk_state(kg, w, u, gl, initial_state, table, state_v_first: bool, output_
     TT, HV, K = kg.shape
     V = u.shape[2]
     N = table.num_seqs
-    BV = min(config.get("state_BV", 32), triton.next_power_of_2(V))
+    BV = min(config.get("state_BV") or state_block_v(N, HV, V), triton.next_power_of_2(V))
     h = torch.empty(table.num_chunks, HV, K, V, device=kg.device, dtype=kg.dtype)
     v_new = torch.empty_like(u)
     shape = (N, HV, V, K) if state_v_first else (N, HV, K, V)

@@ -4,7 +4,7 @@ called inside the intra-chunk kernels (chunk_intra.py, chunk_intra_fused.py) on 
     T = (I + A)^-1 diag(beta),   A strictly lower triangular [C, C], C = 32 or 64
 
 * the 16x16 diagonal blocks (all C/16 of them at once) by forward substitution in float32, rows in
-  registers as a [C/16, 16, 16] tensor;
+  registers as a [C/16, 16, 16] tensor, or (config ``solve_diag``) by six block-diagonal [C, C] products;
 * with Dinv their inverse and N = Dinv A_off (strictly block-lower, so N^4 = 0), (I + A) = Dblk (I + N) and
   (I + A)^-1 = (I - N)(I + N^2) Dinv: three or four [C, C] tensor-core products (``SOLVE_PREC``: "tf32"
   default, "ieee" for float32 FMA; measured error of both in docs/triton.md).
@@ -18,31 +18,49 @@ import triton.language as tl
 
 
 @triton.jit
-def block_inverse(base, b_beta, C: tl.constexpr, SOLVE_PREC: tl.constexpr):
+def diag_inverse_products(b_l, eye, PREC: tl.constexpr):
+    """``(I + L)^-1`` of a block-diagonal ``L [C, C]`` whose 16x16 blocks are strictly lower: L^16 = 0, so
+    ``(I + L)^-1 = (I - L)(I + L^2)(I + L^4)(I + L^8)``, six tensor-core products (block-diagonal throughout)."""
+    b_p = b_l
+    b_inv = eye - b_l
+    for _ in tl.static_range(3):
+        b_p = tl.dot(b_p, b_p, input_precision=PREC)
+        b_inv = tl.dot(b_inv, eye + b_p, input_precision=PREC)
+    return b_inv
+
+
+@triton.jit
+def block_inverse(base, b_beta, C: tl.constexpr, SOLVE_PREC: tl.constexpr, DIAG: tl.constexpr):
     """``(I + A)^-1 diag(beta)`` for the strictly lower ``A [C, C]`` stored (float32, row-major) at ``base``;
-    ``[C, 16]`` floats after it are scratch.  Diagonal 16x16 blocks by forward substitution (all blocks at
-    once, rows kept in registers), then (I + N)^-1 = (I - N)(I + N^2) with N = Dinv A_off (N^4 = 0)."""
+    ``[C, 16]`` floats after it are scratch.  Diagonal 16x16 blocks (``DIAG``: "subst", forward substitution
+    with all blocks at once and rows kept in registers; or a dot precision, :func:`diag_inverse_products`),
+    then (I + N)^-1 = (I - N)(I + N^2) with N = Dinv A_off (N^4 = 0)."""
     NB: tl.constexpr = C // 16
     o_c = tl.arange(0, C)
     blk = o_c // 16
-    o_16 = tl.arange(0, 16)
-    # stacked diagonal blocks: row r holds A[r, 16 blk(r) : 16 blk(r) + 16]
-    b_ad = tl.reshape(tl.load(base + o_c[:, None] * C + (blk * 16)[:, None] + o_16[None, :]), (NB, 16, 16))
-    r3 = tl.arange(0, 16)[None, :, None]
-    c3 = tl.arange(0, 16)[None, None, :]
-    eye3 = tl.where(r3 == c3, 1.0, 0.0)
-    b_inv = eye3 + tl.zeros([NB, 16, 16], dtype=tl.float32)
-    for j in range(1, 16):  # forward substitution, row j of all diagonal blocks at once
-        row = tl.sum(tl.where(r3 == j, b_ad, 0.0), 1)                # [NB, 16]: A[j, :] of each block
-        new = -tl.sum(row[:, :, None] * b_inv, 1)                    # -sum_s A[j, s] Inv[s, :]
-        b_inv = tl.where(r3 == j, new[:, None, :] + eye3, b_inv)
-    base_d = base + C * C
-    tl.store(base_d + tl.arange(0, NB)[:, None, None] * 256 + r3 * 16 + c3, b_inv)
-    tl.debug_barrier()
     same = blk[:, None] == blk[None, :]
-    b_dinv = tl.load(base_d + o_c[:, None] * 16 + (o_c % 16)[None, :], mask=same, other=0.0)
-    b_aoff = tl.load(base + o_c[:, None] * C + o_c[None, :], mask=~same, other=0.0)
     eye = tl.where(o_c[:, None] == o_c[None, :], 1.0, 0.0)
+    if DIAG == "subst":
+        o_16 = tl.arange(0, 16)
+        # stacked diagonal blocks: row r holds A[r, 16 blk(r) : 16 blk(r) + 16]
+        b_ad = tl.reshape(tl.load(base + o_c[:, None] * C + (blk * 16)[:, None] + o_16[None, :]), (NB, 16, 16))
+        r3 = tl.arange(0, 16)[None, :, None]
+        c3 = tl.arange(0, 16)[None, None, :]
+        eye3 = tl.where(r3 == c3, 1.0, 0.0)
+        b_inv = eye3 + tl.zeros([NB, 16, 16], dtype=tl.float32)
+        for j in range(1, 16):  # forward substitution, row j of all diagonal blocks at once
+            row = tl.sum(tl.where(r3 == j, b_ad, 0.0), 1)                # [NB, 16]: A[j, :] of each block
+            new = -tl.sum(row[:, :, None] * b_inv, 1)                    # -sum_s A[j, s] Inv[s, :]
+            b_inv = tl.where(r3 == j, new[:, None, :] + eye3, b_inv)
+        base_d = base + C * C
+        tl.store(base_d + tl.arange(0, NB)[:, None, None] * 256 + r3 * 16 + c3, b_inv)
+        tl.debug_barrier()
+        b_dinv = tl.load(base_d + o_c[:, None] * 16 + (o_c % 16)[None, :], mask=same, other=0.0)
+        b_aoff = tl.load(base + o_c[:, None] * C + o_c[None, :], mask=~same, other=0.0)
+    else:
+        b_a = tl.load(base + o_c[:, None] * C + o_c[None, :])
+        b_dinv = diag_inverse_products(tl.where(same, b_a, 0.0), eye, DIAG)
+        b_aoff = tl.where(same, 0.0, b_a)
     b_n = tl.dot(b_dinv, b_aoff, input_precision=SOLVE_PREC)
     if NB > 2:
         b_x = tl.dot(eye - b_n, eye + tl.dot(b_n, b_n, input_precision=SOLVE_PREC), input_precision=SOLVE_PREC)
@@ -62,3 +80,16 @@ def t_times_v(b_m, v, u, o_t, m_t, i_h, HV: tl.constexpr, V: tl.constexpr, BV: t
         p_v = o_t[:, None] * (HV * V) + i_h * V + o_v[None, :]
         b_v = tl.load(v + p_v, mask=m, other=0.0).to(tl.float32)
         tl.store(u + p_v, tl.dot(b_m, b_v, input_precision=DOT_PREC).to(u.dtype.element_ty), mask=m)
+
+
+# how block_inverse takes the 16x16 diagonal blocks (config solve_diag): forward substitution, or the
+# products of diag_inverse_products at one of these dot precisions
+DIAG_METHODS = ("subst", "tf32", "tf32x3", "ieee")
+
+
+def solve_diag(config: dict) -> str:
+    """The ``solve_diag`` entry of a stage config (default "subst"), checked against DIAG_METHODS."""
+    method = config.get("solve_diag", "subst")
+    if method not in DIAG_METHODS:
+        raise ValueError(f"solve_diag must be one of {DIAG_METHODS}, got {method!r}")
+    return method

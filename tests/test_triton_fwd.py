@@ -82,6 +82,35 @@ CASES = {
     # the one-program organisation ("rows"; the default before "split"), factored and element-wise paths
     "chunk_fp32_rows_strong_gate": dict(op="chunk", dtype="float32", cu=[0, 20, 83], H=1, HV=2, K=32, V=16,
                                         gscale=30.0, tol=1e-4, config={"intra_impl": "rows"}),
+    # fifth organisation ("split3": A tiles factored around each block's first row, rows checked one by one)
+    "chunk_fp32_split3_ragged_gva": dict(op="chunk", dtype="float32", B=2, T=70, H=1, HV=2, K=32, V=32,
+                                         config={"intra_impl": "split3", "intra_BK": 16}),
+    "chunk_fp32_split3_strong_gate": dict(op="chunk", dtype="float32", cu=[0, 20, 83], H=1, HV=2, K=16, V=16,
+                                          gscale=30.0, tol=1e-4, config={"intra_impl": "split3"}),
+    "chunk_fp32_split3_masked_gate_l2": dict(op="chunk", dtype="float32", B=1, T=70, H=1, HV=2, K=32, V=16,
+                                             masked=True, l2norm=True, tol=3e-4, config={"intra_impl": "split3"}),
+    "chunk_fp16_split3_c32_safe_vfirst": dict(op="chunk", dtype="float16", B=1, T=45, H=1, HV=2, K=64, V=32, C=32,
+                                              gate="raw", lower_bound=-5.0, state_v_first=True, l2norm=True,
+                                              config={"intra_impl": "split3"}),
+    "chunk_fp32_split3_lb_noA_negeig": dict(op="chunk", dtype="float32", B=1, T=20, H=1, HV=1, K=16, V=16,
+                                            gate="raw", lower_bound=-3.0, drop_A_log=True, beta_logits=True,
+                                            neg_eig=True, config={"intra_impl": "split3"}),
+    # causality, bit for bit: redraw every input after token 70 (inside a 16-row block), the first 70 outputs
+    # must not move (float32, so no output rounding hides a leak); log, safe and strongly decaying gates
+    "causal_fp32_split3_log": dict(op="causal", dtype="float32", B=1, T=150, H=1, HV=1, K=32, V=32, causal_at=70,
+                                   config={"intra_impl": "split3"}),
+    "causal_fp32_split3_safe": dict(op="causal", dtype="float32", B=1, T=150, H=1, HV=1, K=32, V=32, causal_at=70,
+                                    gate="raw", lower_bound=-5.0, l2norm=True, config={"intra_impl": "split3"}),
+    "causal_fp32_split3_strong": dict(op="causal", dtype="float32", B=1, T=150, H=1, HV=1, K=16, V=16,
+                                      causal_at=75, gscale=30.0, config={"intra_impl": "split3"}),
+    # the inverse's diagonal blocks by products (solve_diag): C = 64 (three-product branch) and C = 32
+    "chunk_fp32_split3_diag_products_negeig": dict(op="chunk", dtype="float32", B=1, T=70, H=1, HV=2, K=32, V=16,
+                                                   gate="raw", lower_bound=-5.0, neg_eig=True, beta_logits=True,
+                                                   config={"intra_impl": "split3", "solve_diag": "tf32x3"}),
+    "chunk_fp32_split2_diag_products_c32": dict(op="chunk", dtype="float32", B=2, T=45, H=1, HV=1, K=16, V=16, C=32,
+                                                config={"intra_impl": "split2", "solve_diag": "ieee"}),
+    # the shipped default configuration is causal bit for bit too
+    "causal_fp32_default_log": dict(op="causal", dtype="float32", B=1, T=150, H=1, HV=2, K=32, V=32, causal_at=70),
     # decode kernel
     "rec_bf16_decode_prologue": dict(op="recurrent", dtype="bfloat16", B=4, T=1, H=2, HV=4, K=64, V=64,
                                      gate="raw", l2norm=True, beta_logits=True),
@@ -92,7 +121,7 @@ CASES = {
     "pool_bf16_out": dict(op="pool", dtype="bfloat16", B=3, T=1, H=1, HV=1, K=32, V=32, inplace=False),
     "spec_fp32_inplace": dict(op="spec", dtype="float32", cu=[0, 3, 5, 6], H=1, HV=2, K=16, V=16, inplace=True),
 }
-CHUNK_CASES = [name for name, case in CASES.items() if case["op"] in ("chunk", "states")]
+CHUNK_CASES = [name for name, case in CASES.items() if case["op"] in ("chunk", "states", "causal")]
 DECODE_CASES = [name for name in CASES if name not in CHUNK_CASES]
 
 
@@ -148,11 +177,45 @@ def _err(out, ref):
     return rel_err(out, ref.double())
 
 
+def _causal_leak(case, low, kw, backend):
+    """Largest ``|o - o'|`` over tokens before ``case["causal_at"]``, where o' is the output after every input of
+    the later tokens (q, k, v, g, beta) is redrawn; causality means exactly 0 (design.md section 6)."""
+    from kda_compile import chunk_kda
+    cut = case["causal_at"]
+    late = {}
+    for name in ("q", "k", "v", "g", "beta"):
+        x = low[name].clone()
+        x[:, cut:] = torch.randn_like(x[:, cut:].float()).to(x.dtype) * (0.5 if name == "g" else 1.0)
+        if name == "g" and case.get("gate", "log") == "log":
+            x[:, cut:] = -x[:, cut:].float().abs().to(x.dtype)  # log decay stays <= 0
+        late[name] = x
+    config = case.get("config")
+
+    def forward(inputs):
+        if config:  # a non-default kernel config, straight to the backend
+            from kda_compile.api import _options
+            from kda_compile.kernels_triton.chunk_fwd import chunk_kda_fwd
+            opts = _options(inputs["q"], None, kw["use_qk_l2norm_in_kernel"], kw["use_gate_in_kernel"],
+                            kw["use_beta_sigmoid_in_kernel"], kw["allow_neg_eigval"], kw.get("lower_bound"),
+                            case.get("C", 64), kw["state_v_first"])
+            return chunk_kda_fwd(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"],
+                                 inputs.get("initial_state"), None, inputs.get("A_log"), inputs.get("dt_bias"), opts,
+                                 False, config)[0]
+        return chunk_kda(**inputs, **kw, chunk_size=case.get("C", 64), backend=backend)[0]
+
+    o_early = forward(low)[:, :cut]
+    o_late = forward({**low, **late})[:, :cut]
+    return float((o_early.double() - o_late.double()).abs().max())
+
+
 def run_case(case, device="cpu", backend="triton"):
-    """Run one case on ``backend`` and the float64 reference; returns ``{quantity: relative error}``."""
+    """Run one case on ``backend`` and the float64 reference; returns ``{quantity: relative error}`` (and
+    ``leak``, see :func:`_causal_leak`, for the causality cases)."""
     from kda_compile import chunk_kda, fused_recurrent_kda
     low, ref = _inputs(case, device)
     kw = _flags(case)
+    if case["op"] == "causal":
+        return {"leak": _causal_leak(case, low, kw, backend)}
     if case["op"] == "chunk" and case.get("config"):  # a non-default kernel config, straight to the backend
         from kda_compile.api import _options
         from kda_compile.kernels_triton.chunk_fwd import chunk_kda_fwd
@@ -249,7 +312,10 @@ def test_triton_interpreter_matches_float64_reference(results, name):
     assert "error" not in row, row.get("error")
     tol = CASES[name].get("tol", TOL[CASES[name]["dtype"]])
     for quantity, err in row.items():
-        assert err <= tol, f"{name}: {quantity} relative error {err:.3g} > {tol:g}"
+        if quantity == "leak":  # causality is exact
+            assert err == 0.0, f"{name}: earlier outputs moved by {err:.3g} when only later inputs changed"
+        else:
+            assert err <= tol, f"{name}: {quantity} relative error {err:.3g} > {tol:g}"
 
 
 def _call(op="chunk", device="cpu", dtype=torch.float32, K=32, V=32, initial_state=None, inplace=False):
