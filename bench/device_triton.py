@@ -24,8 +24,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (STANDARD_SHAPES, fla_forward, gate_kwargs, kda_options, make_inputs, parse_config, parse_shape,  # noqa: E402
-                    time_ms, triton_forward, versions)
+from common import (STANDARD_SHAPES, fla_forward, gate_kwargs, kda_options, make_inputs,  # noqa: E402
+                    parse_config, parse_shape, time_ms, triton_forward, versions)
 
 T_START = time.time()
 LOG = None
@@ -98,7 +98,7 @@ def stage_times(x, gate, config, only=None):
     from kda_compile.kernels_triton.chunk_fwd import chunk_table, default_config
     B, T, H, K = x["q"].shape
     HV = x["v"].shape[2]
-    cfg = {**default_config(B, HV, x["v"].shape[3]), **config}
+    cfg = {**default_config(), **config}
     opts = kda_options(x, gate)
     table = chunk_table(B, T, None, 64, x["q"].device)
     q, k, v = (x[n].reshape(B * T, H, K) for n in "qkv")

@@ -53,14 +53,14 @@ def supports(call: KDACall) -> str | None:
 def default_config(call: KDACall) -> dict:
     """Shipped kernel config for the call's op."""
     if call.op == "chunk":
-        return chunk_fwd.default_config(call.problem.N, call.problem.HV, call.problem.V, call.problem.dtype)
+        return chunk_fwd.default_config(call.problem.dtype)
     return dict(fused_recurrent.DEFAULT_CONFIG)
 
 
 def configs(call: KDACall) -> list[dict]:
     """Configs worth trying for the call (the autotuner's search space)."""
     if call.op == "chunk":
-        return chunk_fwd.get_configs(call.problem.N, call.problem.HV, call.problem.V, call.problem.dtype)
+        return chunk_fwd.get_configs(call.problem.dtype)
     return fused_recurrent.get_configs()
 
 

@@ -73,19 +73,18 @@ def _build_table(lengths: tuple, chunk_size: int, device: str) -> ChunkTable:
 def float32_precisions() -> dict:
     """Precision of the float32 products for float32 inputs, following PyTorch's own switch
     (``torch.set_float32_matmul_precision``): "highest" (PyTorch's default) gives float32-accurate products
-    (3xTF32 on the tensor cores, the inverse in float32 FMA, its diagonal blocks by forward substitution), "high"/"medium" allow TF32 (~1e-3 error)."""
+    (3xTF32 on the tensor cores, the inverse in float32 FMA, its diagonal blocks by forward substitution),
+    "high"/"medium" allow TF32 (~1e-3 error)."""
     if torch.get_float32_matmul_precision() == "highest":
         return {"intra_precision": "tf32x3", "solve_precision": "ieee", "solve_diag": "subst",
                 "dot_precision": "tf32x3"}
     return {"intra_precision": "tf32", "solve_precision": "tf32", "solve_diag": "tf32", "dot_precision": "tf32"}
 
 
-def default_config(num_seqs: int = 0, HV: int = 0, V: int = 128, dtype: torch.dtype | None = None) -> dict:
-    """Shipped defaults of every stage (measured on an H100, docs/triton.md).  The state recurrence's V block
-    is left to the call (``state_BV`` None: :func:`chunk_state.state_block_v`).  The arguments other than
-    ``dtype`` are kept for the backend interface; the defaults do not depend on them.
-    bf16/fp16 inputs keep TF32 for the float32 intermediates (A, inverse); float32 inputs follow
-    :func:`float32_precisions`."""
+def default_config(dtype: torch.dtype | None = None) -> dict:
+    """Shipped defaults of every stage (measured on an H100, docs/triton.md); the state recurrence's V block
+    is left to the call (``state_BV`` None: :func:`chunk_state.state_block_v`).  bf16/fp16 inputs keep TF32
+    for the float32 intermediates (A, inverse); float32 inputs follow :func:`float32_precisions`."""
     cfg = {**chunk_intra.DEFAULT_CONFIG, **chunk_state.DEFAULT_CONFIG, **chunk_o.DEFAULT_CONFIG,
            "dot_precision": "tf32"}
     if dtype == torch.float32:
@@ -93,11 +92,11 @@ def default_config(num_seqs: int = 0, HV: int = 0, V: int = 128, dtype: torch.dt
     return cfg
 
 
-def get_configs(num_seqs: int = 0, HV: int = 0, V: int = 128, dtype: torch.dtype | None = None) -> list[dict]:
+def get_configs(dtype: torch.dtype | None = None) -> list[dict]:
     """The search space: the default, then each stage's alternatives with the other stages at default
     (the stages are separate kernels, so they can be tuned one at a time), taken from the stages in turn so
     that a budget-limited search (``autotune --max-configs``) still tries every stage."""
-    base = default_config(num_seqs, HV, V, dtype)
+    base = default_config(dtype)
     out = [base]
     per_stage = [stage.get_configs() for stage in (chunk_intra, chunk_state, chunk_o)]
     for i in range(max(map(len, per_stage))):
@@ -118,8 +117,7 @@ def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    config = {**default_config(N, HV, V, q.dtype), **(config or {})}
+    config = {**default_config(q.dtype), **(config or {})}
     table = chunk_table(B, T, cu_seqlens, opts.chunk_size, q.device)
     q, k, v = (x.reshape(B * T, x.shape[2], x.shape[3]).contiguous() for x in (q, k, v))
     g = g.reshape(B * T, HV, K).contiguous()

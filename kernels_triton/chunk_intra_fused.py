@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .gate import SPAN_MAX, chunk_beta, chunk_bounds, chunk_gamma, l2norm_factors
-from .solve_tril import block_inverse, solve_diag, t_times_v
+from .solve_tril import block_inverse, t_times_v
 
 
 @triton.jit

@@ -69,12 +69,13 @@ def row_norms(x, o_t, m_t, i_kh, H: tl.constexpr, K: tl.constexpr, R: tl.constex
 
 
 @triton.jit
-def block_outputs(qg, kg, ke, b_gc, r_qi, r_ki, b_qi, b_ki, b_gi, t_i, mi, o_k, i_h, HV: tl.constexpr,
-                  K: tl.constexpr):
+def block_outputs(qg, kg, ke, s_g, r_qi, r_ki, b_qi, b_ki, b_gi, t0, last, t_i, mi, o_k, i_h,
+                  HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
     """Rows ``t_i`` (channels ``o_k``) of ``qg = q r_q exp(Gamma)``, ``kg = k r_k exp(Gamma_C - Gamma)`` and
-    ``ke = k r_k exp(Gamma)`` from the raw rows ``b_qi``, ``b_ki``, their norm factors ``r_qi``, ``r_ki``,
-    their Gamma ``b_gi`` and the chunk's Gamma_C ``b_gc`` (every exponent <= 0 on valid rows)."""
+    ``ke = k r_k exp(Gamma)`` from the raw rows ``b_qi``, ``b_ki``, their norm factors ``r_qi``, ``r_ki`` and
+    their Gamma ``b_gi`` (every exponent <= 0 on valid rows); Gamma_C from the scratch."""
     p_o = t_i[:, None] * (HV * K) + i_h * K + o_k[None, :]
+    b_gc = tl.load(s_g + (last - t0) * KP + o_k)
     e_g = tl.where(mi, tl.exp(b_gi), 0.0)
     b_kr = b_ki * r_ki[:, None]
     tl.store(qg + p_o, (b_qi * r_qi[:, None] * e_g).to(qg.dtype.element_ty), mask=mi)
@@ -135,8 +136,7 @@ def _a_block_around(q, k, s_g, r_k, t0, eos, i, i_kh, REF: tl.constexpr, END: tl
         b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32)
         if out is not None:  # the block's rows of qg, kg, ke
             qg, kg, ke, r_qi, r_ki, last, i_h, HV = out
-            b_gc = tl.load(s_g + (last - t0) * KP + o_k)
-            block_outputs(qg, kg, ke, b_gc, r_qi, r_ki, b_qi, b_ki, b_gi, t_i, mi, o_k, i_h, HV, K)
+            block_outputs(qg, kg, ke, s_g, r_qi, r_ki, b_qi, b_ki, b_gi, t0, last, t_i, mi, o_k, i_h, HV, K, KP)
         b_ki = b_ki * e_r
         b_qi = b_qi * e_r
         # only the columns this block uses are read (rows s < 16 (i + END) of Gamma and k)
@@ -308,8 +308,7 @@ def _split_a_kernel(
             p_i = t_i[:, None] * (H * K) + i_kh * K + o_k[None, :]
             b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32)
             b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32)
-            b_gc = tl.load(s_g + (last - t0) * KP + o_k)
-            block_outputs(qg, kg, ke, b_gc, b_ri, b_rki, b_qi, b_ki, b_gi, t_i, mi, o_k, i_h, HV, K)
+            block_outputs(qg, kg, ke, s_g, b_ri, b_rki, b_qi, b_ki, b_gi, t0, last, t_i, mi, o_k, i_h, HV, K, KP)
     span = tl.max(tl.max(b_span, 1), 0)
     if NORMS_IN_A:  # the columns are scaled after the products (fewer values live in them)
         r_k = None

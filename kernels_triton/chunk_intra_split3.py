@@ -27,8 +27,8 @@ flash-linear-attention's safe-gate sub-chunk kernel is the first row too, shifte
   15 |lower_bound|, so ``d = -7.5 lower_bound`` centres the range and no row is ever checked (``CHECK`` off);
 * otherwise ``d = SPAN_MAX / 2`` (factors in range for up to 90 of decay over the block) and each row is
   checked against the rows before it; rows out of range (e.g. after a masked token, g = -1000) take their
-  diagonal tile element-wise, every exponent <= 0 (:func:`chunk_intra_split.diag_block_elementwise`).  The choice is per row and looks
-  only at earlier rows, so it is causal too.  Tiles left of the diagonal need no check: with g <= 0 both
+  diagonal tile element-wise, every exponent <= 0 (:func:`chunk_intra_split.diag_block_elementwise`).  The
+  choice is per row and looks only at earlier rows, so it is causal too.  Tiles left of the diagonal need no check: with g <= 0 both
   factors are <= exp(d) there and an underflowed factor means an entry below exp(-SPAN_MAX / 2).
 
 The Gamma kernel writes Gamma (float32) to the scratch and Gamma_C to ``gl``; the solve kernel is split2's
@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .chunk_intra_split import block_outputs, diag_block_elementwise, row_norms, scratch_views, store_a_block
-from .gate import L2NORM_EPS, SPAN_MAX, chunk_bounds, chunk_gamma
+from .gate import SPAN_MAX, chunk_bounds, chunk_gamma
 from .chunk_intra_split2 import _split2_solve_kernel
 from .solve_tril import solve_diag
 
@@ -105,21 +105,10 @@ def _split3_a_kernel(
     r_k = tl.full([16], 1.0, tl.float32)
     r_s = tl.full([C], 1.0, tl.float32)
     if L2NORM and NORMS_FIRST:
-        # one pass for the norm factors of the block's q rows and of every k row it uses as a column; its own
-        # k rows' factors are taken from the columns' (the same numbers in both roles)
-        s_q = tl.zeros([16], dtype=tl.float32)
-        s_s = tl.zeros([C], dtype=tl.float32)
-        for i_r in range(0, tl.cdiv(K, BKR)):
-            o_r = i_r * BKR + tl.arange(0, BKR)
-            m_r = (o_r < K)[None, :]
-            b_q = tl.load(q + t_i[:, None] * (H * K) + i_kh * K + o_r[None, :], mask=m_i[:, None] & m_r,
-                          other=0.0).to(tl.float32)
-            b_s = tl.load(k + (t0 + o_c)[:, None] * (H * K) + i_kh * K + o_r[None, :], mask=cols[:, None] & m_r,
-                          other=0.0).to(tl.float32)
-            s_q += tl.sum(b_q * b_q, 1)
-            s_s += tl.sum(b_s * b_s, 1)
-        r_q = tl.rsqrt(s_q + L2NORM_EPS)
-        r_s = tl.rsqrt(s_s + L2NORM_EPS)
+        # before everything, the norm factors of the block's q rows and of every k row it uses as a column; its
+        # own k rows' factors are taken from the columns' (the same numbers in both roles)
+        r_q = row_norms(q, t_i, m_i, i_kh, H, K, 16, BKR)
+        r_s = row_norms(k, t0 + o_c, cols, i_kh, H, K, C, BKR)
         r_k = tl.sum(tl.where(o_c[None, :] == o_i[:, None], r_s[None, :], 0.0), 1)
     elif L2NORM:  # the block's own rows only; the columns' factors in a pass after the products
         r_q = row_norms(q, t_i, m_i, i_kh, H, K, 16, BKR)
@@ -132,8 +121,7 @@ def _split3_a_kernel(
         b_q = tl.load(q + p_r, mask=mr, other=0.0).to(tl.float32)
         b_k = tl.load(k + p_r, mask=mr, other=0.0).to(tl.float32)
         b_g = tl.load(s_g + o_i[:, None] * KP + o_r[None, :], mask=mr, other=0.0)
-        b_gc = tl.load(s_g + (last - t0) * KP + o_r)
-        block_outputs(qg, kg, ke, b_gc, r_q, r_k, b_q, b_k, b_g, t_i, mr, o_r, i_h, HV, K)
+        block_outputs(qg, kg, ke, s_g, r_q, r_k, b_q, b_k, b_g, t0, last, t_i, mr, o_r, i_h, HV, K, KP)
         if CHECK:
             b_fr = tl.load(s_g + 16 * i * KP + o_r, mask=o_r < K, other=0.0)
             out = tl.maximum(out, tl.max(tl.where(mr, tl.abs(b_g - b_fr[None, :] + shift), 0.0), 1))

@@ -14,7 +14,7 @@ def restore_matmul_precision():
 
 def test_float32_inputs_get_float32_accurate_products_by_default(restore_matmul_precision):
     torch.set_float32_matmul_precision("highest")
-    cfg = chunk_fwd.default_config(2, 4, 64, torch.float32)
+    cfg = chunk_fwd.default_config(torch.float32)
     assert cfg["intra_precision"] == "tf32x3" and cfg["solve_precision"] == "ieee" and cfg["solve_diag"] == "subst"
     assert cfg["dot_precision"] == "tf32x3"
 
@@ -22,14 +22,14 @@ def test_float32_inputs_get_float32_accurate_products_by_default(restore_matmul_
 @pytest.mark.parametrize("mode", ["high", "medium"])
 def test_float32_inputs_use_tf32_when_pytorch_allows_it(restore_matmul_precision, mode):
     torch.set_float32_matmul_precision(mode)
-    cfg = chunk_fwd.default_config(2, 4, 64, torch.float32)
+    cfg = chunk_fwd.default_config(torch.float32)
     assert {cfg[k] for k in ("intra_precision", "solve_precision", "solve_diag", "dot_precision")} == {"tf32"}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, None])
 def test_half_inputs_keep_tf32_intermediates(restore_matmul_precision, dtype):
     torch.set_float32_matmul_precision("highest")
-    cfg = chunk_fwd.default_config(2, 4, 64, dtype)
+    cfg = chunk_fwd.default_config(dtype)
     assert cfg["intra_precision"] == "tf32" and cfg["dot_precision"] == "tf32"
 
 
@@ -37,7 +37,7 @@ def test_default_intra_stage_is_split3_and_the_space_holds_only_causal_organisat
     from kda_compile.kernels_triton import chunk_intra
     cfg = chunk_fwd.default_config()
     assert cfg["intra_impl"] == "split3" and cfg["solve_diag"] == "tf32"
-    space = chunk_fwd.get_configs(2, 16, 128, torch.bfloat16)
+    space = chunk_fwd.get_configs(torch.bfloat16)
     assert {c["intra_impl"] for c in space} == set(chunk_intra.CAUSAL_IMPLS)
     assert set(chunk_intra.CAUSAL_IMPLS) <= set(chunk_intra.IMPLS)
     assert len(space) == len({tuple(sorted(c.items())) for c in space}), "duplicate configs in the search space"

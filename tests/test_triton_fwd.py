@@ -104,6 +104,11 @@ CASES = {
     "causal_fp32_split3_strong": dict(op="causal", dtype="float32", B=1, T=150, H=1, HV=1, K=16, V=16,
                                       causal_at=75, gscale=30.0, config={"intra_impl": "split3"}),
     # the inverse's diagonal blocks by products (solve_diag): C = 64 (three-product branch) and C = 32
+    # split3 with the norm factors of every row it uses taken in one pass before the rest (intra_a_norms="first")
+    "chunk_fp32_split3_norms_first_ragged": dict(op="chunk", dtype="float32", cu=[0, 20, 83], H=1, HV=2, K=32, V=16,
+                                                 l2norm=True, masked=True, tol=3e-4,
+                                                 config={"intra_impl": "split3", "intra_a_norms": "first",
+                                                         "intra_a_row_BK": 16}),
     "chunk_fp32_split3_diag_products_negeig": dict(op="chunk", dtype="float32", B=1, T=70, H=1, HV=2, K=32, V=16,
                                                    gate="raw", lower_bound=-5.0, neg_eig=True, beta_logits=True,
                                                    config={"intra_impl": "split3", "solve_diag": "tf32x3"}),
