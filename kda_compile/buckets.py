@@ -86,7 +86,7 @@ class TuneShape:
 
 
 def default_tune_shapes(device: str, dtypes=("bf16",), dims=(128,), ops=("chunk", "recurrent")) -> list[TuneShape]:
-    """The buckets tuned by default.  On CUDA these are the standard shapes of design.md section 6; on the
+    """The buckets tuned by default.  On CUDA these are the standard shapes of bench/RESULTS.md; on the
     CPU they are small (the CPU backends are for correctness checks, tuning there exercises the machinery)."""
     shapes = []
     gpu = device.startswith("cuda")

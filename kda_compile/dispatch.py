@@ -1,4 +1,4 @@
-"""Backend registry and per-call dispatch (design.md section 4, style.md "FlashInfer").
+"""Backend registry and per-call dispatch.
 
 Backends are declared, not branched: each is a :class:`Backend` with a ``supports(call) -> reason | None``
 check.  For every call the dispatch picks, in order of precedence:
@@ -7,13 +7,14 @@ check.  For every call the dispatch picks, in order of precedence:
 2. the ``KDA_COMPILE_BACKEND`` environment variable (a preference: falls back, with the reason, if it cannot),
 3. the table ``python -m kda_compile.autotune`` measured on this GPU (:mod:`kda_compile.tuning_table`),
 4. a table we measured and ship for this GPU model (``kda_compile/tables/``),
-5. the default order of the registered backends (fastest measured first; the reference last, it runs
-   everything).
+5. the default order, :data:`DEFAULT_ORDER` (fastest measured first; the reference last, it runs everything).
+   It is fixed here, not by which module happened to be imported first.
 
 A forced or preferred backend still takes its kernel config from the tables when they measured it.
 
-Kernel packages (``kda_compile.kernels_tl``, ``kda_compile.kernels_triton``) register themselves on import
-through :func:`register_backend`; a package that cannot import records why, and :func:`explain` shows it.
+Each kernel package has a ``backend`` module that registers its backend through :func:`register_backend` when it
+is imported (on first use of the dispatch); a package that cannot import records the import error, and
+:func:`explain` and ``python -m kda_compile info`` show it.
 """
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ from .reference import KDAOptions
 
 ENV_BACKEND = "KDA_COMPILE_BACKEND"
 OPS = ("chunk", "recurrent")
-# Kernel packages tried on first use; each registers its backend when its kernels exist and can import.
-# Import order = default preference (each inserts itself before the reference): on the H100 the Triton
-# forward measured 1.49 ms vs TileLang 2.26 ms at B2·T8192·H16 (bench/RESULTS.md).
-PLUGIN_PACKAGES = {"triton": "kda_compile.kernels_triton", "tilelang": "kda_compile.kernels_tl"}
+# Backend modules imported on first use; each registers its backend when it imports.
+PLUGIN_MODULES = {"triton": "kda_compile.kernels_triton.backend", "tilelang": "kda_compile.kernels_tl.backend"}
+# Default preference, fastest measured first (H100 and H200, bench/RESULTS.md: the Triton forward about half the
+# TileLang forward's time at every standard shape); backends not listed go before the reference.
+DEFAULT_ORDER = ("triton", "tilelang", "reference")
 
 
 @dataclass
@@ -73,6 +75,9 @@ class Backend:
     configs: Callable[[KDACall], list] = field(default=lambda call: [{}])
     # Check used when the backend is named explicitly (backend=...); None: the same as ``supports``.
     supports_forced: Callable[[KDACall], str | None] | None = None
+    # ``check_config(op, config)`` raises ValueError for a config this backend does not understand (unknown keys,
+    # bad values), before anything runs; tuned tables are checked with it.
+    check_config: Callable[[str, dict], None] = field(default=lambda op, config: None)
     # Chunk calls only: ``run_states(call, config) -> (o, final_state, h)`` with ``h`` the state entering
     # each chunk (``chunk_kda(return_intermediate_states=True)``); None: the backend cannot return them.
     run_states: Callable[[KDACall, dict], tuple] | None = None
@@ -101,22 +106,30 @@ class Choice:
 _REGISTRY: dict[str, Backend] = {}
 _ORDER: list[str] = []            # default preference, fastest first
 _UNAVAILABLE: dict[str, str] = {}  # backend name -> why it did not register
+_ANCHORS: dict[str, str] = {}      # backend name -> the backend it is preferred over (register_backend(before=))
 _plugins_loaded = False
 
 
+def _rank(name: str) -> float:
+    if name in _ANCHORS and _ANCHORS[name] in _REGISTRY:
+        return _rank(_ANCHORS[name]) - 0.5
+    return DEFAULT_ORDER.index(name) if name in DEFAULT_ORDER else DEFAULT_ORDER.index("reference") - 0.5
+
+
 def register_backend(backend: Backend, *, before: str | None = None) -> None:
-    """Add (or replace) a backend.  It is preferred over ``before`` (default: over the reference)."""
+    """Add (or replace) a backend.  Its place in the default order is :data:`DEFAULT_ORDER`'s; a backend not
+    listed there goes just before the reference, or just before ``before`` when given."""
     _REGISTRY[backend.name] = backend
     _UNAVAILABLE.pop(backend.name, None)
-    if backend.name in _ORDER:
-        _ORDER.remove(backend.name)
-    anchor = before if before in _ORDER else ("reference" if "reference" in _ORDER else None)
-    _ORDER.insert(_ORDER.index(anchor) if anchor else len(_ORDER), backend.name)
+    if before is not None:
+        _ANCHORS[backend.name] = before
+    _ORDER[:] = sorted(_REGISTRY, key=_rank)
 
 
 def unregister_backend(name: str) -> None:
     """Remove a backend (tests, or a plugin that finds at run time that it cannot work)."""
     _REGISTRY.pop(name, None)
+    _ANCHORS.pop(name, None)
     if name in _ORDER:
         _ORDER.remove(name)
 
@@ -133,13 +146,11 @@ def _load_plugins() -> None:
         return
     _plugins_loaded = True
     importlib.import_module("kda_compile.reference_backend")  # always present
-    for name, module in PLUGIN_PACKAGES.items():
+    for name, module in PLUGIN_MODULES.items():
         try:
             importlib.import_module(module)
-        except Exception as exc:  # a missing optional compiler degrades to the next backend
+        except Exception as exc:  # a missing optional compiler degrades to the next backend; keep its error
             mark_unavailable(name, f"{module} failed to import: {type(exc).__name__}: {exc}")
-        else:
-            mark_unavailable(name, f"{module} registered no backend (no kernels for this platform yet)")
 
 
 def backends() -> list[str]:
@@ -157,14 +168,24 @@ def get_backend(name: str) -> Backend:
     return _REGISTRY[name]
 
 
+def config_error(backend: Backend, op: str, config: dict) -> str | None:
+    """Why ``config`` is not a valid config of ``backend`` for ``op`` (unknown keys, bad values), or None."""
+    try:
+        backend.check_config(op, config)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
 def _tuned_config(record: dict | None, backend: Backend, call: KDACall) -> dict:
-    """The config the tables measured for ``backend`` in this bucket, else the backend's default."""
+    """The config the tables measured for ``backend`` in this bucket (when still valid), else the default."""
     if record:
         if record.get("backend") == backend.name:
-            return dict(record.get("config", {}))
-        best = record.get("per_backend", {}).get(backend.name)
-        if best:
-            return dict(best.get("config", {}))
+            config = record.get("config", {})
+        else:
+            config = record.get("per_backend", {}).get(backend.name, {}).get("config")
+        if config is not None and config_error(backend, call.op, config) is None:
+            return dict(config)
     return backend.default_config(call)
 
 
@@ -196,6 +217,9 @@ def choose(call: KDACall, backend: str | None = None) -> Choice:
     if record is not None:
         name = record.get("backend")
         why_not = _REGISTRY[name].supports(call) if name in _REGISTRY else "not registered in this process"
+        if why_not is None:
+            bad = config_error(_REGISTRY[name], call.op, record.get("config", {}))
+            why_not = f"its tuned config is not valid in this version ({bad})" if bad else None
         if why_not is None:
             timing = f", {record['time_ms']:.3g} ms at {record.get('shape', 'its shape')}" if "time_ms" in record else ""
             return Choice(call.op, _REGISTRY[name], dict(record.get("config", {})),

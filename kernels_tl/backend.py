@@ -1,9 +1,9 @@
-"""The ``tilelang`` backend: TileLang kernels behind :mod:`kda_compile.dispatch`.
+"""The ``tilelang`` backend: the TileLang kernels behind :mod:`kda_compile.dispatch` (registered on import).
 
-``chunk`` calls run the two-stage chunkwise forward (:mod:`.chunk_fwd`), ``recurrent`` calls the decode
-kernel (:mod:`.fused_recurrent`).  On CUDA it is a default choice; on the CPU the same programs built for
-TileLang's C target run only when asked for by name (``backend="tilelang"``): they exist so CI can check
-the kernels without a GPU, not for speed, so in the default order the reference stays the CPU path.
+``chunk`` calls run the chunkwise forward (:mod:`.chunk_fwd`), ``recurrent`` calls the decode kernel
+(:mod:`.fused_recurrent`).  On CUDA it is a default choice; on the CPU the same programs built for TileLang's C
+target run only when asked for by name (``backend="tilelang"``): they exist so CI can check the kernels without
+a GPU, not for speed, so in the default order the reference stays the CPU path.
 """
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ import itertools
 
 import torch
 
-from ..dispatch import Backend, KDACall
+from ..dispatch import Backend, KDACall, register_backend
 from . import chunk_intra, chunk_state, fused_recurrent
-from .chunk_fwd import DEFAULT_CONFIG as CHUNK_DEFAULT, chunk_kda_fwd
+from .chunk_fwd import chunk_kda_fwd
+from .config import chunk_config, decode_config
 from .target import TL_DTYPES
 
 HEAD_DIMS = (32, 64, 128)
-MIN_CAPABILITY = (8, 0)  # T.gemm lowers to mma on sm_80 too; measured and tested on sm_90 (H100) only
+MIN_CAPABILITY = (8, 0)  # T.gemm lowers to mma on sm_80 too; measured and tested on sm_90 only
+SMALL_DECODE = 256       # sequences x value heads at or below which decode is latency-bound
 
 
 def _common_reason(call: KDACall) -> str | None:
@@ -58,37 +60,34 @@ def run(call: KDACall, config: dict):
     if call.op == "chunk":
         return chunk_kda_fwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens,
                              call.A_log, call.dt_bias, call.opts, call.output_final_state, config)
-    return fused_recurrent.fused_recurrent_fwd(
+    return fused_recurrent.fused_recurrent_kda_fwd(
         call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens, call.A_log, call.dt_bias,
-        call.opts, call.output_final_state, slots=call.ssm_state_indices, inplace=call.inplace_final_state,
-        config=config)
-
-
-SMALL_DECODE = 256  # sequences x value heads at or below which decode is latency-bound
+        call.opts, output_final_state=call.output_final_state, ssm_state_indices=call.ssm_state_indices,
+        num_accepted_tokens=call.num_accepted_tokens, inplace_final_state=call.inplace_final_state, config=config)
 
 
 def default_config(call: KDACall) -> dict:
-    """Measured on H100 (bench/results_tilelang.md): decode of few heads x sequences is latency-bound and
-    prefers many small programs (tile layout, 16 columns); large batches prefer one thread per column."""
-    if call.op == "chunk":
-        return dict(CHUNK_DEFAULT)
-    if call.problem.N * call.problem.HV <= SMALL_DECODE:
-        return {"layout": "tile", "block_V": 16, "threads": 64}
-    return dict(fused_recurrent.DEFAULT_CONFIG)
+    """Measured on the H100: decode of few heads x sequences is latency-bound and prefers many small programs
+    (tile layout, 16 columns); large batches prefer one thread per column (the dataclass default)."""
+    if call.op == "recurrent" and call.problem.N * call.problem.HV <= SMALL_DECODE:
+        return {"layout": "tile", "decode_BV": 16, "decode_threads": 64}
+    return {}
 
 
 def configs(call: KDACall) -> list[dict]:
-    """Search space for the autotuner: the product of the stages' ``get_configs()``."""
+    """Search space for the autotuner: the product of the chunk stages' ``get_configs()``, or the decode space."""
     if call.op == "recurrent":
         return fused_recurrent.get_configs()
-    out = []
-    for a, b in itertools.product(chunk_intra.get_configs(), chunk_state.get_configs()):
-        out.append(dict(block=a["block"], intra_threads=a["threads"], diag_gemm=a["diag_gemm"],
-                        block_V=b["block_V"], num_stages=b["num_stages"], state_threads=b["threads"],
-                        state_ws=b["warp_specialize"], state_tma=True))
-    return out
+    return [{**a, **b} for a, b in itertools.product(chunk_intra.get_configs(), chunk_state.get_configs())]
+
+
+def check_config(op: str, config: dict) -> None:
+    """Raise ValueError if ``config`` is not a valid config of ``op`` (unknown keys, bad values)."""
+    chunk_config(config) if op == "chunk" else decode_config(config)
 
 
 TILELANG = Backend(name="tilelang", supports=supports, supports_forced=supports_forced, run=run,
-                   default_config=default_config, configs=configs,
-                   description="TileLang kernels: fused chunk intra + state/output recurrence; decode kernel")
+                   default_config=default_config, configs=configs, check_config=check_config,
+                   description="TileLang kernels: fused intra stage, state recurrence fused with the output; "
+                               "decode kernel")
+register_backend(TILELANG)

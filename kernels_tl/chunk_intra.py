@@ -1,4 +1,4 @@
-"""Stage 1 of the chunkwise forward: everything that stays inside one chunk (design.md section 1).
+"""Stage 1 of the chunkwise forward, intra: everything that stays inside one chunk (docs/algorithm.md).
 
 One program instance per (chunk, value head) reads q, k, v, g, beta of its chunk once and writes what the
 inter-chunk stage (:mod:`.chunk_state`) needs, so no other pass over the inputs is made:
@@ -15,23 +15,26 @@ inter-chunk stage (:mod:`.chunk_state`) needs, so no other pass over the inputs 
 * the unit-lower-triangular inverse ``X = (I + A_kk)^-1`` (float32) by forward substitution, each thread
   holding one column in registers (no barriers, no shared-memory dependency chains);
 * ``w = X diag(beta) (k * exp(Gamma))``, ``u = X diag(beta) v`` (the UT transform);
-* ``qg = scale * q * exp(Gamma)``, ``kd = k * exp(Gamma_last - Gamma)``, ``gl = exp(Gamma_last)``.
+* ``qg = q * exp(Gamma)``, ``kg = k * exp(gc - Gamma)`` and ``gc`` (Gamma at the chunk's last row, log space):
+  the conventions shared with the Triton twin.
 
-Outputs ``w, u, qg, kd, Aqk`` are written in the input dtype to row-padded buffers (``TP >= TT + C`` rows,
-so the next stage may read whole chunks), ``gl`` in float32, one row per chunk.
+Outputs ``w, u, qg, kg, aqk`` are written in the input dtype to row-padded buffers (``TP >= TT + C`` rows,
+so the next stage may read whole chunks), ``gc`` in float32, one row per chunk.  A gate of -inf is floored at
+G_FLOOR (its exp is 0 too); non-finite entries of A_kk (rows at or after a NaN gate) are zeroed before the
+inverse and ``k exp(Gamma)`` before the W product, so 0 * NaN cannot leak into earlier rows.
 """
 
 import itertools
 
 import tilelang.language as T
 
-from .gate import Prologue, beta_value, inv_norm, log_decay
+from .gate import G_FLOOR, Prologue, beta_value, finite_or_zero, log_decay, row_inv_norms
 from .target import ops_for
 
 ACC = "float32"
 
 
-def chunk_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
+def kda_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
                 g_dtype: str = "float32", beta_dtype: str = "float32", scale: float = 1.0,
                 prologue: Prologue = Prologue(), block: int = 16, threads: int = 128, diag_gemm: bool = True,
                 target: str = "cuda"):
@@ -55,13 +58,13 @@ def chunk_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
     limit = 8.0 if dtype == "float16" else 60.0
 
     @T.prim_func
-    def kernel(q: T.Tensor((TT, H, K), dtype), k: T.Tensor((TT, H, K), dtype), v: T.Tensor((TT, HV, V), dtype),
-               g: T.Tensor((TT, HV, K), g_dtype), beta: T.Tensor((TT, HV), beta_dtype),
-               A_log: T.Tensor((HV,), ACC), dt_bias: T.Tensor((HV, K), ACC),
-               chunk_bos: T.Tensor((NC,), "int32"), chunk_len: T.Tensor((NC,), "int32"),
-               w: T.Tensor((TP, HV, K), dtype), u: T.Tensor((TP, HV, V), dtype),
-               qg: T.Tensor((TP, HV, K), dtype), kd: T.Tensor((TP, HV, K), dtype),
-               Aqk: T.Tensor((TP, HV, C), dtype), gl: T.Tensor((NC, HV, K), ACC)):
+    def kda_intra(q: T.Tensor((TT, H, K), dtype), k: T.Tensor((TT, H, K), dtype), v: T.Tensor((TT, HV, V), dtype),
+                  g: T.Tensor((TT, HV, K), g_dtype), beta: T.Tensor((TT, HV), beta_dtype),
+                  A_log: T.Tensor((HV,), ACC), dt_bias: T.Tensor((HV, K), ACC),
+                  chunk_bos: T.Tensor((NC,), "int32"), chunk_len: T.Tensor((NC,), "int32"),
+                  w: T.Tensor((TP, HV, K), dtype), u: T.Tensor((TP, HV, V), dtype),
+                  qg: T.Tensor((TP, HV, K), dtype), kg: T.Tensor((TP, HV, K), dtype),
+                  Aqk: T.Tensor((TP, HV, C), dtype), gc: T.Tensor((NC, HV, K), ACC)):
         with T.Kernel(NC, HV, threads=threads) as (ic, hv):
             qs = ops.alloc_shared((C, K), tile)
             ks = ops.alloc_shared((C, K), tile)
@@ -100,6 +103,7 @@ def chunk_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
                 ks[r, c] = T.if_then_else(r < L, T.cast(k[bos + r, h, c], tile), zero)
                 Gs[r, c] = T.if_then_else(
                     r < L, log_decay(p, T.cast(g[bos + r, hv, c], ACC), A_log[hv], dt_bias[hv, c]), 0.0)
+                Gs[r, c] = T.if_then_else(Gs[r, c] < G_FLOOR, G_FLOOR, Gs[r, c])  # -inf -> G_FLOOR, NaN stays
             # ---- cumulative decay: one column per thread, running sum in a register
             for c in ops.Parallel(K):
                 run[0] = 0.0
@@ -108,15 +112,8 @@ def chunk_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
                     Gs[r, c] = run[0]
             # ---- L2-norm factors (row reductions: a serial loop per row would hit one shared bank) and beta
             if p.l2norm:
-                for r, c in ops.Parallel(C, K):
-                    sq_f[r, c] = T.cast(qs[r, c], ACC) * T.cast(qs[r, c], ACC)
-                ops.rowsum(sq_f, nq_f)
-                for r, c in ops.Parallel(C, K):
-                    sq_f[r, c] = T.cast(ks[r, c], ACC) * T.cast(ks[r, c], ACC)
-                ops.rowsum(sq_f, nk_f)
-                for r in ops.Parallel(C):
-                    rq[r] = inv_norm(nq_f[r])
-                    rk[r] = inv_norm(nk_f[r])
+                row_inv_norms(ops, qs, sq_f, nq_f, rq)
+                row_inv_norms(ops, ks, sq_f, nk_f, rk)
             else:
                 for r in ops.Parallel(C):
                     rq[r] = 1.0
@@ -190,7 +187,7 @@ def chunk_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
                         Aqs[r, s] = run[1]
             # ---- norms, beta, scale and causal masks
             for r, s in ops.Parallel(C, C):
-                Akk[r, s] = T.if_then_else(s < r, Akk[r, s] * bs[r] * rk[r] * rk[s], 0.0)
+                Akk[r, s] = T.if_then_else(s < r, finite_or_zero(Akk[r, s] * bs[r] * rk[r] * rk[s]), 0.0)
                 Aqs[r, s] = T.if_then_else(s <= r, Aqs[r, s] * (scale * rq[r] * rk[s]), 0.0)
             for r, s in ops.Parallel(C, C):
                 if r < L:
@@ -213,7 +210,7 @@ def chunk_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
 
             # ---- w = X diag(beta) (k exp(Gamma)), u = X diag(beta) v
             for r, c in ops.Parallel(C, K):
-                ta[r, c] = ops.to_tile(T.cast(ks[r, c], ACC) * (rk[r] * bs[r]) * T.exp(Gs[r, c]), dtype)
+                ta[r, c] = ops.to_tile(finite_or_zero(T.cast(ks[r, c], ACC) * (rk[r] * bs[r]) * T.exp(Gs[r, c])), dtype)
             for r, c in ops.Parallel(C, V):
                 tv[r, c] = T.if_then_else(r < L, ops.to_tile(T.cast(v[bos + r, hv, c], ACC) * bs[r], dtype), zero)
             T.clear(W_f)
@@ -229,14 +226,14 @@ def chunk_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
             # ---- what the state recurrence needs from this chunk
             for r, c in ops.Parallel(C, K):
                 if r < L:
-                    qg[bos + r, hv, c] = T.cast(T.cast(qs[r, c], ACC) * (scale * rq[r]) * T.exp(Gs[r, c]), dtype)
-                    kd[bos + r, hv, c] = T.cast(T.cast(ks[r, c], ACC) * rk[r] * T.exp(Gs[C - 1, c] - Gs[r, c]), dtype)
+                    qg[bos + r, hv, c] = T.cast(T.cast(qs[r, c], ACC) * rq[r] * T.exp(Gs[r, c]), dtype)
+                    kg[bos + r, hv, c] = T.cast(T.cast(ks[r, c], ACC) * rk[r] * T.exp(Gs[C - 1, c] - Gs[r, c]), dtype)
             for c in ops.Parallel(K):
-                gl[ic, hv, c] = T.exp(Gs[C - 1, c])
+                gc[ic, hv, c] = Gs[C - 1, c]
 
-    return kernel
+    return kda_intra
 
 
 def get_configs() -> list[dict]:
     """Autotuner search space (kernel config only)."""
-    return [dict(block=b, threads=t, diag_gemm=d) for b, t, d in itertools.product((16,), (128, 256), (True, False))]
+    return [dict(intra_threads=t, diag_gemm=d) for t, d in itertools.product((128, 256), (True, False))]

@@ -1,8 +1,9 @@
-"""Decode kernel: the token recurrence for a few tokens per sequence, state in/out (optionally in place).
+"""Decode kernels: the token recurrence for a few tokens per sequence, state in/out (optionally in place).
 
 One program instance per (value-column block, value head, sequence) holds the state slice
-``S [K, block_V]`` in float32 registers (spread over its threads) and walks the sequence's tokens (design.md
-section 1); the dot products over K are block reductions::
+``S [K, block_V]`` in float32 registers (spread over its threads) and walks the sequence's tokens
+(docs/algorithm.md); the dot products over K are block reductions (``kda_decode``; ``kda_decode_columns`` keeps
+one column per thread instead)::
 
     S      = diag(exp(g_t)) S
     u_j    = beta_t (v_t[j] - k_t . S[:, j])
@@ -11,21 +12,33 @@ section 1); the dot products over K are block reductions::
 
 The state is read once and written once per call, so the kernel is bound by the state's bytes; prologues
 (gate, L2 norm, beta sigmoid) are fused.  Serving: ``slots[n]`` picks the state slot of sequence ``n`` in a
-pool (continuous batching; identity without a pool) and ``inplace`` writes the new state back into that
-slot instead of a separate output.
+pool (``ssm_state_indices``, continuous batching; identity without a pool) and ``inplace`` writes the new state
+back into that slot instead of a separate output (``inplace_final_state``).
 """
 import itertools
 
 import tilelang.language as T
 import torch
 
-from .gate import Prologue, beta_value, inv_norm, log_decay
+from .gate import Prologue, beta_value, inv_norm, log_decay, vector_inv_norm
+from .state_layout import load_state_tile, state_entry, store_state_entry
+from .config import decode_config
 from .target import TL_DTYPES, compile_kernel, for_target, ops_for, target_for
 
 ACC = "float32"
 
 
-def fused_recurrent(K: int, V: int, *, dtype: str = "bfloat16", g_dtype: str = "float32",
+@T.macro
+def load_token(ops, p: Prologue, q, k, g, A_log, dt_bias, qs, ks, es, t, h, hv):
+    """Token ``t`` of key head ``h`` / value head ``hv`` into float32 ``qs``, ``ks`` and ``es = exp(g_t)`` (the gate
+    applied when the prologue asks for it)."""
+    for c in ops.Parallel(qs.shape[0]):
+        qs[c] = T.cast(q[t, h, c], ACC)
+        ks[c] = T.cast(k[t, h, c], ACC)
+        es[c] = T.exp(log_decay(p, T.cast(g[t, hv, c], ACC), A_log[hv], dt_bias[hv, c]))
+
+
+def kda_decode(K: int, V: int, *, dtype: str = "bfloat16", g_dtype: str = "float32",
                     beta_dtype: str = "float32", scale: float = 1.0, prologue: Prologue = Prologue(),
                     has_h0: bool = False, store_final: bool = False, inplace: bool = False,
                     state_v_first: bool = False, block_V: int = 32, threads: int = 128,
@@ -43,12 +56,12 @@ def fused_recurrent(K: int, V: int, *, dtype: str = "bfloat16", g_dtype: str = "
     state = (HV, V, K) if state_v_first else (HV, K, V)
 
     @T.prim_func
-    def kernel(q: T.Tensor((TT, H, K), dtype), k: T.Tensor((TT, H, K), dtype), v: T.Tensor((TT, HV, V), dtype),
-               g: T.Tensor((TT, HV, K), g_dtype), beta: T.Tensor((TT, HV), beta_dtype),
-               A_log: T.Tensor((HV,), ACC), dt_bias: T.Tensor((HV, K), ACC),
-               seq_bos: T.Tensor((NS,), "int32"), seq_len: T.Tensor((NS,), "int32"),
-               slots: T.Tensor((NS,), "int32"), h0: T.Tensor((P0, *state), ACC),
-               o: T.Tensor((TT, HV, V), dtype), ht: T.Tensor((N1, *state), ACC)):
+    def kda_decode(q: T.Tensor((TT, H, K), dtype), k: T.Tensor((TT, H, K), dtype), v: T.Tensor((TT, HV, V), dtype),
+                   g: T.Tensor((TT, HV, K), g_dtype), beta: T.Tensor((TT, HV), beta_dtype),
+                   A_log: T.Tensor((HV,), ACC), dt_bias: T.Tensor((HV, K), ACC),
+                   seq_bos: T.Tensor((NS,), "int32"), seq_len: T.Tensor((NS,), "int32"),
+                   slots: T.Tensor((NS,), "int32"), h0: T.Tensor((P0, *state), ACC),
+                   o: T.Tensor((TT, HV, V), dtype), ht: T.Tensor((N1, *state), ACC)):
         with T.Kernel(T.ceildiv(V, BV), HV, NS, threads=threads) as (iv, hv, n):
             S = ops.alloc_fragment((K, BV), ACC)
             P = ops.alloc_fragment((K, BV), ACC)
@@ -64,28 +77,14 @@ def fused_recurrent(K: int, V: int, *, dtype: str = "bfloat16", g_dtype: str = "
             h = hv // (HV // H)
             bos = seq_bos[n]
             slot = slots[n]
-            if has_h0:
-                for c, j in ops.Parallel(K, BV):
-                    S[c, j] = state_entry(h0, slot, hv, c, v0 + j, state_v_first)
-            else:
-                T.clear(S)
+            load_state_tile(ops, S, h0, slot, hv, v0, has_h0, state_v_first)
             for t in T.serial(seq_len[n]):
-                for c in ops.Parallel(K):
-                    qs[c] = T.cast(q[bos + t, h, c], ACC)
-                    ks[c] = T.cast(k[bos + t, h, c], ACC)
-                    es[c] = T.exp(log_decay(p, T.cast(g[bos + t, hv, c], ACC), A_log[hv], dt_bias[hv, c]))
+                load_token(ops, p, q, k, g, A_log, dt_bias, qs, ks, es, bos + t, h, hv)
                 for j in ops.Parallel(BV):
                     vs[j] = T.cast(v[bos + t, hv, v0 + j], ACC)
                 if p.l2norm:
-                    for c, j in ops.Parallel(K, BV):
-                        P[c, j] = qs[c] * qs[c]
-                    ops.colsum(P, nq)
-                    for c, j in ops.Parallel(K, BV):
-                        P[c, j] = ks[c] * ks[c]
-                    ops.colsum(P, nk)
-                    for j in ops.Parallel(BV):
-                        nq[j] = inv_norm(nq[j])
-                        nk[j] = inv_norm(nk[j])
+                    vector_inv_norm(ops, qs, P, nq)
+                    vector_inv_norm(ops, ks, P, nk)
                 else:
                     for j in ops.Parallel(BV):
                         nq[j] = 1.0
@@ -105,26 +104,15 @@ def fused_recurrent(K: int, V: int, *, dtype: str = "bfloat16", g_dtype: str = "
                     o[bos + t, hv, v0 + j] = T.cast(acc[j] * nq[j] * scale, dtype)
             if inplace:
                 for c, j in ops.Parallel(K, BV):
-                    if state_v_first:
-                        h0[slot, hv, v0 + j, c] = S[c, j]
-                    else:
-                        h0[slot, hv, c, v0 + j] = S[c, j]
+                    store_state_entry(h0, S[c, j], slot, hv, c, v0 + j, state_v_first)
             if store_final:
                 for c, j in ops.Parallel(K, BV):
-                    if state_v_first:
-                        ht[n, hv, v0 + j, c] = S[c, j]
-                    else:
-                        ht[n, hv, c, v0 + j] = S[c, j]
+                    store_state_entry(ht, S[c, j], n, hv, c, v0 + j, state_v_first)
 
-    return kernel
+    return kda_decode
 
 
-def state_entry(h0, slot, hv, c, column, state_v_first: bool):
-    """``S[c, column]`` of head ``hv`` in pool row ``slot`` (the state is ``[K, V]``, or ``[V, K]`` V-first)."""
-    return h0[slot, hv, column, c] if state_v_first else h0[slot, hv, c, column]
-
-
-def fused_recurrent_columns(K: int, V: int, *, dtype: str = "bfloat16", g_dtype: str = "float32",
+def kda_decode_columns(K: int, V: int, *, dtype: str = "bfloat16", g_dtype: str = "float32",
                             beta_dtype: str = "float32", scale: float = 1.0, prologue: Prologue = Prologue(),
                             has_h0: bool = False, store_final: bool = False, inplace: bool = False,
                             state_v_first: bool = False, block_V: int = 64, target: str = "cuda"):
@@ -150,12 +138,13 @@ def fused_recurrent_columns(K: int, V: int, *, dtype: str = "bfloat16", g_dtype:
         return (j,) if ops.cpu else (0,)
 
     @T.prim_func
-    def kernel(q: T.Tensor((TT, H, K), dtype), k: T.Tensor((TT, H, K), dtype), v: T.Tensor((TT, HV, V), dtype),
-               g: T.Tensor((TT, HV, K), g_dtype), beta: T.Tensor((TT, HV), beta_dtype),
-               A_log: T.Tensor((HV,), ACC), dt_bias: T.Tensor((HV, K), ACC),
-               seq_bos: T.Tensor((NS,), "int32"), seq_len: T.Tensor((NS,), "int32"),
-               slots: T.Tensor((NS,), "int32"), h0: T.Tensor((P0, *state), ACC),
-               o: T.Tensor((TT, HV, V), dtype), ht: T.Tensor((N1, *state), ACC)):
+    def kda_decode_columns(q: T.Tensor((TT, H, K), dtype), k: T.Tensor((TT, H, K), dtype),
+                           v: T.Tensor((TT, HV, V), dtype), g: T.Tensor((TT, HV, K), g_dtype),
+                           beta: T.Tensor((TT, HV), beta_dtype), A_log: T.Tensor((HV,), ACC),
+                           dt_bias: T.Tensor((HV, K), ACC), seq_bos: T.Tensor((NS,), "int32"),
+                           seq_len: T.Tensor((NS,), "int32"), slots: T.Tensor((NS,), "int32"),
+                           h0: T.Tensor((P0, *state), ACC), o: T.Tensor((TT, HV, V), dtype),
+                           ht: T.Tensor((N1, *state), ACC)):
         with T.Kernel(T.ceildiv(V, BV), HV, NS, threads=BV) as (iv, hv, n):
             S = T.alloc_local((BV, K) if ops.cpu else (K,), ACC)
             acc = T.alloc_local((BV,) if ops.cpu else (1,), ACC)
@@ -181,10 +170,7 @@ def fused_recurrent_columns(K: int, V: int, *, dtype: str = "bfloat16", g_dtype:
                 for c in loop_k(K):
                     S[col(tx, c)] = state_entry(h0, slot, hv, c, v0 + tx, state_v_first) if has_h0 else 0.0
             for t in T.serial(seq_len[n]):
-                for c in ops.Parallel(K):
-                    qs[c] = T.cast(q[bos + t, h, c], ACC)
-                    ks[c] = T.cast(k[bos + t, h, c], ACC)
-                    es[c] = T.exp(log_decay(p, T.cast(g[bos + t, hv, c], ACC), A_log[hv], dt_bias[hv, c]))
+                load_token(ops, p, q, k, g, A_log, dt_bias, qs, ks, es, bos + t, h, hv)
                 for j in ops.Parallel(BV):
                     # every thread also sums q^2 and k^2 itself (independent chains beside the dot product,
                     # so the L2 norms cost no barrier and no extra latency)
@@ -214,36 +200,32 @@ def fused_recurrent_columns(K: int, V: int, *, dtype: str = "bfloat16", g_dtype:
             for j in ops.Parallel(BV):
                 for c in loop_k(K):
                     if inplace:
-                        if state_v_first:
-                            h0[slot, hv, v0 + j, c] = S[col(j, c)]
-                        else:
-                            h0[slot, hv, c, v0 + j] = S[col(j, c)]
+                        store_state_entry(h0, S[col(j, c)], slot, hv, c, v0 + j, state_v_first)
                     if store_final:
-                        if state_v_first:
-                            ht[n, hv, v0 + j, c] = S[col(j, c)]
-                        else:
-                            ht[n, hv, c, v0 + j] = S[col(j, c)]
+                        store_state_entry(ht, S[col(j, c)], n, hv, c, v0 + j, state_v_first)
 
-    return kernel
+    return kda_decode_columns
 
 
 def get_configs() -> list[dict]:
     """Autotuner search space (kernel config only)."""
-    tiles = [dict(layout="tile", block_V=bv, threads=t) for bv, t in itertools.product((16, 32, 64), (64, 128, 256))]
-    columns = [dict(layout="column", block_V=bv, threads=bv) for bv in (32, 64, 128)]
+    tiles = [dict(layout="tile", decode_BV=bv, decode_threads=t) for bv, t in itertools.product((16, 32, 64), (64, 128, 256))]
+    columns = [dict(layout="column", decode_BV=bv, decode_threads=bv) for bv in (32, 64, 128)]
     return columns + tiles
 
 
-DEFAULT_CONFIG = {"layout": "column", "block_V": 128, "threads": 128}
-
-
-def fused_recurrent_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts,
-                        output_final_state: bool, slots=None, inplace: bool = False, config: dict | None = None):
-    """Token recurrence with the TileLang decode kernel; returns ``(o, final_state or None)``.
-
-    ``slots`` (int tensor ``[N]``) picks each sequence's row of ``initial_state`` (a state pool); with
-    ``inplace`` the new state is written back into that row of ``initial_state``."""
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
+def fused_recurrent_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts, *,
+                            output_final_state: bool, ssm_state_indices=None, num_accepted_tokens=None,
+                            inplace_final_state: bool = False, config: dict | None = None):
+    """Token recurrence with the TileLang decode kernel; returns ``(o, final_state or None)`` (same signature as
+    the Triton twin).  ``ssm_state_indices`` (int tensor ``[N]``) picks each sequence's row of
+    ``initial_state`` (a state pool); with ``inplace_final_state`` the new state is written back into that row
+    and the returned state is None.  2-D indices / ``num_accepted_tokens`` (speculative decoding) are not
+    implemented here (the backend's ``supports`` says so and the dispatch falls back)."""
+    if num_accepted_tokens is not None or (ssm_state_indices is not None and ssm_state_indices.dim() != 1):
+        raise ValueError("the TileLang decode kernel takes 1-D ssm_state_indices only (no speculative decoding)")
+    cfg = decode_config(config)
+    inplace = inplace_final_state
     B, T_, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     device = q.device
@@ -255,8 +237,9 @@ def fused_recurrent_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_b
         offsets = cu_seqlens.to(device=device, dtype=torch.int32)
         seq_bos, seq_len = offsets[:-1].contiguous(), (offsets[1:] - offsets[:-1]).contiguous()
     N = seq_bos.numel()
-    slots = (torch.arange(N, dtype=torch.int32, device=device) if slots is None
-             else slots.to(device=device, dtype=torch.int32).contiguous())
+    slots = (torch.arange(N, dtype=torch.int32, device=device) if ssm_state_indices is None
+             else ssm_state_indices.to(device=device, dtype=torch.int32).contiguous())
+    store_final = output_final_state and not inplace
     prologue = Prologue.from_call(opts, A_log is not None, dt_bias is not None)
     f32 = dict(dtype=torch.float32, device=device)
     a_log = A_log.reshape(HV).to(**f32).contiguous() if prologue.has_A_log else torch.zeros(HV, **f32)
@@ -274,15 +257,14 @@ def fused_recurrent_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_b
         raise ValueError("inplace_final_state needs a contiguous float32 initial_state")
     h0 = (initial_state if inplace else initial_state.to(torch.float32).contiguous()) if has_h0 \
         else torch.empty(0, *state_shape, **f32)
-    ht = torch.empty(N, *state_shape, **f32) if output_final_state else torch.empty(0, *state_shape, **f32)
-    block_V = min(cfg["block_V"], V)
+    ht = torch.empty(N, *state_shape, **f32) if store_final else torch.empty(0, *state_shape, **f32)
     common = dict(dtype=TL_DTYPES[qf.dtype], g_dtype=TL_DTYPES[gf.dtype], beta_dtype=TL_DTYPES[bf.dtype],
-                  scale=float(opts.scale), prologue=prologue, has_h0=has_h0, store_final=output_final_state,
-                  inplace=inplace, state_v_first=opts.state_v_first, block_V=block_V)
-    if cfg["layout"] == "column":
-        kernel = compile_kernel(fused_recurrent_columns, target, K, V, **common)
+                  scale=float(opts.scale), prologue=prologue, has_h0=has_h0, store_final=store_final,
+                  inplace=inplace, state_v_first=opts.state_v_first, block_V=min(cfg.decode_BV, V))
+    if cfg.layout == "column":
+        kernel = compile_kernel(kda_decode_columns, target, K, V, **common)
     else:
-        kernel = compile_kernel(fused_recurrent, target, K, V, threads=cfg["threads"], **common)
+        kernel = compile_kernel(kda_decode, target, K, V, threads=cfg.decode_threads, **common)
     o = torch.empty(TT, HV, V, dtype=vf.dtype, device=device)
     kernel(qf, kf, vf, gf, bf, a_log, bias, seq_bos, seq_len, slots, h0, o, ht)
-    return o.view(B, T_, HV, V).to(v.dtype), (ht if output_final_state else None)
+    return o.view(B, T_, HV, V).to(v.dtype), (ht if store_final else None)

@@ -13,6 +13,10 @@ import tilelang.language as T
 from ..reference import L2NORM_EPS, KDAOptions
 
 SOFTPLUS_THRESHOLD = 20.0  # softplus(x) == x to float32 precision above this (as torch.nn.functional.softplus)
+# Floor of the log decay: exp(G_FLOOR) is 0 in float32, so a gate of -inf ("forget everything") floored here keeps
+# its meaning while differences of cumulative sums stay finite (-inf - -inf would be NaN).  As the Triton twin.
+G_FLOOR = -1000.0
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,33 @@ def beta_value(p: Prologue, b):
     return p.beta_scale * sigmoid(b)
 
 
+def finite_or_zero(x):
+    """``x`` with NaN and +-inf replaced by 0 (a NaN fails every comparison)."""
+    return T.if_then_else(T.And(x <= FLOAT32_MAX, x >= -FLOAT32_MAX), x, 0.0)
+
+
 def inv_norm(sum_sq):
     """``1 / sqrt(sum(x^2) + eps)``, the L2-norm factor (same epsilon as the reference)."""
     return T.rsqrt(sum_sq + L2NORM_EPS)
+
+
+@T.macro
+def row_inv_norms(ops, x, work, sums, out):
+    """``out[r] = inv_norm(sum_c x[r, c]^2)`` for a tile ``x [R, C]``; ``work [R, C]`` and ``sums [R]`` are
+    float32 scratch (a row reduction: a serial loop per row would hit one shared-memory bank)."""
+    for r, c in ops.Parallel(x.shape[0], x.shape[1]):
+        work[r, c] = T.cast(x[r, c], "float32") * T.cast(x[r, c], "float32")
+    ops.rowsum(work, sums)
+    for r in ops.Parallel(x.shape[0]):
+        out[r] = inv_norm(sums[r])
+
+
+@T.macro
+def vector_inv_norm(ops, x, work, out):
+    """``out[j] = inv_norm(sum_c x[c]^2)`` for every column j of ``work [C, J]`` (the same number in each: the
+    factor of one vector ``x [C]``, spread over the threads that hold the columns)."""
+    for c, j in ops.Parallel(work.shape[0], work.shape[1]):
+        work[c, j] = x[c] * x[c]
+    ops.colsum(work, out)
+    for j in ops.Parallel(work.shape[1]):
+        out[j] = inv_norm(out[j])

@@ -77,18 +77,21 @@ class TargetOps:
 
 @T.macro
 def _serial_colsum(src, dst):
-    for j in T.serial(src.shape[1]):
-        dst[j] = 0.0
-        for c in T.serial(src.shape[0]):
-            dst[j] = dst[j] + src[c, j]
+    _serial_sum(src, dst, 1, 0)
 
 
 @T.macro
 def _serial_rowsum(src, dst):
-    for r in T.serial(src.shape[0]):
-        dst[r] = 0.0
-        for c in T.serial(src.shape[1]):
-            dst[r] = dst[r] + src[r, c]
+    _serial_sum(src, dst, 0, 1)
+
+
+@T.macro
+def _serial_sum(src, dst, keep: int, reduce: int):
+    """``dst[i] = sum_j src[i, j]`` along axis ``reduce`` of a 2-D ``src`` (axis ``keep`` indexes ``dst``)."""
+    for i in T.serial(src.shape[keep]):
+        dst[i] = 0.0
+        for j in T.serial(src.shape[reduce]):
+            dst[i] = dst[i] + src[(i, j) if keep == 0 else (j, i)]
 
 
 _GPU_OPS = TargetOps(cpu=False, alloc_shared=T.alloc_shared, alloc_fragment=T.alloc_fragment, Parallel=T.Parallel)
@@ -119,26 +122,15 @@ def target_for(device) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(factory: Callable, target: str, key: tuple, pass_configs: tuple):
+def _compiled(factory: Callable, target: str, key: tuple):
     program = factory(*key[0], target=target, **dict(key[1]))
-    return tilelang.compile(program, target=target, out_idx=None, pass_configs=dict(pass_configs) or None)
+    return tilelang.compile(program, target=target, out_idx=None)
 
 
-def compile_kernel(factory: Callable, target: str, *args, pass_configs: dict | None = None, **kwargs):
-    """Build ``factory(*args, target=target, **kwargs)`` for ``target`` with TileLang ``pass_configs``;
-    cached in memory per process (TileLang's own disk cache also applies to GPU builds)."""
-    configs = () if is_cpu(target) else tuple(sorted((pass_configs or {}).items()))
-    return _compiled(factory, target, (tuple(args), tuple(sorted(kwargs.items()))), configs)
-
-
-def gpu_pass_configs(warp_specialize: bool = True, tma: bool = True) -> dict:
-    """TileLang pass configs for the two Hopper lowering choices the autotuner may switch off."""
-    out = {}
-    if not warp_specialize:
-        out["tl.disable_warp_specialized"] = True
-    if not tma:
-        out["tl.disable_tma_lower"] = True
-    return out
+def compile_kernel(factory: Callable, target: str, *args, **kwargs):
+    """Build ``factory(*args, target=target, **kwargs)`` for ``target``; cached in memory per process
+    (TileLang's own disk cache also applies to GPU builds)."""
+    return _compiled(factory, target, (tuple(args), tuple(sorted(kwargs.items()))))
 
 
 def cuda_source(program, arch: str = CUDA_ARCH) -> str:

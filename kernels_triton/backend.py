@@ -1,9 +1,11 @@
-"""The ``triton`` backend: what the Triton kernels cover, their config space, and the run entry point.
+"""The ``triton`` backend: what the Triton kernels cover, their config space, and the run entry points.
 
 ``supports(call)`` returns None or the reason this backend cannot run the call (dispatch then falls back):
-CPU tensors need ``TRITON_INTERPRET=1`` set before Triton kernels were defined (tests); dtypes are
-bfloat16/float16/float32; head dims are powers of two (16..128 for the chunk form, 16..256 for decode);
-the state is float32 (and contiguous when updated in place).
+dtypes bfloat16/float16/float32; head dims powers of two (16..128 for the chunk form, 16..256 for decode); a
+float32 state (contiguous when updated in place); CUDA tensors.  On the CPU, Triton's interpreter
+(``TRITON_INTERPRET=1`` set before the kernels are defined) runs the same kernels when the backend is named
+explicitly (``backend="triton"``): that is for checking the kernels without a GPU, not for speed, so the
+default order keeps the reference as the CPU path.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import torch
 from kda_compile.dispatch import Backend, KDACall, register_backend
 
 from . import chunk_fwd, fused_recurrent
-from .chunk_intra import _chunk_intra_rows_kernel
+from .chunk_intra import kda_intra_kernel
+from .config import chunk_config, decode_config
 from .gate import interpreting
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -25,11 +28,10 @@ def _kernels_interpreted() -> bool:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:  # pragma: no cover
         return False
-    return isinstance(_chunk_intra_rows_kernel, InterpretedFunction)
+    return isinstance(kda_intra_kernel, InterpretedFunction)
 
 
-def supports(call: KDACall) -> str | None:
-    """None when the Triton kernels can run ``call``, else the reason."""
+def _common_reason(call: KDACall) -> str | None:
     p = call.problem
     if p.device.type == "cpu":
         if not interpreting():
@@ -50,18 +52,34 @@ def supports(call: KDACall) -> str | None:
     return None
 
 
+def supports_forced(call: KDACall) -> str | None:
+    """Named explicitly: CPU tensors run on Triton's interpreter when it is on."""
+    return _common_reason(call)
+
+
+def supports(call: KDACall) -> str | None:
+    """Default order: GPU tensors only (the interpreter is for checking the kernels, not for speed)."""
+    if call.problem.device.type == "cpu":
+        return ("CPU tensors: Triton runs on a GPU (its interpreter, TRITON_INTERPRET=1, runs when asked for "
+                "with backend='triton')")
+    return _common_reason(call)
+
+
 def default_config(call: KDACall) -> dict:
-    """Shipped kernel config for the call's op."""
-    if call.op == "chunk":
-        return chunk_fwd.default_config(call.problem.dtype)
-    return dict(fused_recurrent.DEFAULT_CONFIG)
+    """The shipped kernel config of the call's op: empty, every field at its default (config.py)."""
+    return {}
 
 
 def configs(call: KDACall) -> list[dict]:
     """Configs worth trying for the call (the autotuner's search space)."""
     if call.op == "chunk":
-        return chunk_fwd.get_configs(call.problem.dtype)
-    return fused_recurrent.get_configs()
+        return chunk_fwd.get_configs()
+    return [{}] + fused_recurrent.get_configs()
+
+
+def check_config(op: str, config: dict) -> None:
+    """Raise ValueError if ``config`` is not a valid config of ``op`` (unknown keys, bad values)."""
+    chunk_config(config) if op == "chunk" else decode_config(config)
 
 
 def run(call: KDACall, config: dict):
@@ -83,8 +101,8 @@ def run_states(call: KDACall, config: dict):
 
 
 TRITON_BACKEND = Backend(
-    name="triton", supports=supports, run=run, run_states=run_states, default_config=default_config,
-    configs=configs,
-    description="Triton kernels: fused prologue, intra-chunk + blocked inverse, state recurrence, output; "
-                "decode kernel with state pool")
-register_backend(TRITON_BACKEND, before="reference")
+    name="triton", supports=supports, supports_forced=supports_forced, run=run, run_states=run_states,
+    default_config=default_config, configs=configs, check_config=check_config,
+    description="Triton kernels: intra (Gamma, A, inverse, W/U), state recurrence, output; decode kernel with "
+                "state pool")
+register_backend(TRITON_BACKEND)

@@ -1,4 +1,4 @@
-"""Stage 3 of the Triton chunkwise forward: the output (design.md section 1).
+"""Stage 3 of the Triton chunkwise forward, output (docs/algorithm.md).
 
 One program per (V block, chunk, value head):
 
@@ -18,15 +18,14 @@ from .gate import chunk_bounds, interpreting, mm
 
 def get_configs() -> list[dict]:
     """Search space of this stage: K/V-block widths, warps and pipelining depth."""
-    return [{"o_BK": bk, "o_BV": bv, "o_warps": w, "o_stages": 2}
-            for bk in (64, 128) for bv in (64, 128) for w in (4, 8)]
+    return [{"o_BK": bk, "o_BV": bv, "o_warps": w} for bk in (64, 128) for bv in (64, 128) for w in (4, 8)]
 
 
-DEFAULT_CONFIG = {"o_BK": 128, "o_BV": 128, "o_warps": 4, "o_stages": 2}
+O_STAGES = 2  # software pipelining of the K loop (measured on the H100, docs/triton.md)
 
 
 @triton.jit
-def _chunk_o_kernel(
+def kda_output_kernel(
     qg, h, aqk, v_new, o, chunk_seq, chunk_pos, cu, scale,
     # task config
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
@@ -58,18 +57,17 @@ def _chunk_o_kernel(
     tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
-def chunk_o(qg, h, aqk, v_new, scale: float, table, config: dict):
-    """Output stage on flat tensors (``qg = q * exp(Gamma) [TT, HV, K]``); returns ``o [TT, HV, V]`` in
-    v_new's dtype."""
+def chunk_o(qg, h, aqk, v_new, scale: float, table, cfg):
+    """Output stage on flat tensors (``qg = q * exp(Gamma) [TT, HV, K]``; ``cfg`` a :class:`config.ChunkConfig`);
+    returns ``o [TT, HV, V]`` in v_new's dtype."""
     TT, _, K = qg.shape
     HV, V = v_new.shape[1], v_new.shape[2]
-    BK = min(config.get("o_BK", 64), triton.next_power_of_2(K))
-    BV = min(config.get("o_BV", 64), triton.next_power_of_2(V))
+    BK = min(cfg.o_BK, triton.next_power_of_2(K))
+    BV = min(cfg.o_BV, triton.next_power_of_2(V))
     o = torch.empty_like(v_new)
     if table.num_chunks:
-        _chunk_o_kernel[(triton.cdiv(V, BV), table.num_chunks, HV)](
+        kda_output_kernel[(triton.cdiv(V, BV), table.num_chunks, HV)](
             qg, h, aqk, v_new, o, table.chunk_seq, table.chunk_pos, table.cu, float(scale),
-            HV=HV, K=K, V=V, C=table.chunk_size, BK=BK, BV=BV, NUM_STAGES=config.get("o_stages", 2),
-            INTERPRET=interpreting(), PREC=config.get("dot_precision", "tf32"),
-            num_warps=config.get("o_warps", 4))
+            HV=HV, K=K, V=V, C=table.chunk_size, BK=BK, BV=BV, NUM_STAGES=O_STAGES, INTERPRET=interpreting(),
+            PREC=cfg.precision, num_warps=cfg.o_warps)
     return o

@@ -1,15 +1,15 @@
-"""Stage 2 of the Triton chunkwise forward: the inter-chunk state recurrence (design.md section 1).
+"""Stage 2 of the Triton chunkwise forward, state: the inter-chunk state recurrence (docs/algorithm.md).
 
 One program per (V block, sequence, value head) walks the chunks of its sequence in order, keeping its
 ``[K, BV]`` slice of the float32 state in registers:
 
     h_c    = S                                   (state entering chunk c, stored for the output stage)
     V_new  = U - W S
-    S      = diag(exp(Gamma_C)) S + kg^T V_new    (kg = k * exp(Gamma_C - Gamma), Gamma_C from chunk_intra)
+    S      = diag(exp(gc)) S + kg^T V_new         (kg = k * exp(gc - Gamma), gc from chunk_intra)
 
 The products use the dtype of W/kg (bf16 inputs: bf16 tensor-core products with float32 accumulation; the
-state itself stays float32; float32 inputs: ``dot_precision`` of the config, chunk_fwd.default_config).  ``state_v_first`` only swaps the strides used to read/write h0 and the final
-state.
+state itself stays float32; float32 inputs: the config's ``precision``).  ``state_v_first`` only swaps the
+strides used to read/write h0 and the final state.
 """
 from __future__ import annotations
 
@@ -26,11 +26,6 @@ def get_configs() -> list[dict]:
             for bv in (16, 32, 64) for w in (4, 8) for s in (2, 3)]
 
 
-# state_BV None: chosen per call by :func:`state_block_v`, so a tuned table entry whose winner is the default
-# stays shape-adaptive across its bucket (a B8·H32 call in the T8k bucket tuned at B2·H16 keeps its own BV)
-DEFAULT_CONFIG = {"state_BV": None, "state_warps": 4, "state_stages": 3}
-
-
 def state_block_v(num_seqs: int, HV: int, V: int) -> int:
     """Default V-block width: the widest (<= 64) that still gives >= 128 programs (V blocks x sequences x
     heads), since the recurrence over chunks is sequential inside a program."""
@@ -41,7 +36,7 @@ def state_block_v(num_seqs: int, HV: int, V: int) -> int:
 
 
 @triton.jit
-def _chunk_step(kg, w, u, gl, h, v_new, b_s, bos, eos, first, j, i_h, o_k, m_k, o_v, m_v,
+def _chunk_step(kg, w, u, gc, h, v_new, b_s, bos, eos, first, j, i_h, o_k, m_k, o_v, m_v,
                 HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, INTERPRET: tl.constexpr,
                 PREC: tl.constexpr):
     """One chunk: store the entering state, write V_new, return the state leaving the chunk."""
@@ -58,13 +53,13 @@ def _chunk_step(kg, w, u, gl, h, v_new, b_s, bos, eos, first, j, i_h, o_k, m_k, 
     b_vn = (b_u - mm(b_w, b_s.to(b_w.dtype), INTERPRET, PREC)).to(v_new.dtype.element_ty)
     tl.store(v_new + p_v, b_vn, mask=m_tv)
     b_kg = tl.load(kg + p_k, mask=m_tk, other=0.0)
-    b_gl = tl.load(gl + ((first + j) * HV + i_h) * K + o_k, mask=m_k, other=0.0)
-    return b_s * tl.exp(b_gl)[:, None] + mm(tl.trans(b_kg), b_vn.to(b_kg.dtype), INTERPRET, PREC)
+    b_gc = tl.load(gc + ((first + j) * HV + i_h) * K + o_k, mask=m_k, other=0.0)
+    return b_s * tl.exp(b_gc)[:, None] + mm(tl.trans(b_kg), b_vn.to(b_kg.dtype), INTERPRET, PREC)
 
 
 @triton.jit
-def _chunk_state_kernel(
-    kg, w, u, gl, h0, h, v_new, ht, cu, chunk_first, s_k, s_v,
+def kda_state_kernel(
+    kg, w, u, gc, h0, h, v_new, ht, cu, seq_first, s_k, s_v,
     # task config
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
@@ -74,7 +69,7 @@ def _chunk_state_kernel(
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
     bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
-    first = tl.load(chunk_first + i_n).to(tl.int64)
+    first = tl.load(seq_first + i_n).to(tl.int64)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
@@ -88,25 +83,24 @@ def _chunk_state_kernel(
     if INTERPRET:  # the CPU interpreter cannot take a run-time range bound; a while loop computes the same
         j = 0
         while j < n_chunks:
-            b_s = _chunk_step(kg, w, u, gl, h, v_new, b_s, bos, eos, first, j, i_h, o_k, m_k, o_v, m_v, HV, K, V, C,
+            b_s = _chunk_step(kg, w, u, gc, h, v_new, b_s, bos, eos, first, j, i_h, o_k, m_k, o_v, m_v, HV, K, V, C,
                                INTERPRET, PREC)
             j += 1
     else:
         for j in tl.range(0, n_chunks, num_stages=NUM_STAGES):
-            b_s = _chunk_step(kg, w, u, gl, h, v_new, b_s, bos, eos, first, j, i_h, o_k, m_k, o_v, m_v, HV, K, V, C,
+            b_s = _chunk_step(kg, w, u, gc, h, v_new, b_s, bos, eos, first, j, i_h, o_k, m_k, o_v, m_v, HV, K, V, C,
                                INTERPRET, PREC)
     if STORE_FINAL:
         tl.store(ht + p_state, b_s.to(ht.dtype.element_ty), mask=m_kv)
 
 
-def chunk_state(kg, w, u, gl, initial_state, table, state_v_first: bool, output_final_state: bool,
-                config: dict):
-    """Run the state recurrence.  Returns ``(h [total chunks, HV, K, V] in kg's dtype, v_new [TT, HV, V] in
-    u's dtype, final state (float32, user layout) or None)``."""
+def chunk_state(kg, w, u, gc, initial_state, table, state_v_first: bool, output_final_state: bool, cfg):
+    """Run the state recurrence (``cfg`` a :class:`config.ChunkConfig`).  Returns ``(h [total chunks, HV, K, V]
+    in kg's dtype, v_new [TT, HV, V] in u's dtype, final state (float32, user layout) or None)``."""
     TT, HV, K = kg.shape
     V = u.shape[2]
     N = table.num_seqs
-    BV = min(config.get("state_BV") or state_block_v(N, HV, V), triton.next_power_of_2(V))
+    BV = min(cfg.state_BV or state_block_v(N, HV, V), triton.next_power_of_2(V))
     h = torch.empty(table.num_chunks, HV, K, V, device=kg.device, dtype=kg.dtype)
     v_new = torch.empty_like(u)
     shape = (N, HV, V, K) if state_v_first else (N, HV, K, V)
@@ -115,11 +109,10 @@ def chunk_state(kg, w, u, gl, initial_state, table, state_v_first: bool, output_
     if initial_state is not None:
         initial_state = initial_state.contiguous()
     if N:
-        _chunk_state_kernel[(triton.cdiv(V, BV), N * HV)](
-            kg, w, u, gl, initial_state if initial_state is not None else kg, h, v_new,
-            ht if ht is not None else kg, table.cu, table.chunk_first, s_k, s_v,
+        kda_state_kernel[(triton.cdiv(V, BV), N * HV)](
+            kg, w, u, gc, initial_state if initial_state is not None else kg, h, v_new,
+            ht if ht is not None else kg, table.cu, table.seq_first, s_k, s_v,
             HV=HV, K=K, V=V, C=table.chunk_size, BK=triton.next_power_of_2(K),
             HAS_H0=initial_state is not None, STORE_FINAL=ht is not None, INTERPRET=interpreting(),
-            PREC=config.get("dot_precision", "tf32"),
-            BV=BV, NUM_STAGES=config.get("state_stages", 2), num_warps=config.get("state_warps", 4))
+            PREC=cfg.precision, BV=BV, NUM_STAGES=cfg.state_stages, num_warps=cfg.state_warps)
     return h, v_new, ht

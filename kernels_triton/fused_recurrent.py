@@ -1,7 +1,7 @@
 """Decode kernel (Triton): the token recurrence for a few tokens per sequence, state in/out.
 
 One program per (V block, sequence, value head) keeps its ``[K, BV]`` slice of the float32 state in
-registers and runs the definition of design.md section 1 token by token, with every prologue fused (q/k L2
+registers and runs the definition (docs/algorithm.md) token by token, with every prologue fused (q/k L2
 norm, gate from A_log/dt_bias/lower_bound, beta sigmoid):
 
     S <- diag(exp(g_t)) S;  S <- S + beta_t k_t (v_t - S^T k_t)^T;  o_t = scale S^T q_t
@@ -20,15 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .config import decode_config
 from .gate import L2NORM_EPS, gate_value, interpreting
 
 
 def get_configs() -> list[dict]:
     """Search space of the decode kernel: V-block width and warps."""
-    return [{"rec_BV": bv, "rec_warps": w} for bv in (16, 32, 64) for w in (1, 2, 4)]
-
-
-DEFAULT_CONFIG = {"rec_BV": 32, "rec_warps": 4}
+    return [{"decode_BV": bv, "decode_warps": w} for bv in (16, 32, 64) for w in (1, 2, 4)]
 
 
 @triton.jit
@@ -70,7 +68,7 @@ def _token_step(q, k, v, g, beta, o, A_log, dt_bias, pool, idx, b_s, t, bos, i_n
 
 
 @triton.jit
-def _fused_recurrent_kernel(
+def kda_decode_kernel(
     q, k, v, g, beta, o, A_log, dt_bias, h0, ht, idx, nat, cu, scale, lower_bound, s_k, s_v, idx_cols,
     # task config
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
@@ -130,9 +128,10 @@ def fused_recurrent_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, 
     """Token recurrence on user-layout tensors.  Returns ``(o [B, T, HV, V], final_state or None)``.
 
     With ``inplace_final_state`` the new state is written into ``initial_state`` (the pool when
-    ``ssm_state_indices`` is given) and the returned state is None.
+    ``ssm_state_indices`` is given) and the returned state is None.  ``config``: a
+    :class:`config.DecodeConfig` as a dict.
     """
-    config = {**DEFAULT_CONFIG, **(config or {})}
+    cfg = decode_config(config)
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     if cu_seqlens is None and q.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -162,9 +161,9 @@ def fused_recurrent_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, 
     idx = ssm_state_indices.contiguous() if has_idx else cu
     idx_cols = ssm_state_indices.shape[1] if has_idx and ssm_state_indices.dim() == 2 else 1
     use_gate = opts.use_gate_in_kernel
-    BV = min(config["rec_BV"], triton.next_power_of_2(V))
+    BV = min(cfg.decode_BV, triton.next_power_of_2(V))
     if N:
-        _fused_recurrent_kernel[(triton.cdiv(V, BV), N * HV)](
+        kda_decode_kernel[(triton.cdiv(V, BV), N * HV)](
             q, k, v, g, beta, o, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g,
             pool if pool is not None else o, ht if ht is not None else o, idx,
             num_accepted_tokens if num_accepted_tokens is not None else cu, cu, float(opts.scale),
@@ -175,7 +174,7 @@ def fused_recurrent_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, 
             BETA_SIGMOID=opts.use_beta_sigmoid_in_kernel, BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0,
             HAS_H0=pool is not None, HAS_IDX=has_idx, HAS_NAT=num_accepted_tokens is not None,
             STORE_EACH=store_each, STORE_POOL=store_pool, STORE_FINAL=store_final, INTERPRET=interpreting(),
-            BV=BV, num_warps=config["rec_warps"])
+            BV=BV, num_warps=cfg.decode_warps)
     o = o.view(B, T, HV, V)
     if store_pool and not has_idx and pool is not initial_state:
         initial_state.copy_(pool)

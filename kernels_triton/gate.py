@@ -6,10 +6,13 @@ fused_recurrent.py for decode), so no prologue costs a pass over memory of its o
 * :func:`gate_value` -- ``-exp(A_log) * softplus(g + dt_bias)``, or with ``lower_bound`` set
   ``lower_bound * sigmoid(exp(A_log) * (g + dt_bias))`` (``A_log`` optional there);
 * :func:`gate_tile` / :func:`chunk_gamma` -- a ``[C, BK]`` tile of the gate, then
-  ``Gamma_r = g_1 + ... + g_r`` inside the chunk (float32; design.md section 1);
+  ``Gamma_r = g_1 + ... + g_r`` inside the chunk (float32; docs/algorithm.md);
 * :func:`beta_act` -- ``sigmoid(beta)`` (times 2 with ``allow_neg_eigval``) when beta arrives as logits;
-* :func:`l2norm_factors` -- the per-row factors of the L2 norm ``x / sqrt(sum(x**2) + 1e-6)``
-  (``L2NORM_EPS``), applied where the rows are loaded (decode normalises its single row inline).
+* :func:`finite_or_zero` -- zeroes NaN and infinities before a dense product, where a masked-out 0 times a
+  NaN would leak into rows that never depended on it.
+
+The L2 norm ``x / sqrt(sum(x**2) + L2NORM_EPS)`` is taken where the rows are loaded (chunk_intra.row_norms;
+decode normalises its single row inline).
 
 Also :func:`chunk_bounds`, the chunk-table lookup every per-chunk kernel starts with.
 
@@ -26,6 +29,9 @@ L2NORM_EPS = tl.constexpr(1e-6)  # as kda_compile.reference.L2NORM_EPS
 # Largest |Gamma - Gamma_ref| inside a 16-token block for which the intra-chunk kernels factor every block
 # as exp(Gamma_r - ref) * exp(ref - Gamma_s) (both factors <= exp(60), far from float32 overflow at exp(88)).
 SPAN_MAX = tl.constexpr(60.0)
+# Floor of the log decay.  exp(G_FLOOR) is 0 in float32 (and float64), so a gate of -inf ("forget everything")
+# floored here keeps its meaning, while differences of cumulative sums stay finite (-inf - -inf would be NaN).
+G_FLOOR = tl.constexpr(-1000.0)
 
 
 def interpreting() -> bool:
@@ -62,29 +68,6 @@ def gate_value(x, a_log, lower_bound, USE_LB: tl.constexpr, HAS_A: tl.constexpr)
 
 
 @triton.jit
-def l2norm_factors(q, k, o_t, m_t, i_kh, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                   L2NORM: tl.constexpr):
-    """``(r_q, r_k)``, ``[C]`` float32: ``1 / sqrt(sum(x**2) + eps)`` of the rows ``o_t`` (valid where
-    ``m_t``) of key head ``i_kh`` of ``q, k [TT, H, K]``, or ones without ``L2NORM``."""
-    r_q = tl.full([C], 1.0, tl.float32)
-    r_k = tl.full([C], 1.0, tl.float32)
-    if L2NORM:
-        s_q = tl.zeros([C], dtype=tl.float32)
-        s_k = tl.zeros([C], dtype=tl.float32)
-        for i_k in range(0, tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m = m_t[:, None] & (o_k < K)[None, :]
-            p_qk = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]
-            b_q = tl.load(q + p_qk, mask=m, other=0.0).to(tl.float32)
-            b_k = tl.load(k + p_qk, mask=m, other=0.0).to(tl.float32)
-            s_q += tl.sum(b_q * b_q, 1)
-            s_k += tl.sum(b_k * b_k, 1)
-        r_q = tl.rsqrt(s_q + L2NORM_EPS)
-        r_k = tl.rsqrt(s_k + L2NORM_EPS)
-    return r_q, r_k
-
-
-@triton.jit
 def chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C: tl.constexpr):
     """``(first token, end of its sequence, last token)`` of chunk ``i_c`` of the chunk table
     (chunk_fwd.ChunkTable), in the flat token axis (int64)."""
@@ -107,8 +90,8 @@ def beta_act(b, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr):
 def gate_tile(g, A_log, dt_bias, lower_bound, o_t, m, i_h, o_k, m_k,
               HV: tl.constexpr, K: tl.constexpr, USE_GATE: tl.constexpr, USE_LB: tl.constexpr,
               HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The per-token log decay (float32, 0 where ``m`` is false) of tokens ``o_t`` and channels ``o_k`` of
-    value head ``i_h``: the gate of ``g [TT, HV, K]`` when ``USE_GATE``, else g as given."""
+    """The per-token log decay (float32, 0 where ``m`` is false, floored at G_FLOOR) of tokens ``o_t`` and
+    channels ``o_k`` of value head ``i_h``: the gate of ``g [TT, HV, K]`` when ``USE_GATE``, else g as given."""
     b_g = tl.load(g + o_t[:, None] * (HV * K) + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
     if USE_GATE:
         if HAS_BIAS:
@@ -117,7 +100,13 @@ def gate_tile(g, A_log, dt_bias, lower_bound, o_t, m, i_h, o_k, m_k,
         if HAS_A:
             a_log = tl.load(A_log + i_h).to(tl.float32)
         b_g = tl.where(m, gate_value(b_g, a_log, lower_bound, USE_LB, HAS_A), 0.0)
-    return b_g
+    return tl.where(b_g < G_FLOOR, G_FLOOR, b_g)   # -inf -> G_FLOOR; NaN stays NaN
+
+
+@triton.jit
+def finite_or_zero(x):
+    """``x`` with NaN and +-inf replaced by 0."""
+    return tl.where(tl.abs(x) < float("inf"), x, 0.0)
 
 
 @triton.jit

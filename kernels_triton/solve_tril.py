@@ -1,5 +1,5 @@
-"""The blocked triangular inverse of the chunkwise forward (design.md section 1), a ``@triton.jit`` helper
-called inside the intra-chunk kernels (chunk_intra.py, chunk_intra_fused.py) on A_kk kept in scratch:
+"""The blocked triangular inverse of the chunkwise forward (docs/algorithm.md), a ``@triton.jit`` helper called
+inside the solve kernel (chunk_intra.py) on A_kk kept in scratch:
 
     T = (I + A)^-1 diag(beta),   A strictly lower triangular [C, C], C = 32 or 64
 
@@ -9,12 +9,15 @@ called inside the intra-chunk kernels (chunk_intra.py, chunk_intra_fused.py) on 
   (I + A)^-1 = (I - N)(I + N^2) Dinv: three or four [C, C] tensor-core products (``SOLVE_PREC``: "tf32"
   default, "ieee" for float32 FMA; measured error of both in docs/triton.md).
 
-Also :func:`t_times_v`, the ``U = T v`` product every organisation ends with.
+Non-finite entries of A (rows at or after a NaN gate) are read as 0, so they cannot leak into earlier rows
+through the dense products.  Also :func:`t_times_v`, the ``U = T v`` product.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .gate import finite_or_zero
 
 
 @triton.jit
@@ -43,7 +46,8 @@ def block_inverse(base, b_beta, C: tl.constexpr, SOLVE_PREC: tl.constexpr, DIAG:
     if DIAG == "subst":
         o_16 = tl.arange(0, 16)
         # stacked diagonal blocks: row r holds A[r, 16 blk(r) : 16 blk(r) + 16]
-        b_ad = tl.reshape(tl.load(base + o_c[:, None] * C + (blk * 16)[:, None] + o_16[None, :]), (NB, 16, 16))
+        b_ad = tl.reshape(finite_or_zero(tl.load(base + o_c[:, None] * C + (blk * 16)[:, None] + o_16[None, :])),
+                          (NB, 16, 16))
         r3 = tl.arange(0, 16)[None, :, None]
         c3 = tl.arange(0, 16)[None, None, :]
         eye3 = tl.where(r3 == c3, 1.0, 0.0)
@@ -56,9 +60,9 @@ def block_inverse(base, b_beta, C: tl.constexpr, SOLVE_PREC: tl.constexpr, DIAG:
         tl.store(base_d + tl.arange(0, NB)[:, None, None] * 256 + r3 * 16 + c3, b_inv)
         tl.debug_barrier()
         b_dinv = tl.load(base_d + o_c[:, None] * 16 + (o_c % 16)[None, :], mask=same, other=0.0)
-        b_aoff = tl.load(base + o_c[:, None] * C + o_c[None, :], mask=~same, other=0.0)
+        b_aoff = finite_or_zero(tl.load(base + o_c[:, None] * C + o_c[None, :], mask=~same, other=0.0))
     else:
-        b_a = tl.load(base + o_c[:, None] * C + o_c[None, :])
+        b_a = finite_or_zero(tl.load(base + o_c[:, None] * C + o_c[None, :]))
         b_dinv = diag_inverse_products(tl.where(same, b_a, 0.0), eye, DIAG)
         b_aoff = tl.where(same, 0.0, b_a)
     b_n = tl.dot(b_dinv, b_aoff, input_precision=SOLVE_PREC)
@@ -80,16 +84,3 @@ def t_times_v(b_m, v, u, o_t, m_t, i_h, HV: tl.constexpr, V: tl.constexpr, BV: t
         p_v = o_t[:, None] * (HV * V) + i_h * V + o_v[None, :]
         b_v = tl.load(v + p_v, mask=m, other=0.0).to(tl.float32)
         tl.store(u + p_v, tl.dot(b_m, b_v, input_precision=DOT_PREC).to(u.dtype.element_ty), mask=m)
-
-
-# how block_inverse takes the 16x16 diagonal blocks (config solve_diag): forward substitution, or the
-# products of diag_inverse_products at one of these dot precisions
-DIAG_METHODS = ("subst", "tf32", "tf32x3", "ieee")
-
-
-def solve_diag(config: dict) -> str:
-    """The ``solve_diag`` entry of a stage config (default "subst"), checked against DIAG_METHODS."""
-    method = config.get("solve_diag", "subst")
-    if method not in DIAG_METHODS:
-        raise ValueError(f"solve_diag must be one of {DIAG_METHODS}, got {method!r}")
-    return method

@@ -6,9 +6,9 @@ import pytest
 
 pytest.importorskip("tilelang")
 
-from kda_compile.kernels_tl.chunk_intra import chunk_intra  # noqa: E402
-from kda_compile.kernels_tl.chunk_state import chunk_state  # noqa: E402
-from kda_compile.kernels_tl.fused_recurrent import fused_recurrent, fused_recurrent_columns  # noqa: E402
+from kda_compile.kernels_tl.chunk_intra import kda_intra  # noqa: E402
+from kda_compile.kernels_tl.chunk_state import kda_state_output  # noqa: E402
+from kda_compile.kernels_tl.fused_recurrent import kda_decode, kda_decode_columns  # noqa: E402
 from kda_compile.kernels_tl.gate import Prologue  # noqa: E402
 from kda_compile.kernels_tl.target import cuda_source, nvcc_compile  # noqa: E402
 
@@ -17,18 +17,21 @@ PLAIN = Prologue(l2norm=True)
 
 PROGRAMS = {
     # name: (factory, args, kwargs, run nvcc too)
-    "intra_bf16_log": (chunk_intra, (128, 128, 64), dict(dtype="bfloat16", scale=128 ** -0.5, prologue=PLAIN,
-                                                         threads=256), True),
-    "intra_fp32_safe_k64": (chunk_intra, (64, 64, 64), dict(dtype="float32", scale=0.125, prologue=SAFE), False),
-    "state_bf16_2stages": (chunk_state, (128, 128, 64), dict(dtype="bfloat16", out_dtype="bfloat16", has_h0=True,
-                                                             store_final=True, block_V=32, num_stages=2), True),
-    "state_fp16_vfirst_c32": (chunk_state, (64, 64, 32), dict(dtype="float16", out_dtype="float16", has_h0=True,
-                                                              store_final=True, state_v_first=True, block_V=32), False),
-    "decode_tile_bf16_safe": (fused_recurrent, (128, 128), dict(dtype="bfloat16", scale=128 ** -0.5, prologue=SAFE,
-                                                                has_h0=True, store_final=True, inplace=True), False),
-    "decode_column_bf16": (fused_recurrent_columns, (128, 128), dict(dtype="bfloat16", scale=128 ** -0.5,
-                                                                     prologue=PLAIN, has_h0=True, store_final=True,
-                                                                     block_V=64), True),
+    "intra_bf16_log": (kda_intra, (128, 128, 64),
+                       dict(dtype="bfloat16", scale=128 ** -0.5, prologue=PLAIN, threads=256), True),
+    "intra_fp32_safe_k64": (kda_intra, (64, 64, 64), dict(dtype="float32", scale=0.125, prologue=SAFE), False),
+    "state_bf16_2stages": (kda_state_output, (128, 128, 64),
+                           dict(dtype="bfloat16", out_dtype="bfloat16", scale=128 ** -0.5, has_h0=True,
+                                store_final=True, block_V=32, num_stages=2), True),
+    "state_fp16_vfirst_c32": (kda_state_output, (64, 64, 32),
+                              dict(dtype="float16", out_dtype="float16", has_h0=True, store_final=True,
+                                   state_v_first=True, block_V=32), False),
+    "decode_tile_bf16_safe": (kda_decode, (128, 128),
+                              dict(dtype="bfloat16", scale=128 ** -0.5, prologue=SAFE, has_h0=True, store_final=True,
+                                   inplace=True), False),
+    "decode_column_bf16": (kda_decode_columns, (128, 128),
+                           dict(dtype="bfloat16", scale=128 ** -0.5, prologue=PLAIN, has_h0=True, store_final=True,
+                                block_V=64), True),
 }
 
 
@@ -48,7 +51,7 @@ def test_column_decode_loads_each_threads_own_state_column(state_v_first):
     """Regression: the state load of the column decode kernel must be bound to the thread index.  When it
     was written as a parallel loop over columns that only wrote registers, sm_90a lowering made it a serial
     loop in every thread, so all threads held the last column (H100 reference check: error 1.25)."""
-    source = cuda_source(fused_recurrent_columns(128, 128, dtype="bfloat16", prologue=Prologue(l2norm=True),
+    source = cuda_source(kda_decode_columns(128, 128, dtype="bfloat16", prologue=Prologue(l2norm=True),
                                                  has_h0=True, store_final=True, block_V=128,
                                                  state_v_first=state_v_first, target="cuda"))
     body = source[source.index("int slot"):source.index("for (int t = 0;")]  # the state load, before tokens

@@ -1,0 +1,113 @@
+"""Kernel configs of the Triton backend: one typed dataclass per op, defaults in one place.
+
+A config travels as a plain dict (tuned tables are JSON); :func:`chunk_config` / :func:`decode_config` turn it
+into the dataclass and reject unknown keys and bad values before any launch.  The knobs are those the autotune
+space varies; the other launch parameters are constants beside the kernels that use them, each with the
+measurement that chose it (docs/triton.md).
+
+Precision of the float32 products (A, W/U, and the state/output products for float32 inputs):
+``precision`` ("tf32", "tf32x3" or "ieee") and the inverse's ``solve_precision`` / ``solve_diag``.  bf16/fp16
+inputs default to TF32 for the float32 intermediates; float32 inputs follow PyTorch's
+``torch.set_float32_matmul_precision`` ("highest", PyTorch's default, gives float32-accurate products).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = ("tf32", "tf32x3", "ieee")
+# how the inverse takes its 16x16 diagonal blocks: forward substitution, or products at one of the precisions
+DIAG_METHODS = ("subst",) + PRECISIONS
+# where the intra kernel takes the L2-norm factors of the k rows it uses as columns: in a pass after its
+# products ("split", default), or in one pass before everything ("first")
+NORM_PASSES = ("split", "first")
+
+
+@dataclass(frozen=True)
+class ChunkConfig:
+    """Config of the chunkwise forward (H100 defaults: docs/triton.md)."""
+
+    # stage intra: the Gamma kernel's K slice; the intra kernel's product K slice, K slice of its own rows
+    # (None: whole rows), norm pass and warps; the solve kernel's K/V slice, warps, register cap (None: the
+    # compiler's) and how it forms the inverse's diagonal blocks
+    gamma_BK: int = 32
+    intra_BK: int = 32
+    intra_row_BK: int | None = None
+    intra_norms: str = "split"
+    intra_warps: int = 4
+    solve_BK: int = 32
+    solve_warps: int = 4
+    solve_maxnreg: int | None = None
+    solve_diag: str = "tf32"
+    # precision of the float32 products
+    precision: str = "tf32"
+    solve_precision: str = "tf32"
+    # stage state: V block (None: chosen per call, chunk_state.state_block_v), warps, pipelining depth
+    state_BV: int | None = None
+    state_warps: int = 4
+    state_stages: int = 3
+    # stage output: K/V blocks and warps
+    o_BK: int = 128
+    o_BV: int = 128
+    o_warps: int = 4
+
+    def __post_init__(self):
+        _one_of("intra_norms", self.intra_norms, NORM_PASSES)
+        _one_of("solve_diag", self.solve_diag, DIAG_METHODS)
+        _one_of("precision", self.precision, PRECISIONS)
+        _one_of("solve_precision", self.solve_precision, PRECISIONS)
+        for name in ("gamma_BK", "intra_BK", "solve_BK", "o_BK", "o_BV", "intra_row_BK", "state_BV"):
+            _power_of_two(name, getattr(self, name), optional=name in ("intra_row_BK", "state_BV"))
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Config of the decode kernel: V block and warps (H100: 16 columns and 1 warp at B64·H32)."""
+
+    decode_BV: int = 32
+    decode_warps: int = 4
+
+    def __post_init__(self):
+        _power_of_two("decode_BV", self.decode_BV)
+
+
+def float32_defaults() -> dict:
+    """Precision fields for float32 inputs, following ``torch.get_float32_matmul_precision()``: "highest"
+    gives float32-accurate products (3xTF32, the inverse in float32 FMA with forward substitution),
+    "high"/"medium" allow TF32 (~1e-3 error)."""
+    if torch.get_float32_matmul_precision() == "highest":
+        return {"precision": "tf32x3", "solve_precision": "ieee", "solve_diag": "subst"}
+    return {}
+
+
+def chunk_config(config: dict | None = None, dtype: torch.dtype | None = None) -> ChunkConfig:
+    """The :class:`ChunkConfig` of ``config`` (missing fields at their defaults for ``dtype``)."""
+    base = float32_defaults() if dtype == torch.float32 else {}
+    return _from_dict(ChunkConfig, {**base, **(config or {})})
+
+
+def decode_config(config: dict | None = None) -> DecodeConfig:
+    """The :class:`DecodeConfig` of ``config``."""
+    return _from_dict(DecodeConfig, config or {})
+
+
+def _from_dict(cls, values: dict):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown Triton {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}")
+    return cls(**values)
+
+
+def _one_of(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"Triton config {name} must be one of {allowed}, got {value!r}")
+
+
+def _power_of_two(name: str, value, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or value < 1 or value & (value - 1):
+        raise ValueError(f"Triton config {name} must be a power of two, got {value!r}")
