@@ -1,36 +1,64 @@
-"""Forward (prefill) benchmark: kda_compile backends vs FLA, cuDNN-frontend KDA and SDPA (causal).
+"""Forward (``chunk_kda``) time: ours per backend against FLA, cuDNN-frontend's KDA and causal SDPA.
 
-    python bench/bench_chunk.py [--quick] [--stages [--config JSON]] [--out bench/results_tilelang.md]
+    python bench/bench_chunk.py                         # standard shapes, then time against T; both gates
+    python bench/bench_chunk.py --what shapes --gates log
+    python bench/bench_chunk.py --backends triton --config o_BK=64 --providers ours,fla
+    python bench/bench_chunk.py --device cpu            # tiny sizes on the CPU: checks the script
 
-Standard shapes (D=128, bf16, q/k L2-normalised in the kernel), two gate modes: log-space gate given, and the
-safe gate (use_gate_in_kernel=True, safe_gate=True, lower_bound=-5).  Times are medians in ms.
+Inputs (bench/common.py): D = 128, bf16 q/k/v, q/k L2-normalised in the kernel, no initial state. Gate
+modes: ``log`` (``g`` given in log space) and ``safe`` (``use_gate_in_kernel=True, safe_gate=True,
+lower_bound=-5``, with ``A_log`` and ``dt_bias``). Standard shapes: B2·T8192·H16, B1·T32768·H16,
+B8·T4096·H32. The sweep times every provider against T at B2·H16 and writes
+``<plots>/chunk_forward_<gate>.png`` (and ``.csv``). Times are medians in ms; a provider that does not import
+or cannot run the call is skipped with the reason printed.
 """
 from __future__ import annotations
 
-import json
+import os
 import sys
 
 import torch
 
-from common import (GATES, LOWER_BOUND, STANDARD_SHAPES, dense_cu_seqlens, emit, fast_backends, fla_forward,
-                    gate_kwargs, kda_options, make_inputs, parser, ratio, table, try_time, versions)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (GATES, LOWER_BOUND, STANDARD_SHAPES, TINY_SHAPES, Skip, backend_call,  # noqa: E402
+                    check_runs, dense_cu_seqlens, gate_kwargs, make_inputs, measure, our_backends, parse_config,
+                    parse_ints, parse_shape, parser, pick_device, run_sweep)
+
+PEERS = ("fla", "cudnn", "sdpa")
+PLOTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots")
 
 
-def ours(name, x, gate):
+def ours(name, x, gate, config):
+    """kda_compile through the public API with ``backend=name`` (the tuned table's config), or straight
+    through the backend with ``config``."""
     import kda_compile
 
-    kw = dict(use_qk_l2norm_in_kernel=True, **gate_kwargs(gate))
-    return lambda: kda_compile.chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], A_log=x.get("A_log"),
-                                         dt_bias=x.get("dt_bias"), backend=name, **kw)
+    if config is not None:
+        return backend_call("chunk", x, name, config=config, **gate_kwargs(gate))
+    kw = dict(A_log=x.get("A_log"), dt_bias=x.get("dt_bias"), **gate_kwargs(gate))
+    check_runs(name, "chunk", x, **gate_kwargs(gate))
+    return lambda: kda_compile.chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], backend=name, **kw)
 
 
-def cudnn_kda(x, gate):
+def fla(x, gate):
+    from fla.ops.kda import chunk_kda
+
+    kw = gate_kwargs(gate)
+    if gate != "log":
+        kw.update(A_log=x["A_log"], dt_bias=x["dt_bias"])
+    return lambda: chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], **kw)
+
+
+def cudnn(x, gate):
+    """cuDNN-frontend's KDA: packed ``[B*T, H, D]`` tensors with int32 ``cu_seqlens``."""
     from cudnn.linear_attention import kimi_delta_attention
 
+    if x["q"].device.type != "cuda":
+        raise Skip("cuDNN-frontend runs on CUDA only")
     B, T, H, D = x["q"].shape
     q, k, v = (x[n].reshape(B * T, H, D) for n in ("q", "k", "v"))
     g, beta = x["g"].reshape(B * T, H, D), x["beta"].reshape(B * T, H)
-    cu = dense_cu_seqlens(B, T)
+    cu = dense_cu_seqlens(B, T, q.device)
     kw = dict(use_qk_l2norm_in_kernel=True)
     if gate != "log":
         kw.update(safe_gate=True, gate_lower_bound=LOWER_BOUND, a_log=x["A_log"], dt_bias=x["dt_bias"].view(H, D))
@@ -38,60 +66,81 @@ def cudnn_kda(x, gate):
 
 
 def sdpa(x):
+    """Causal softmax attention on the same q, k, v (the gate does not apply)."""
     q, k, v = (x[n].transpose(1, 2).contiguous() for n in ("q", "k", "v"))
     return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def stages(x, gate, config=None):
-    """Times of the two TileLang stages alone (``config``: kernel config overrides, see chunk_fwd)."""
-    from kda_compile.kernels_tl.chunk_fwd import plan
-
-    opts = kda_options(x, gate)
-    s1, s2, _ = plan(x["q"], x["k"], x["v"], x["g"], x["beta"], None, None, x.get("A_log"), x.get("dt_bias"),
-                     opts, False, config)
-    return try_time("stage1", s1), try_time("stage2", s2)
+def builder(provider, x, gate, config):
+    if provider.startswith("ours:"):
+        return lambda: ours(provider[5:], x, gate, config)
+    return {"fla": lambda: fla(x, gate), "cudnn": lambda: cudnn(x, gate), "sdpa": lambda: sdpa(x)}[provider]
 
 
-def main():
+def forward_ms_fn(device, D, config):
+    """``fn(B, T, H, gate, provider) -> ms`` for the sweep; inputs are made once per point."""
+    cache = {}
+
+    def forward_ms(B, T, H, gate, provider):
+        key = (B, T, H, gate)
+        if key not in cache:
+            cache.clear()
+            cache[key] = make_inputs(B, T, H, D, gate=gate, device=device)
+        return measure(provider, builder(provider, cache[key], gate, config), device)
+
+    return forward_ms
+
+
+def providers_for(args, device) -> list[str]:
+    wanted = [p.strip() for p in args.providers.split(",") if p.strip()]
+    unknown = set(wanted) - {"ours", *PEERS}
+    if unknown:
+        raise ValueError(f"--providers takes ours, {', '.join(PEERS)}; got {sorted(unknown)}")
+    names = [f"ours:{b}" for b in our_backends(device, args.backends)] if "ours" in wanted else []
+    return names + [p for p in PEERS if p in wanted]
+
+
+def main(argv=None) -> int:
     p = parser(__doc__)
-    p.add_argument("--stages", action="store_true", help="also time the TileLang stages separately")
-    p.add_argument("--config", default="{}", help='TileLang kernel config for --stages, JSON, e.g. '
-                   '\'{"intra_threads": 128, "block_V": 64}\'')
-    args = p.parse_args()
-    shapes = STANDARD_SHAPES[:1] if args.quick else STANDARD_SHAPES
-    gates = GATES[:1] if args.quick else GATES
-    backends = fast_backends()
-    # time ratios (ours / peer; above 1 = slower than the peer): every backend against FLA, the first
-    # (default-order) backend also against cuDNN and SDPA
-    headers = ["B·T·H", "gate", *[f"{b} ms" for b in backends], "FLA ms", "cuDNN ms", "SDPA ms",
-               *[f"{b}/FLA" for b in backends],
-               *([f"{backends[0]}/cuDNN", f"{backends[0]}/SDPA"] if backends else [])]
-    if args.stages:
-        headers += ["stage1 ms", "stage2 ms"]
-    rows = []
-    for B, T, H in shapes:
-        sd = None
-        for gate in gates:
-            x = make_inputs(B, T, H, gate=gate)
-            ours_t = [try_time(b, ours(b, x, gate)) for b in backends]
-            fla_t = try_time("fla", fla_forward(x, gate))
-            cud_t = try_time("cudnn", cudnn_kda(x, gate))
-            if sd is None:
-                sd = try_time("sdpa", sdpa(x))
-            row = [f"{B}·{T}·{H}", gate, *ours_t, fla_t, cud_t, sd]
-            row += [ratio(t, fla_t) for t in ours_t]
-            if backends:
-                row += [ratio(ours_t[0], cud_t), ratio(ours_t[0], sd)]
-            if args.stages:
-                row += list(stages(x, gate, json.loads(args.config)))
-            rows.append(row)
-            print(row, file=sys.stderr, flush=True)
-            del x
-            torch.cuda.empty_cache()
-    cmd = "python bench/bench_chunk.py " + " ".join(sys.argv[1:])
-    emit(f"\n### Forward (chunk), D=128 bf16, median ms\n\n{versions()}\n\n`{cmd}`\n\n{table(headers, rows)}\n",
-         args.out)
+    p.add_argument("--what", default="shapes,sweep", help="shapes (the standard shapes table), sweep (time "
+                   "against T with a plot), or both (default)")
+    p.add_argument("--gates", default=",".join(GATES), help="log, safe or both (default both)")
+    p.add_argument("--shapes", nargs="*", default=None, help="B,T,H triples (default: the standard shapes)")
+    p.add_argument("--sweep-T", default=None, help="T values of the sweep (default 1024,...,32768)")
+    p.add_argument("--sweep-BH", default=None, help="B,H of the sweep (default 2,16)")
+    p.add_argument("--providers", default="ours," + ",".join(PEERS), help="ours, fla, cudnn, sdpa (default all)")
+    p.add_argument("--backends", default=None, help="our backends (default: every registered one but the "
+                   "reference on CUDA)")
+    p.add_argument("--config", default=None, help="a kernel config for our backends, JSON or key=value,... "
+                   "(default: what the dispatch picks)")
+    p.add_argument("--plots", default=PLOTS, help="folder of the sweep's PNG and CSV (default bench/plots)")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    tiny = device == "cpu"
+    D = 16 if tiny else 128
+    gates = [g.strip() for g in args.gates.split(",") if g.strip()]
+    if set(gates) - set(GATES):
+        raise ValueError(f"--gates takes {GATES}, got {args.gates!r}")
+    shapes = [parse_shape(s) for s in args.shapes] if args.shapes else TINY_SHAPES if tiny else STANDARD_SHAPES
+    sweep_T = parse_ints(args.sweep_T or ("32,64,128" if tiny else "1024,2048,4096,8192,16384,32768"), "--sweep-T")
+    sweep_B, sweep_H = parse_ints(args.sweep_BH or ("1,2" if tiny else "2,16"), "--sweep-BH")[:2]
+    config = parse_config(args.config) if args.config else None
+    providers = providers_for(args, device)
+    fn = forward_ms_fn(device, D, config)
+    what = set(args.what.split(","))
+    for gate in gates:
+        if "shapes" in what:
+            run_sweep(fn, x_names=["B", "T", "H"], x_vals=shapes, providers=providers, ylabel="ms",
+                      plot_name=None, args={"gate": gate}, save_path="", device=device, out=args.out,
+                      title=f"Forward (chunk_kda), {gate} gate, D = {D}, bf16, median ms")
+        if "sweep" in what:
+            run_sweep(fn, x_names=["T"], x_vals=sweep_T, providers=providers, ylabel="ms",
+                      plot_name=f"chunk_forward_{gate}", args={"B": sweep_B, "H": sweep_H, "gate": gate},
+                      save_path=args.plots, device=device, out=args.out, x_log=True, y_log=True,
+                      title=f"Forward (chunk_kda) against T, B{sweep_B}·H{sweep_H}, {gate} gate, D = {D}, "
+                            f"bf16, median ms")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

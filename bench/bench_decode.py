@@ -1,95 +1,124 @@
-"""Decode benchmark: one token per sequence, state in/out, kda_compile backends vs FLA and cuDNN-frontend.
+"""Decode (``fused_recurrent_kda``, one token per sequence, state in and out): ours per backend against FLA,
+cuDNN-frontend's KDA and a plain copy of the same state bytes (the bandwidth floor).
 
-    python bench/bench_decode.py [--config JSON] [--out bench/results_tilelang.md]
+    python bench/bench_decode.py                        # B = 1, 4, 16, 64; H = 32, D = 128
+    python bench/bench_decode.py --backends tilelang --config '{"layout": "column"}'
+    python bench/bench_decode.py --device cpu           # tiny sizes on the CPU: checks the script
 
-B in {1, 64}, H = 32, D = 128, bf16, float32 state.  Times are medians (CUDA-graph replay, so host overhead
-is excluded for every provider alike).  "state GB/s" is 2 x state bytes / time (read + write) and is
-compared with a device-to-device copy of the same number of bytes.
+bf16 q/k/v, float32 log gate and beta, float32 state ``[B, H, K, V]``, q/k L2-normalised in the kernel.
+Times are medians in µs of CUDA-graph replays, so host overhead is excluded for every provider alike.
+The sweep writes ``<plots>/decode.png`` (and ``.csv``); ``state GB/s`` = 2 x state bytes / time.
 """
 from __future__ import annotations
 
-import json
+import os
 import sys
 
 import torch
 
-from common import dense_cu_seqlens, emit, fast_backends, make_inputs, parser, ratio, table, try_time, versions
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (Skip, backend_call, check_runs, dense_cu_seqlens, emit, make_inputs,  # noqa: E402
+                    markdown_table, measure, our_backends, parse_config, parse_ints, parser, pick_device, run_sweep)
 
-D = 128
+PEERS = ("fla", "cudnn", "copy")
+PLOTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots")
+API = dict(output_final_state=True, use_qk_l2norm_in_kernel=True)
 
 
-def decode_inputs(B, H):
-    x = make_inputs(B, 1, H, D)
-    x["h0"] = torch.randn(B, H, D, D, device="cuda") * 0.1
+def decode_inputs(B, H, D, device):
+    x = make_inputs(B, 1, H, D, device=device)
+    x["h0"] = torch.randn(B, H, D, D, device=device) * 0.1
     return x
 
 
-def ours(name, x, config=None):
+def ours(name, x, config):
     import kda_compile
 
-    if config and name == "tilelang":  # a kernel config of the TileLang decode kernel, bypassing dispatch
-        from kda_compile.kernels_tl.fused_recurrent import fused_recurrent_fwd
-        from kda_compile.reference import KDAOptions
-
-        opts = KDAOptions(scale=D ** -0.5, use_qk_l2norm_in_kernel=True)
-        return lambda: fused_recurrent_fwd(x["q"], x["k"], x["v"], x["g"], x["beta"], x["h0"], None, None, None,
-                                           opts, True, config=config)
+    if config is not None:
+        return backend_call("recurrent", x, name, config=config, initial_state=x["h0"], **API)
+    check_runs(name, "recurrent", x, initial_state=x["h0"], **API)
     return lambda: kda_compile.fused_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
-                                                   output_final_state=True, use_qk_l2norm_in_kernel=True,
-                                                   backend=name)
+                                                   backend=name, **API)
 
 
 def fla(x):
     from fla.ops.kda import fused_recurrent_kda
 
-    return lambda: fused_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
-                                       output_final_state=True, use_qk_l2norm_in_kernel=True)
+    return lambda: fused_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"], **API)
 
 
-def cudnn_kda(x):
+def cudnn(x):
+    """cuDNN-frontend's KDA with T = 1 per sequence; it keeps the state ``[N, H, V, K]``."""
     from cudnn.linear_attention import kimi_delta_attention
 
-    B, T, H, _ = x["q"].shape
+    if x["q"].device.type != "cuda":
+        raise Skip("cuDNN-frontend runs on CUDA only")
+    B, T, H, D = x["q"].shape
     q, k, v = (x[n].reshape(B * T, H, D) for n in ("q", "k", "v"))
     g, beta = x["g"].reshape(B * T, H, D), x["beta"].reshape(B * T, H)
-    h0 = x["h0"].transpose(-1, -2).contiguous()  # cuDNN keeps the state [N, H, V, K]
-    cu = dense_cu_seqlens(B, T)
+    h0 = x["h0"].transpose(-1, -2).contiguous()
+    cu = dense_cu_seqlens(B, T, q.device)
     return lambda: kimi_delta_attention(q, k, v, g, beta, cu, initial_state=h0, output_final_state=True,
                                         use_qk_l2norm_in_kernel=True)
 
 
-def main():
+def copy(x):
+    """A device copy of the state: the time to read and write its bytes once."""
+    dst = torch.empty_like(x["h0"])
+    return lambda: dst.copy_(x["h0"])
+
+
+def builder(provider, x, config):
+    if provider.startswith("ours:"):
+        return lambda: ours(provider[5:], x, config)
+    return {"fla": lambda: fla(x), "cudnn": lambda: cudnn(x), "copy": lambda: copy(x)}[provider]
+
+
+def decode_us_fn(device, H, D, config):
+    """``fn(B, provider) -> µs`` for the sweep; inputs are made once per B."""
+    cache = {}
+
+    def decode_us(B, provider):
+        if B not in cache:
+            cache.clear()
+            cache[B] = decode_inputs(B, H, D, device)
+        return 1e3 * measure(provider, builder(provider, cache[B], config), device, graph=device == "cuda")
+
+    return decode_us
+
+
+def main(argv=None) -> int:
     p = parser(__doc__)
-    p.add_argument("--config", default="{}", help='TileLang decode kernel config, JSON, e.g. '
-                   '\'{"layout": "column", "block_V": 128, "threads": 128}\'')
-    args = p.parse_args()
-    config = json.loads(args.config)
-    backends = fast_backends()
-    headers = ["B·H", *[f"{b} µs" for b in backends], "FLA µs", "cuDNN µs", "copy µs",
-               *([f"{backends[0]} state GB/s", "copy GB/s", f"{backends[0]}/copy BW", f"{backends[0]}/FLA"]
-                 if backends else [])]
-    rows = []
-    for B in (1, 64):
-        H = 32
-        x = decode_inputs(B, H)
-        state_bytes = x["h0"].numel() * 4
-        graph = True
-        ours_t = [try_time(b, ours(b, x, config), graph) for b in backends]
-        fla_t = try_time("fla", fla(x), graph)
-        cud_t = try_time("cudnn", cudnn_kda(x), graph)
-        dst = torch.empty_like(x["h0"])
-        copy_t = try_time("copy", lambda: dst.copy_(x["h0"]), graph)
-        us = [None if t is None else t * 1e3 for t in (*ours_t, fla_t, cud_t, copy_t)]
-        row = [f"{B}·{H}", *us]
-        if backends:
-            bw = lambda t: None if t is None else 2 * state_bytes / (t * 1e-3) / 1e9  # noqa: E731
-            row += [bw(ours_t[0]), bw(copy_t), ratio(bw(ours_t[0]), bw(copy_t)), ratio(ours_t[0], fla_t)]
-        rows.append(row)
-        print(row, file=sys.stderr, flush=True)
-    cmd = "python bench/bench_decode.py " + " ".join(sys.argv[1:])
-    emit(f"\n### Decode (1 token/sequence), H=32, D=128, bf16, fp32 state, median µs (CUDA graphs)\n\n"
-         f"{versions()}\n\n`{cmd}`\n\n{table(headers, rows)}\n", args.out)
+    p.add_argument("--batches", default=None, help="B values (default 1,4,16,64)")
+    p.add_argument("--heads", type=int, default=None, help="H (default 32)")
+    p.add_argument("--providers", default="ours," + ",".join(PEERS), help="ours, fla, cudnn, copy (default all)")
+    p.add_argument("--backends", default=None, help="our backends (default: every registered one but the "
+                   "reference on CUDA)")
+    p.add_argument("--config", default=None, help="a decode kernel config for our backends, JSON or "
+                   "key=value,... (default: what the dispatch picks)")
+    p.add_argument("--plots", default=PLOTS, help="folder of the sweep's PNG and CSV (default bench/plots)")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    tiny = device == "cpu"
+    H, D = args.heads or (2 if tiny else 32), 16 if tiny else 128
+    batches = parse_ints(args.batches or ("1,2" if tiny else "1,4,16,64"), "--batches")
+    wanted = [s.strip() for s in args.providers.split(",") if s.strip()]
+    if set(wanted) - {"ours", *PEERS}:
+        raise ValueError(f"--providers takes ours, {', '.join(PEERS)}; got {args.providers!r}")
+    providers = [f"ours:{b}" for b in our_backends(device, args.backends)] if "ours" in wanted else []
+    providers += [s for s in PEERS if s in wanted]
+    config = parse_config(args.config) if args.config else None
+    headers, rows = run_sweep(decode_us_fn(device, H, D, config), x_names=["B"], x_vals=batches,
+                              providers=providers, ylabel="µs", plot_name="decode", args={},
+                              save_path=args.plots, device=device, out=args.out, x_log=True, y_log=True,
+                              title=f"Decode (fused_recurrent_kda), 1 token per sequence, H = {H}, D = {D}, bf16, "
+                                    f"float32 state, median µs")
+    # state bandwidth of every provider: read + write of the float32 state
+    gbps = [[row[0], *(2 * row[0] * H * D * D * 4 / (t * 1e-6) / 1e9 for t in row[1:1 + len(providers)])]
+            for row in rows]
+    emit(markdown_table(["B", *[f"{s} state GB/s" for s in providers]], gbps) + "\n", args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,8 +1,8 @@
 """Prefill and decode throughput of the hybrid KDA/MLA model against the same model with every layer full
 attention (MLA through SDPA), plus the memory of each one's cache.
 
-GPU (the numbers in bench/results_model.md):
-    python bench/bench_model.py --device cuda --seq-lens 8192 32768 --compile --out bench/results_model_gpu.md
+GPU (the numbers in bench/RESULTS.md):
+    python bench/bench_model.py --device cuda --seq-lens 8192 32768 --compile
 CPU smoke test (tiny sizes):
     python bench/bench_model.py --device cpu --tiny
 

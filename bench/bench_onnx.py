@@ -1,7 +1,7 @@
 """Tokens/s of the hybrid model in onnxruntime (CPU, both KDA function bodies) vs PyTorch eager, same weights.
 
     python bench/bench_onnx.py                         # tiny config, prefill T=2048, decode 64 steps
-    python bench/bench_onnx.py --hidden 256 --heads 4 --head-dim 64 --out bench/results_onnx.md
+    python bench/bench_onnx.py --hidden 256 --heads 4 --head-dim 64
 
 Prefill: one forward of ``--batch`` x ``--prefill`` tokens from an empty cache.
 Decode: ``--decode`` single-token steps after a 128-token prefill, each fed the previous step's cache

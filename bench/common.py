@@ -1,66 +1,39 @@
-"""Shared helpers of the benchmark scripts: input builders per provider, timing, tables.
+"""Shared runner of the benchmark scripts: inputs, providers' skip handling, timing, sweeps and tables.
 
-Every number is a median of ``triton.testing.do_bench`` (or its CUDA-graph variant for launch-bound decode),
-in milliseconds, measured in the same process as its peers.  A provider that fails to import or run is
-reported as such in the table instead of stopping the run.
+Each ``bench_<op>.py`` script only builds one callable per provider; this module times it and writes the
+results. Sweeps go through ``triton.testing.perf_report`` (a printed table, a CSV and a PNG plot per sweep);
+every table is also printed as markdown headed by the GPU, library versions, date and the exact command.
+A provider that does not import or cannot run the call is skipped with its reason printed, never a crash.
+
+Timing: on CUDA the median of ``triton.testing.do_bench`` (``do_bench_cudagraph`` for launch-bound decode);
+on the CPU (to check the scripts at tiny sizes) the median wall time of a few calls.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import os
 import platform
+import shlex
+import statistics
 import sys
-import traceback
+import time
 
 import torch
 
-STANDARD_SHAPES = [(2, 8192, 16), (1, 32768, 16), (8, 4096, 32)]
+STANDARD_SHAPES = [(2, 8192, 16), (1, 32768, 16), (8, 4096, 32)]  # (B, T, H), D = 128, bf16
+TINY_SHAPES = [(1, 64, 2), (2, 32, 2)]                              # CPU check of the scripts
 GATES = ("log", "safe")
-LOWER_BOUND = -5.0
+LOWER_BOUND = -5.0  # the safe gate's lower bound
 
 
-def make_inputs(B, T, H, D=128, gate="log", dtype=torch.bfloat16, device="cuda", seed=0):
-    """bf16 q/k/v, float32 gate and beta; q/k normalised in the kernel (as in Kimi Linear)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    r = lambda *s, dt=dtype: torch.randn(*s, generator=gen, device=device, dtype=torch.float32).to(dt)  # noqa: E731
-    x = dict(q=r(B, T, H, D), k=r(B, T, H, D), v=r(B, T, H, D),
-             beta=torch.rand(B, T, H, generator=gen, device=device, dtype=torch.float32))
-    if gate == "log":
-        x["g"] = torch.nn.functional.logsigmoid(r(B, T, H, D, dt=torch.float32) + 3.0)
-    else:
-        x["g"] = r(B, T, H, D, dt=torch.float32)
-        x["A_log"] = torch.rand(H, generator=gen, device=device) * 0.5
-        x["dt_bias"] = torch.randn(H * D, generator=gen, device=device) * 0.5
-    return x
+class Skip(Exception):
+    """A provider that cannot run here; the message says why."""
 
 
-def kda_options(x, gate):
-    """kda_compile's resolved options for bench inputs ``x`` (:func:`make_inputs`) and a gate mode: q/k L2 norm
-    in the kernel, chunk size 64, the safe gate's lower bound unless ``gate == "log"``."""
-    from kda_compile.api import _options
-    return _options(x["q"], None, True, gate != "log", False, False, LOWER_BOUND if gate != "log" else None, 64,
-                    False)
-
-
-def triton_forward(x, gate, config: dict):
-    """Our Triton forward straight through the backend, ``config`` merged over its defaults (no dispatch, no
-    table): a zero-argument callable returning o."""
-    from kda_compile.kernels_triton.chunk_fwd import chunk_kda_fwd
-    opts = kda_options(x, gate)
-    return lambda: chunk_kda_fwd(x["q"], x["k"], x["v"], x["g"], x["beta"], None, None, x.get("A_log"),
-                                 x.get("dt_bias"), opts, False, config)[0]
-
-
-def fla_forward(x, gate):
-    """FLA's ``chunk_kda`` with the same flags as ours (q/k L2 norm in the kernel, the gate mode's keywords):
-    a zero-argument callable returning o."""
-    from fla.ops.kda import chunk_kda
-    kw = dict(use_qk_l2norm_in_kernel=True, **gate_kwargs(gate))
-    if gate != "log":
-        kw.update(A_log=x["A_log"], dt_bias=x["dt_bias"])
-    return lambda: chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], **kw)[0]
-
+# ------------------------------------------------------------------------------------------ arguments
 
 def parse_shape(text: str) -> tuple[int, int, int]:
     """A ``B,T,H`` triple from the command line, e.g. ``8,4096,32``."""
@@ -73,9 +46,20 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return B, T, H
 
 
+def parse_ints(text: str, name: str) -> list[int]:
+    """A comma-separated list of positive integers (``--sweep-T 1024,2048``)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name} is a comma-separated list of integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{name} needs at least one positive integer, got {text!r}")
+    return values
+
+
 def parse_config(text: str) -> dict:
-    """A Triton backend config from the command line: JSON (``{"intra_impl": "split2"}``) or
-    ``key=value,...`` (integers and ``None`` converted, everything else a string)."""
+    """A kernel config from the command line: JSON (``{"o_BK": 64}``) or ``key=value,...`` (integers and
+    ``None`` converted, everything else a string). The backend's own config type checks the keys."""
     text = text.strip()
     if text.startswith("{"):
         return json.loads(text)
@@ -88,78 +72,197 @@ def parse_config(text: str) -> dict:
     return config
 
 
-def gate_kwargs(gate: str) -> dict:
-    """FLA/kda_compile keywords of a gate mode."""
-    if gate == "log":
-        return {}
-    return dict(use_gate_in_kernel=True, safe_gate=True, lower_bound=LOWER_BOUND)
-
-
-def time_ms(fn, graph: bool = False) -> float:
-    """Median time of ``fn`` in ms (one warm-up call first, which also compiles)."""
-    import triton.testing
-
-    fn()
-    torch.cuda.synchronize()
-    if graph:
-        return float(triton.testing.do_bench_cudagraph(fn, return_mode="median"))
-    return float(triton.testing.do_bench(fn, return_mode="median"))
-
-
-def try_time(name: str, fn, graph: bool = False, log=sys.stderr):
-    """``time_ms`` or None (with the error printed) when the provider fails."""
-    try:
-        return time_ms(fn, graph)
-    except Exception as exc:  # a peer that cannot run is a table entry, not a crash
-        print(f"[{name}] failed: {type(exc).__name__}: {str(exc)[:300]}", file=log)
-        traceback.print_exc(limit=2, file=log)
-        return None
-
-
-def fmt(x, digits=3) -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, float):
-        return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:.0f}"
-    return str(x)
-
-
-def ratio(a, b) -> str:
-    return "—" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(out)
-
-
-def versions() -> str:
-    """GPU and library versions, one line."""
-    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
-    for mod in ("triton", "tilelang", "fla", "cudnn"):
-        try:
-            m = __import__(mod)
-            parts.append(f"{mod} {getattr(m, '__version__', '?')}")
-        except Exception:
-            parts.append(f"{mod} (not importable)")
-    if torch.cuda.is_available():
-        parts.insert(0, f"GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
-    return ", ".join(parts)
-
-
-def fast_backends() -> list[str]:
-    """Every registered kda_compile backend except the reference."""
-    import kda_compile
-
-    return [b for b in kda_compile.backends() if b != "reference"]
+def pick_device(name: str) -> str:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if name not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"--device must be auto, cuda or cpu, got {name!r}")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible (use --device cpu for the tiny CPU check)")
+    return name
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--out", help="append the table (markdown) to this file")
-    p.add_argument("--quick", action="store_true", help="first shape and log gate only")
+    """The options every script shares."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (default: cuda when available), cuda or cpu; on the "
+                   "CPU every size shrinks to a tiny check of the script")
+    p.add_argument("--out", default=None, help="also append the markdown tables to this file")
     return p
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+def make_inputs(B, T, H, D=128, gate="log", dtype=torch.bfloat16, device="cuda", seed=0) -> dict:
+    """q/k/v in ``dtype``, float32 gate and beta in [0, 1). Log gate: ``g = logsigmoid(randn + 3)``; safe gate:
+    a raw gate with ``A_log`` and ``dt_bias`` for the kernel's prologue."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dt)
+
+    x = dict(q=rand(B, T, H, D), k=rand(B, T, H, D), v=rand(B, T, H, D),
+             beta=torch.rand(B, T, H, generator=gen, device=device, dtype=torch.float32))
+    if gate == "log":
+        x["g"] = torch.nn.functional.logsigmoid(rand(B, T, H, D, dt=torch.float32) + 3.0)
+    elif gate == "safe":
+        x["g"] = rand(B, T, H, D, dt=torch.float32)
+        x["A_log"] = torch.rand(H, generator=gen, device=device) * 0.5
+        x["dt_bias"] = torch.randn(H * D, generator=gen, device=device) * 0.5
+    else:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    return x
+
+
+def gate_kwargs(gate: str) -> dict:
+    """The keywords of a gate mode, the same for FLA and kda_compile (q/k L2 norm in the kernel)."""
+    kw = dict(use_qk_l2norm_in_kernel=True)
+    if gate != "log":
+        kw.update(use_gate_in_kernel=True, safe_gate=True, lower_bound=LOWER_BOUND)
+    return kw
+
+
+def dense_cu_seqlens(B: int, T: int, device) -> torch.Tensor:
+    """``cu_seqlens`` of B sequences of T tokens packed together (cuDNN-frontend's input layout)."""
+    return torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=device)
+
+
+# ---------------------------------------------------------------------------------------------- ours
+
+def our_backends(device: str, wanted: str | None = None) -> list[str]:
+    """kda_compile backends to time: ``wanted`` (comma list) or every registered one; on CUDA the float64-
+    accurate ``reference`` only when named, since it is orders of magnitude slower."""
+    import kda_compile
+
+    registered = kda_compile.backends()
+    if wanted:
+        names = [n.strip() for n in wanted.split(",") if n.strip()]
+        for n in names:
+            if n not in registered:
+                print(f"[skip] ours:{n}: not registered here (registered: {registered}; "
+                      f"`python -m kda_compile info` says why)", file=sys.stderr)
+        return [n for n in names if n in registered]
+    return [n for n in registered if device == "cpu" or n != "reference"]
+
+
+def backend_call(op: str, x: dict, name: str, **kwargs):
+    """Our kernels straight through one backend with an explicit config: a zero-argument callable.
+    ``kwargs`` are the public API's keywords; ``config`` (a dict) goes to the backend as the tuned table would."""
+    from kda_compile import dispatch
+    from kda_compile.api import _check
+
+    config = kwargs.pop("config")
+    state = kwargs.pop("initial_state", None)
+    final = kwargs.pop("output_final_state", False)
+    problem, opts = _check(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=state, A_log=x.get("A_log"),
+                           dt_bias=x.get("dt_bias"), **kwargs)
+    call = dispatch.KDACall(op, problem, opts, x["q"], x["k"], x["v"], x["g"], x["beta"], state, None,
+                            x.get("A_log"), x.get("dt_bias"), output_final_state=final)
+    backend = dispatch.get_backend(name)
+    why_not = (backend.supports_forced or backend.supports)(call)
+    if why_not:
+        raise Skip(why_not)
+    return lambda: backend.run(call, config)
+
+
+def check_runs(name: str, op: str, x: dict, **kwargs) -> None:
+    """Raise :class:`Skip` with the dispatch's reason when backend ``name`` cannot run this call."""
+    import kda_compile
+
+    try:
+        kda_compile.explain(x["q"], x["k"], x["v"], x["g"], x["beta"], op=op, backend=name,
+                            A_log=x.get("A_log"), dt_bias=x.get("dt_bias"), **kwargs)
+    except ValueError as exc:
+        raise Skip(str(exc)) from None
+
+
+# -------------------------------------------------------------------------------------------- timing
+
+_SKIPPED: set[str] = set()
+
+
+def time_ms(fn, device: str, graph: bool = False, reps: int = 5) -> float:
+    """Median time of ``fn`` in ms. One warm-up call first (it compiles)."""
+    fn()
+    if device == "cuda":
+        import triton.testing
+
+        torch.cuda.synchronize()
+        if graph:
+            return float(triton.testing.do_bench_cudagraph(fn, return_mode="median"))
+        return float(triton.testing.do_bench(fn, return_mode="median"))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def measure(provider: str, build, device: str, graph: bool = False) -> float:
+    """Time the callable ``build()`` returns; NaN (and the reason printed once) when the provider does not
+    import, cannot run the call, or fails."""
+    try:
+        return time_ms(build(), device, graph)
+    except (ImportError, Skip) as exc:
+        if provider not in _SKIPPED:
+            _SKIPPED.add(provider)
+            print(f"[skip] {provider}: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr, flush=True)
+    except Exception as exc:  # a peer that fails is an empty cell, not a crash
+        print(f"[fail] {provider}: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr, flush=True)
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return float("nan")
+
+
+# --------------------------------------------------------------------------------------------- output
+
+def versions(device: str) -> str:
+    """Device and library versions, one line."""
+    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    for mod in ("triton", "tilelang", "fla", "cudnn"):
+        try:
+            parts.append(f"{mod} {getattr(__import__(mod), '__version__', '?')}")
+        except Exception:
+            parts.append(f"{mod} (not importable)")
+    if device == "cuda":
+        parts.insert(0, f"GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
+    else:
+        parts.insert(0, f"CPU {platform.machine()}, {os.cpu_count()} cores")
+    return ", ".join(parts)
+
+
+def header(title: str, device: str) -> str:
+    """Markdown heading with the device, versions, date and the exact command."""
+    command = shlex.join(["python", *sys.argv])
+    return f"### {title}\n\n{versions(device)}; {datetime.date.today().isoformat()}\n\n`{command}`\n"
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "—"
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def with_ratios(headers: list[str], rows: list[list], providers: list[str], ylabel: str, peer: str = "fla"):
+    """Add ``<ours> / <peer>`` columns (time over the peer's time: below 1 is faster) for every ``ours:*``."""
+    if peer not in providers:
+        return headers, rows
+    col = {p: headers.index(f"{p} ({ylabel})") for p in providers}
+    ours = [p for p in providers if p.startswith("ours:")]
+    headers = headers + [f"{p[5:]} / {peer}" for p in ours]
+    rows = [row + [row[col[p]] / row[col[peer]] if row[col[peer]] else float("nan") for p in ours] for row in rows]
+    return headers, rows
 
 
 def emit(text: str, out: str | None) -> None:
@@ -169,9 +272,40 @@ def emit(text: str, out: str | None) -> None:
             f.write(text + "\n")
 
 
-def dense_cu_seqlens(B: int, T: int, device="cuda") -> torch.Tensor:
-    return torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=device)
+def run_sweep(fn, *, x_names, x_vals, providers, ylabel, plot_name, args, save_path, title, device, out,
+              x_log=False, y_log=False):
+    """``fn(**x, provider=..., **args) -> time`` over the grid through ``triton.testing.perf_report``, which
+    prints the table and writes ``<plot_name>.csv`` and ``.png`` to ``save_path`` (no plot when ``plot_name``
+    is None); then the markdown table. Without pandas/matplotlib (perf_report needs both) the same grid is
+    measured and only the markdown table is written, with the reason printed."""
+    import triton.testing
 
+    names = [f"{p} ({ylabel})" for p in providers]
+    bench = triton.testing.Benchmark(x_names=list(x_names), x_vals=list(x_vals), line_arg="provider",
+                                     line_vals=list(providers), line_names=list(providers), ylabel=ylabel,
+                                     plot_name=plot_name or "", args=dict(args), xlabel=x_names[0],
+                                     x_log=x_log, y_log=y_log)
+    try:
+        import matplotlib
+        import pandas  # noqa: F401  (perf_report imports it)
 
-def isfinite_number(x) -> bool:
-    return x is not None and math.isfinite(x)
+        matplotlib.use("Agg")
+    except ImportError as exc:
+        print(f"[no plot] triton.testing.perf_report needs pandas and matplotlib: {exc}", file=sys.stderr)
+        rows = []
+        for x in x_vals:
+            point = dict(zip(x_names, x if isinstance(x, (list, tuple)) else [x] * len(x_names)))
+            rows.append([*point.values(), *(fn(**point, provider=p, **args) for p in providers)])
+    else:
+        if save_path and plot_name:
+            os.makedirs(save_path, exist_ok=True)
+        df = triton.testing.perf_report(bench)(fn).run(print_data=True, return_df=True, show_plots=False,
+                                                       save_path=save_path if plot_name else "")
+        rows = df[list(x_names) + names].values.tolist()
+        rows = [[int(v) if isinstance(v, float) and v.is_integer() else v for v in row[:len(x_names)]]
+                + row[len(x_names):] for row in rows]
+        if save_path and plot_name:
+            print(f"plot: {os.path.join(save_path, plot_name + '.png')}", file=sys.stderr)
+    headers, rows = with_ratios([*x_names, *names], rows, list(providers), ylabel)
+    emit(f"\n{header(title, device)}\n{markdown_table(headers, rows)}\n", out)
+    return headers, rows

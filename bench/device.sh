@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Check and time everything GPU-side in one go, from the repository root:
+#
+#   SECTIONS="tests chunk sweep decode" OUT=/tmp/out bash bench/device.sh
+#
+# Sections, run in the order given (default: tests chunk sweep decode breakdown cold model onnx):
+#   tests      pytest -m gpu (every GPU test; PYTEST_ARGS adds arguments, e.g. "-n 8 tests/test_chunk.py")
+#   chunk      bench/bench_chunk.py --what shapes: forward at the standard shapes, both gates
+#   sweep      bench/bench_chunk.py --what sweep: forward against T, plots to $OUT/plots
+#   decode     bench/bench_decode.py (plot to $OUT/plots)
+#   breakdown  bench/bench_breakdown.py --gates log,safe: per-kernel GPU time, ours and the peers
+#   ncu        Nsight Compute on a few forward calls (every kernel of ours: regex:^kda_)
+#   tune       python -m kda_compile.autotune --output $OUT/tuned.json (TUNE_ARGS adds arguments)
+#   cold       bench/bench_cold_start.py: fresh process to the first chunk_kda, ours and FLA
+#   model      bench/bench_model.py: the hybrid model against full attention
+#   onnx       bench/bench_onnx.py: onnxruntime against PyTorch eager (CPU)
+# Each section runs under `timeout` (LIMIT_<SECTION> seconds, e.g. LIMIT_CHUNK=300) with its output in
+# $OUT/<section>.log, printed when it ends with its exit status; the markdown tables also go to
+# $OUT/results.md. <SECTION>_ARGS (e.g. CHUNK_ARGS="--gates log") are appended to a section's command.
+# SETUP, when set, is run first (e.g. a script that installs the peers); the package is installed
+# editable when it does not import yet.
+set -uo pipefail
+OUT=${OUT:-$(mktemp -d)}
+PY=${PYTHON:-python3}
+SECTIONS=${SECTIONS:-tests chunk sweep decode breakdown cold model onnx}
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+mkdir -p "$OUT/plots"
+echo "sections: $SECTIONS; output in $OUT"
+
+run() {  # run NAME DEFAULT_LIMIT CMD...: bounded, logged to $OUT/NAME.log, printed afterwards
+  local name=$1 limit_var="LIMIT_${1^^}" args_var="${1^^}_ARGS"; local limit=${!limit_var:-$2}; shift 2
+  echo; echo "=== $name ($(date -u +%T), limit ${limit}s): $* ${!args_var:-}"
+  # shellcheck disable=SC2086  # the extra arguments are meant to split
+  timeout -k 10 "$limit" "$@" ${!args_var:-} > "$OUT/$name.log" 2>&1
+  local rc=$?
+  cat "$OUT/$name.log"
+  echo "=== $name exit $rc$( [ $rc -eq 124 ] && echo ' (timed out)')"
+}
+
+if [ -n "${SETUP:-}" ]; then
+  echo "=== setup: $SETUP"
+  bash -c "$SETUP" || { echo "setup failed"; exit 1; }
+fi
+$PY -c "import kda_compile" 2>/dev/null || $PY -m pip install -q --no-deps --no-build-isolation -e . \
+  || { echo "installing the package failed"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+$PY -m kda_compile info
+
+for section in $SECTIONS; do
+  case $section in
+    tests)     run tests 600 $PY -m pytest -m gpu -q -rs --tb=short -p no:cacheprovider tests ;;
+    chunk)     run chunk 420 $PY bench/bench_chunk.py --what shapes --out "$OUT/results.md" ;;
+    sweep)     run sweep 540 $PY bench/bench_chunk.py --what sweep --plots "$OUT/plots" --out "$OUT/results.md" ;;
+    decode)    run decode 180 $PY bench/bench_decode.py --plots "$OUT/plots" --out "$OUT/results.md" ;;
+    breakdown) run breakdown 420 $PY bench/bench_breakdown.py --gates log,safe --out "$OUT/results.md" ;;
+    ncu)       run ncu 240 ncu --clock-control none --kernel-name regex:^kda_ --launch-skip 5 --launch-count 5 \
+                 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+                 --section MemoryWorkloadAnalysis $PY bench/bench_breakdown.py --ncu --backends triton \
+                 --shapes 2,8192,16 --calls 3 ;;
+    tune)      run tune 540 $PY -m kda_compile.autotune --output "$OUT/tuned.json" ;;
+    cold)      run cold 540 $PY bench/bench_cold_start.py --timeout 250 --out "$OUT/results.md" ;;
+    model)     run model 300 $PY bench/bench_model.py --device cuda --seq-lens 8192 32768 --compile \
+                 --out "$OUT/results.md" ;;
+    onnx)      run onnx 300 $PY bench/bench_onnx.py --rounds 5 --threads 1 --out "$OUT/results.md" ;;
+    *)         echo "unknown section '$section' (known: tests chunk sweep decode breakdown ncu tune cold model onnx)" ;;
+  esac
+done
+echo; echo "done at $(date -u +%T); tables in $OUT/results.md, plots in $OUT/plots"
