@@ -30,6 +30,19 @@ def default_config(dtype: torch.dtype | None = None) -> dict:
     return {**forward_config(dtype), **STATE_CONFIG, **SOLVE_CONFIG, **INTRA_CONFIG, **PROLOGUE_CONFIG}
 
 
+def check_cotangents(q, v, initial_state, do, dht, opts, num_seqs: int) -> None:
+    """``ValueError`` unless ``do`` has v's shape and ``dht`` (if given) the final state's shape."""
+    if tuple(do.shape) != tuple(v.shape):
+        raise ValueError(f"do must have v's shape {tuple(v.shape)}, got {tuple(do.shape)}")
+    if dht is not None:
+        HV, K, V = v.shape[2], q.shape[3], v.shape[3]
+        want = (num_seqs, HV, V, K) if opts.state_v_first else (num_seqs, HV, K, V)
+        if tuple(dht.shape) != want:
+            raise ValueError(f"dht must have the final state's shape {want}, got {tuple(dht.shape)}")
+    if initial_state is not None and initial_state.shape[0] != num_seqs:
+        raise ValueError(f"initial_state must hold {num_seqs} states, got {initial_state.shape[0]}")
+
+
 def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts, do, dht, config=None):
     """Chunkwise KDA backward with Triton kernels on user-layout tensors (as chunk_fwd.chunk_kda_fwd takes them).
 
@@ -41,6 +54,7 @@ def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
     HV, V = v.shape[2], v.shape[3]
     config = {**default_config(q.dtype), **(config or {})}
     table = chunk_table(B, T, cu_seqlens, opts.chunk_size, q.device)
+    check_cotangents(q, v, initial_state, do, dht, opts, table.num_seqs)
     q_f, k_f, v_f = (x.reshape(B * T, x.shape[2], x.shape[3]).contiguous() for x in (q, k, v))
     g_f = g.reshape(B * T, HV, K).contiguous()
     beta_f = beta.reshape(B * T, HV).contiguous()

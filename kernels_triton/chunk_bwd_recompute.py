@@ -39,7 +39,8 @@ class ForwardIntermediates:
     v_new: torch.Tensor
 
 
-def recompute_forward(q, k, v, g, beta, initial_state, A_log, dt_bias, opts, table, config: dict) -> ForwardIntermediates:
+def recompute_forward(q, k, v, g, beta, initial_state, A_log, dt_bias, opts, table,
+                      config: dict) -> ForwardIntermediates:
     """Run the forward's intra stage ("split3", the forward's default) and state recurrence on flat tensors and
     keep Gamma and A_kk from the intra stage's float32 scratch."""
     TT, H, K = q.shape
