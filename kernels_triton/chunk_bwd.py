@@ -1,0 +1,81 @@
+"""Host side of the Triton chunkwise backward (docs/algorithm_backward.md): the stages in order.
+
+Same conventions as the forward (chunk_fwd.py): a flat token axis ``[TT = B*T, heads, dim]``, one chunk table
+for ragged T and cu_seqlens.  Nothing is stored by the forward; the backward recomputes it:
+
+    chunk_bwd_recompute.py  0. the forward's intermediates (Gamma, A_kk, A_qk, W, qg, kg, Gamma_C, h, V_new)
+    chunk_bwd_state.py      1. reverse state recurrence: dh leaving each chunk, dV_new, dh0
+    chunk_bwd_solve.py      2. through W, U and the inverse: dv, the gradients of A_kk and A_qk, beta's T term
+    chunk_bwd_intra.py      3. dq, dk (per value head), dg with the reverse cumsum and the gate's backward
+    chunk_bwd_prologue.py   4. group sums of dq/dk, the L2 norm's and beta sigmoid's backward
+
+Every reduction runs in a fixed order (no atomics): two calls give bitwise-equal gradients.
+Memory besides the gradients: the forward's intermediates, dh (chunks x HV x K x V, k's dtype), and float32
+token-sized buffers (dV_new, dv, dq and dk per value head, the two [TT, HV, C] gradients of A).
+"""
+from __future__ import annotations
+
+import torch
+
+from .chunk_bwd_intra import DEFAULT_CONFIG as INTRA_CONFIG, chunk_bwd_intra
+from .chunk_bwd_prologue import DEFAULT_CONFIG as PROLOGUE_CONFIG, chunk_bwd_prologue
+from .chunk_bwd_recompute import recompute_forward
+from .chunk_bwd_solve import DEFAULT_CONFIG as SOLVE_CONFIG, chunk_bwd_solve
+from .chunk_bwd_state import DEFAULT_CONFIG as STATE_CONFIG, chunk_bwd_state
+from .chunk_fwd import chunk_table, default_config as forward_config
+
+
+def default_config(dtype: torch.dtype | None = None) -> dict:
+    """The forward's defaults (its stages run again in stage 0) and every backward stage's."""
+    return {**forward_config(dtype), **STATE_CONFIG, **SOLVE_CONFIG, **INTRA_CONFIG, **PROLOGUE_CONFIG}
+
+
+def check_cotangents(q, v, initial_state, do, dht, opts, num_seqs: int) -> None:
+    """``ValueError`` unless ``do`` has v's shape and ``dht`` (if given) the final state's shape."""
+    if tuple(do.shape) != tuple(v.shape):
+        raise ValueError(f"do must have v's shape {tuple(v.shape)}, got {tuple(do.shape)}")
+    if dht is not None:
+        HV, K, V = v.shape[2], q.shape[3], v.shape[3]
+        want = (num_seqs, HV, V, K) if opts.state_v_first else (num_seqs, HV, K, V)
+        if tuple(dht.shape) != want:
+            raise ValueError(f"dht must have the final state's shape {want}, got {tuple(dht.shape)}")
+    if initial_state is not None and initial_state.shape[0] != num_seqs:
+        raise ValueError(f"initial_state must hold {num_seqs} states, got {initial_state.shape[0]}")
+
+
+def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts, do, dht, config=None):
+    """Chunkwise KDA backward with Triton kernels on user-layout tensors (as chunk_fwd.chunk_kda_fwd takes them).
+
+    ``do [B, T, HV, V]`` is the gradient of the output, ``dht`` that of the final state (the user's state layout)
+    or None.  Returns ``(dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias)`` in the inputs' dtypes, None for an input
+    that is None (``dA_log``/``ddt_bias`` also without ``use_gate_in_kernel``).
+    """
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    config = {**default_config(q.dtype), **(config or {})}
+    table = chunk_table(B, T, cu_seqlens, opts.chunk_size, q.device)
+    check_cotangents(q, v, initial_state, do, dht, opts, table.num_seqs)
+    q_f, k_f, v_f = (x.reshape(B * T, x.shape[2], x.shape[3]).contiguous() for x in (q, k, v))
+    g_f = g.reshape(B * T, HV, K).contiguous()
+    beta_f = beta.reshape(B * T, HV).contiguous()
+    do_f = do.reshape(B * T, HV, V).contiguous()
+    A_log_c, dt_bias_c = (x.contiguous() if x is not None else None for x in (A_log, dt_bias))
+
+    fwd = recompute_forward(q_f, k_f, v_f, g_f, beta_f, initial_state, A_log_c, dt_bias_c, opts, table, config)
+    dhn, dvn, dh0 = chunk_bwd_state(fwd, do_f, dht, initial_state is not None, opts.scale, table,
+                                    opts.state_v_first, config)
+    dv, d_akk, d_aqk, dbeta_solve = chunk_bwd_solve(q_f, k_f, v_f, beta_f, do_f, fwd, dvn, opts, table, config)
+    dq_h, dk_h, dg, dbeta_part, dA_part, ddt_part = chunk_bwd_intra(q_f, k_f, g_f, beta_f, A_log_c, dt_bias_c, do_f,
+                                                                    fwd, dv, dhn, d_aqk, d_akk, opts, table, config)
+    dq, dk, dbeta = chunk_bwd_prologue(q_f, k_f, beta_f, dq_h, dk_h, dbeta_solve, dbeta_part, opts, config)
+
+    dA_log = ddt_bias = None
+    if opts.use_gate_in_kernel:  # per-chunk partials reduced in a fixed order
+        if A_log is not None:
+            dA_log = dA_part.sum((0, 2)).to(A_log.dtype)
+        if dt_bias is not None:
+            ddt_bias = ddt_part.sum(0).reshape(HV * K).to(dt_bias.dtype)
+    if dh0 is not None:
+        dh0 = dh0.to(initial_state.dtype)
+    return (dq.view(B, T, H, K), dk.view(B, T, H, K), dv.to(v.dtype).view(B, T, HV, V), dg.view(B, T, HV, K),
+            dbeta.view(B, T, HV), dh0, dA_log, ddt_bias)

@@ -1,0 +1,77 @@
+"""Stage 4 of the Triton backward: the q/k and beta prologues (docs/algorithm_backward.md, section 6).
+
+One program per (token block, key head):
+
+* dq, dk: the float32 per-value-head gradients of the intra stage summed over the key head's group of value
+  heads in a fixed order (deterministic, no atomics), then the L2 norm's backward ``r (dy - y (y . dy))``
+  with the raw rows; written in q's / k's dtype;
+* dbeta of the group's value heads: the solve stage's term plus the intra stage's per-K-block terms (fixed
+  order), then the sigmoid's backward when beta arrives as logits.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gate import L2NORM_EPS
+
+DEFAULT_CONFIG = {"bwd_prologue_BT": 32, "bwd_prologue_warps": 4}
+
+
+@triton.jit
+def _l2norm_bwd(x, dy, L2NORM: tl.constexpr):
+    """Gradient of ``x / sqrt(sum(x**2) + eps)`` over the last axis (``dy`` as is without ``L2NORM``)."""
+    if L2NORM:
+        r = tl.rsqrt(tl.sum(x * x, 1) + L2NORM_EPS)
+        y = x * r[:, None]
+        dy = r[:, None] * (dy - y * tl.sum(y * dy, 1)[:, None])
+    return dy
+
+
+@triton.jit
+def kda_bwd_prologue_kernel(
+    q, k, beta, dq_h, dk_h, dbeta_solve, dbeta_part, dq, dk, dbeta, TT,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, NKB: tl.constexpr, L2NORM: tl.constexpr,
+    BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+):
+    i_t, i_kh = tl.program_id(0), tl.program_id(1)
+    GROUP: tl.constexpr = HV // H
+    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
+    m_t = o_t < TT
+    o_k = tl.arange(0, BK)
+    m = m_t[:, None] & (o_k < K)[None, :]
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    for i_g in tl.static_range(GROUP):
+        i_h = i_kh * GROUP + i_g
+        p_h = o_t[:, None] * (HV * K) + i_h * K + o_k[None, :]
+        b_dq += tl.load(dq_h + p_h, mask=m, other=0.0)
+        b_dk += tl.load(dk_h + p_h, mask=m, other=0.0)
+        b_db = tl.load(dbeta_solve + o_t * HV + i_h, mask=m_t, other=0.0)
+        for i_kb in tl.static_range(NKB):
+            b_db += tl.load(dbeta_part + i_kb * TT * HV + o_t * HV + i_h, mask=m_t, other=0.0)
+        if BETA_SIGMOID:
+            s = tl.sigmoid(tl.load(beta + o_t * HV + i_h, mask=m_t, other=0.0).to(tl.float32))
+            b_db = b_db * BETA_SCALE * s * (1.0 - s)
+        tl.store(dbeta + o_t * HV + i_h, b_db.to(dbeta.dtype.element_ty), mask=m_t)
+    p_x = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]
+    b_q = tl.load(q + p_x, mask=m, other=0.0).to(tl.float32)
+    tl.store(dq + p_x, _l2norm_bwd(b_q, b_dq, L2NORM).to(dq.dtype.element_ty), mask=m)
+    b_k = tl.load(k + p_x, mask=m, other=0.0).to(tl.float32)
+    tl.store(dk + p_x, _l2norm_bwd(b_k, b_dk, L2NORM).to(dk.dtype.element_ty), mask=m)
+
+
+def chunk_bwd_prologue(q, k, beta, dq_h, dk_h, dbeta_solve, dbeta_part, opts, config: dict):
+    """Run the stage on flat tensors; returns ``(dq [TT, H, K], dk, dbeta [TT, HV])`` in the inputs' dtypes."""
+    TT, H, K = q.shape
+    HV = dq_h.shape[1]
+    dq, dk, dbeta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(beta)
+    BT = config.get("bwd_prologue_BT", 32)
+    if TT:
+        kda_bwd_prologue_kernel[(triton.cdiv(TT, BT), H)](
+            q, k, beta, dq_h, dk_h, dbeta_solve, dbeta_part, dq, dk, dbeta, TT,
+            H=H, HV=HV, K=K, NKB=dbeta_part.shape[0], L2NORM=opts.use_qk_l2norm_in_kernel,
+            BETA_SIGMOID=opts.use_beta_sigmoid_in_kernel, BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0,
+            BT=BT, BK=triton.next_power_of_2(K), num_warps=config.get("bwd_prologue_warps", 4))
+    return dq, dk, dbeta

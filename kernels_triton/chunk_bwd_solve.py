@@ -1,0 +1,111 @@
+"""Stage 2 of the Triton backward: through W = T ke, U = T v and the triangular inverse (docs/algorithm_backward.md,
+sections 2-3).
+
+One program per (chunk, value head).  X = (I + A_kk)^-1 is recomputed from the forward's A_kk with the forward's
+blocked inverse (solve_tril.block_inverse, diagonal blocks by products so nothing is written next to A_kk),
+T = X diag(beta).  Then, one V block at a time (keS = ke h by a K loop, ke = k r_k exp(Gamma)):
+
+    dv    = T^T dV_new                        (the whole gradient of v)
+    dT   += dV_new (v - ke h)^T               (= dV_new v^T + dW ke^T with dW = -dV_new h^T)
+    dAqk += dO V_new^T
+
+and at the end dbeta_j = sum_i dT[i,j] X[i,j],  Abar = -X^T (dT diag(beta)) X^T (strictly lower),
+P = scale dAqk (causal): the gradients of A_kk and of A_qk / scale that the intra stage contracts.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gate import chunk_beta, chunk_bounds, interpreting, l2norm_factors, mm
+from .solve_tril import block_inverse
+
+DEFAULT_CONFIG = {"bwd_solve_BK": 64, "bwd_solve_BV": 64, "bwd_solve_warps": 4}
+
+
+@triton.jit
+def kda_bwd_solve_kernel(
+    q, k, v, beta, do, v_new, dvn, h, akk, gamma, dv, d_akk, d_aqk, dbeta, chunk_seq, chunk_pos, cu, scale,
+    s_ac, s_ah, s_gc, s_gh, s_gr,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr, SOLVE_PREC: tl.constexpr,
+    SOLVE_DIAG: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_kh = i_h // (HV // H)
+    t0, eos, _ = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
+    o_c = tl.arange(0, C)
+    o_t = t0 + o_c
+    m_t = o_t < eos
+    i_ch = i_c.to(tl.int64) * HV + i_h
+    b_beta = chunk_beta(beta, o_t, m_t, i_h, HV, BETA_SIGMOID, BETA_SCALE)
+    b_x = block_inverse(akk + i_c.to(tl.int64) * s_ac + i_h * s_ah, tl.full([C], 1.0, tl.float32), C, SOLVE_PREC,
+                        SOLVE_DIAG)
+    b_t = b_x * b_beta[None, :]
+    _, r_k = l2norm_factors(q, k, o_t, m_t, i_kh, H, K, C, BK, L2NORM)
+    p_h = h + i_ch * (K * V)
+    p_g = gamma + i_c.to(tl.int64) * s_gc + i_h * s_gh
+    b_dt = tl.zeros([C, C], dtype=tl.float32)
+    b_dqk = tl.zeros([C, C], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_v = o_t[:, None] * (HV * V) + i_h * V + o_v[None, :]
+        b_dvn = tl.load(dvn + p_v, mask=m_tv, other=0.0)
+        tl.store(dv + p_v, mm(tl.trans(b_t), b_dvn, INTERPRET, PREC), mask=m_tv)
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        b_vn = tl.load(v_new + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        b_dqk += mm(b_do, tl.trans(b_vn), INTERPRET, PREC)
+        b_r = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)      # becomes v - ke h
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            m = m_t[:, None] & m_k[None, :]
+            b_k = tl.load(k + o_t[:, None] * (H * K) + i_kh * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+            b_g = tl.load(p_g + o_c[:, None] * s_gr + o_k[None, :], mask=m, other=0.0)
+            b_ke = tl.where(m, b_k * r_k[:, None] * tl.exp(b_g), 0.0)
+            b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+            b_r -= mm(b_ke, b_h.to(tl.float32), INTERPRET, PREC)
+        b_dt += mm(b_dvn, tl.trans(b_r), INTERPRET, PREC)
+    valid = m_t[:, None] & m_t[None, :]
+    tl.store(dbeta + o_t * HV + i_h, tl.sum(b_dt * b_x, 0), mask=m_t)
+    b_xt = tl.trans(b_x)
+    b_da = -mm(mm(b_xt, b_dt * b_beta[None, :], INTERPRET, SOLVE_PREC), b_xt, INTERPRET, SOLVE_PREC)
+    b_da = tl.where((o_c[:, None] > o_c[None, :]) & valid, b_da, 0.0)
+    b_dqk = tl.where((o_c[:, None] >= o_c[None, :]) & valid, b_dqk * scale, 0.0)
+    p_a = o_t[:, None] * (HV * C) + i_h * C + o_c[None, :]
+    tl.store(d_akk + p_a, b_da, mask=m_t[:, None])
+    tl.store(d_aqk + p_a, b_dqk, mask=m_t[:, None])
+
+
+def chunk_bwd_solve(q, k, v, beta, do, fwd, dvn, opts, table, config: dict):
+    """Run the stage on flat tensors.  Returns ``(dv [TT, HV, V], d_akk, d_aqk [TT, HV, C], dbeta [TT, HV])``, all
+    float32: the gradient of v, of A_kk (strictly lower), of A_qk / scale (causal) and beta's part from T."""
+    TT, H, K = q.shape
+    HV, V = v.shape[1], v.shape[2]
+    C = table.chunk_size
+    dev = q.device
+    dv = torch.zeros(TT, HV, V, device=dev, dtype=torch.float32)
+    d_akk = torch.zeros(TT, HV, C, device=dev, dtype=torch.float32)
+    d_aqk = torch.zeros(TT, HV, C, device=dev, dtype=torch.float32)
+    dbeta = torch.zeros(TT, HV, device=dev, dtype=torch.float32)
+    akk, gamma = fwd.akk, fwd.gamma
+    if akk.stride(2) != C or akk.stride(3) != 1 or gamma.stride(3) != 1:
+        raise ValueError("recomputed A_kk must have contiguous [C, C] tiles and Gamma contiguous rows")
+    diag = config.get("solve_diag", "tf32")
+    diag = "ieee" if diag == "subst" else diag        # products only: nothing written next to A_kk
+    if table.num_chunks:
+        kda_bwd_solve_kernel[(table.num_chunks, HV)](
+            q, k, v, beta, do, fwd.v_new, dvn, fwd.h, akk, gamma, dv, d_akk, d_aqk, dbeta,
+            table.chunk_seq, table.chunk_pos, table.cu, float(opts.scale),
+            akk.stride(0), akk.stride(1), gamma.stride(0), gamma.stride(1), gamma.stride(2),
+            H=H, HV=HV, K=K, V=V, C=C, L2NORM=opts.use_qk_l2norm_in_kernel,
+            BETA_SIGMOID=opts.use_beta_sigmoid_in_kernel, BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0,
+            BK=min(config.get("bwd_solve_BK", 64), triton.next_power_of_2(K)),
+            BV=min(config.get("bwd_solve_BV", 64), triton.next_power_of_2(V)), INTERPRET=interpreting(),
+            PREC=config.get("dot_precision", "tf32"), SOLVE_PREC=config.get("solve_precision", "tf32"),
+            SOLVE_DIAG=diag, num_warps=config.get("bwd_solve_warps", 4))
+    return dv, d_akk, d_aqk, dbeta

@@ -1,0 +1,223 @@
+"""Triton chunkwise backward (kernels_triton/chunk_bwd.py) on the CPU through TRITON_INTERPRET=1.
+
+Triton decides at kernel definition time whether a kernel is interpreted, so the kernels run in a subprocess:
+this file, run as a script, is the worker (``python tests/test_triton_bwd.py CASE...`` prints one JSON line per
+case).  Each case's gradients are compared with the float64 reference backward (kda_compile/reference_bwd.py)
+and with autograd through the float64 reference, on the same (rounded) inputs; errors are
+``||grad - ref|| / ||ref||``.  Also: determinism (two calls bitwise equal) and causality of gradients.
+The GPU cases (marked gpu) run the standard shapes in bf16.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NAMES = ("q", "k", "v", "g", "beta", "initial_state", "A_log", "dt_bias")
+TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
+
+# name -> case; fields as tests/test_chunk_bwd.case_inputs, plus dtype, op (grad | determinism | causal), tol
+CASES = {
+    "fp32_ragged_gva": dict(op="grad", dtype="float32", B=2, T=70, H=1, HV=2, K=16, V=8),
+    "fp32_varlen_empty_one_token": dict(op="grad", dtype="float32", cu=[0, 5, 50, 50, 99, 100], H=1, HV=1, K=8,
+                                        V=8),
+    "fp32_c32_state_v_first": dict(op="grad", dtype="float32", B=1, T=45, H=2, HV=2, K=8, V=16, C=32,
+                                   state_v_first=True),
+    "fp32_gate_l2norm_sigmoid": dict(op="grad", dtype="float32", B=1, T=40, H=1, HV=2, K=32, V=8, gate="raw",
+                                     l2norm=True, beta_logits=True),
+    "fp32_safe_gate_neg_eig_c32": dict(op="grad", dtype="float32", B=1, T=33, H=2, HV=4, K=8, V=8, gate="raw",
+                                       lower_bound=-5.0, beta_logits=True, neg_eig=True, C=32),
+    "fp32_safe_gate_no_A_log": dict(op="grad", dtype="float32", B=2, T=20, H=1, HV=1, K=8, V=8, gate="raw",
+                                    lower_bound=-3.0, drop_A_log=True),
+    # gates of -1000: the float32 cumsum keeps ~6e-5 absolute, hence the looser bound (as the forward's test)
+    "fp32_masked_gate": dict(op="grad", dtype="float32", B=1, T=70, H=1, HV=1, K=8, V=8, masked=True, tol=3e-4),
+    "fp32_no_state_no_dht_k128": dict(op="grad", dtype="float32", B=1, T=64, H=1, HV=1, K=128, V=32, h0=False,
+                                      dht=False),
+    "bf16_gva_prologue": dict(op="grad", dtype="bfloat16", B=1, T=70, H=1, HV=2, K=32, V=32, gate="raw",
+                              l2norm=True, beta_logits=True),
+    "bf16_varlen_safe_c32": dict(op="grad", dtype="bfloat16", cu=[0, 1, 40, 40, 90], H=2, HV=2, K=16, V=16, C=32,
+                                 gate="raw", lower_bound=-5.0),
+    "determinism_gva_gate": dict(op="determinism", dtype="float32", B=1, T=90, H=1, HV=2, K=16, V=16, gate="raw",
+                                 l2norm=True),
+    # loss on the outputs before p = 70 (inside a 16-row block); every input after p redrawn
+    "causal_log": dict(op="causal", dtype="float32", B=1, T=150, H=1, HV=2, K=16, V=16, causal_at=70),
+    "causal_safe_gate_l2": dict(op="causal", dtype="float32", B=1, T=150, H=1, HV=1, K=16, V=16, causal_at=70,
+                                gate="raw", lower_bound=-5.0, l2norm=True, beta_logits=True),
+    "causal_masked_c32": dict(op="causal", dtype="float32", B=1, T=100, H=1, HV=1, K=16, V=16, causal_at=37, C=32,
+                              masked=True),
+}
+
+
+# ------------------------------------------------------------------------------------------------ worker
+
+def _low_inputs(case, seed=0):
+    """float64 case inputs rounded to the case's dtype (q, k, v, g, beta) or float32 (states, A_log, dt_bias),
+    and the float64 copies of exactly those values."""
+    from test_chunk_bwd import case_inputs
+    a, opts, do, dht = case_inputs(case, seed=seed)
+    dtype = getattr(torch, case["dtype"])
+    low = {}
+    for n, x in a.items():
+        if not x.is_floating_point():
+            low[n] = x
+        else:
+            low[n] = x.to(dtype if n in ("q", "k", "v", "g", "beta") else torch.float32)
+    ref = {n: x.double() if x.is_floating_point() else x for n, x in low.items()}
+    return low, ref, opts, do, dht
+
+
+def _triton_grads(low, opts, do, dht, dtype):
+    from kda_compile.kernels_triton.chunk_bwd import chunk_kda_bwd
+    args = [low.get(n) for n in ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "A_log", "dt_bias")]
+    return chunk_kda_bwd(*args, opts, do.to(dtype), dht.float() if dht is not None else None)
+
+
+def _grad_errors(case):
+    from kda_compile.reference_bwd import kda_reference_bwd
+    from kda_inputs import rel_err
+    from test_chunk_bwd import autograd_grads
+    low, ref, opts, do, dht = _low_inputs(case)
+    got = _triton_grads(low, opts, do, dht, getattr(torch, case["dtype"]))
+    want = kda_reference_bwd(*(ref.get(n) for n in ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens",
+                                                    "A_log", "dt_bias")), opts, do, dht)
+    auto = autograd_grads(ref, opts, do, dht)
+    out = {}
+    for n, x, y, z in zip(NAMES, got, want, auto):
+        if x is None or y is None:
+            out[n] = None if x is None and y is None else "missing"
+        elif not torch.isfinite(x.double()).all():
+            out[n] = {"ref": float("inf"), "autograd": float("inf")}
+        else:
+            out[n] = {"ref": rel_err(x, y), "autograd": rel_err(x, z)}
+    return out
+
+
+def _determinism(case):
+    low, _, opts, do, dht = _low_inputs(case)
+    dtype = getattr(torch, case["dtype"])
+    first, second = _triton_grads(low, opts, do, dht, dtype), _triton_grads(low, opts, do, dht, dtype)
+    return {n: None if x is None else bool(torch.equal(x, y)) for n, x, y in zip(NAMES, first, second)}
+
+
+def _causality(case):
+    """For each input: (before p unchanged bit for bit, after p exactly zero in both runs)."""
+    low, _, opts, do, _ = _low_inputs(case)
+    dtype = getattr(torch, case["dtype"])
+    cut = case["causal_at"]
+    do = do.clone()
+    do[:, cut:] = 0
+    first = _triton_grads(low, opts, do, None, dtype)
+    late = dict(low)
+    gen = torch.Generator().manual_seed(7)
+    for n in ("q", "k", "v", "g", "beta"):
+        x = low[n].clone()
+        noise = torch.randn(x[:, cut:].shape, generator=gen).to(x.dtype)
+        x[:, cut:] = -noise.abs() if n == "g" and case.get("gate", "log") == "log" else noise
+        late[n] = x
+    second = _triton_grads(late, opts, do, None, dtype)
+    out = {}
+    for n, x, y in zip(NAMES, first, second):
+        if x is None:
+            out[n] = None
+        elif n in ("q", "k", "v", "g", "beta"):
+            out[n] = [bool(torch.equal(x[:, :cut], y[:, :cut])),
+                      bool((x[:, cut:] == 0).all() and (y[:, cut:] == 0).all())]
+        else:  # initial state, A_log, dt_bias: see only exact zeros from the later tokens
+            out[n] = [bool(torch.equal(x, y)), True]
+    return out
+
+
+def _worker(names):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    for name in names:
+        case = CASES[name]
+        run = {"grad": _grad_errors, "determinism": _determinism, "causal": _causality}[case["op"]]
+        print(json.dumps({name: run(case)}), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+@pytest.fixture(scope="module")
+def results():
+    """Run every CPU case in one interpreter subprocess (the kernels compile once)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *CASES], capture_output=True, text=True,
+                          env=env, timeout=1800)
+    out = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            out.update(json.loads(line))
+    if proc.returncode != 0 and len(out) < len(CASES):
+        pytest.fail(f"worker failed:\n{proc.stderr[-4000:]}")
+    return out
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c["op"] == "grad"])
+def test_triton_bwd_gradients(results, name):
+    case = CASES[name]
+    tol = case.get("tol", TOL[case["dtype"]])
+    for n, err in results[name].items():
+        assert err != "missing", f"{name}: gradient of {n} missing or unexpected"
+        if err is None:
+            continue
+        assert err["ref"] < tol and err["autograd"] < tol, f"{name} d{n}: {err} (tol {tol})"
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c["op"] == "determinism"])
+def test_triton_bwd_deterministic(results, name):
+    for n, same in results[name].items():
+        assert same is None or same, f"{name}: d{n} differs between two calls"
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c["op"] == "causal"])
+def test_triton_bwd_causal(results, name):
+    for n, (unchanged, zero_after) in ((n, r) for n, r in results[name].items() if r is not None):
+        assert unchanged, f"{name}: d{n} before p changed when later inputs changed"
+        assert zero_after, f"{name}: d{n} after p is not exactly zero"
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+GPU_SHAPES = [(2, 8192, 16), (1, 32768, 16), (8, 4096, 32)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", ["prenorm_log", "l2norm_safe_gate"])
+@pytest.mark.parametrize("B,T,H", GPU_SHAPES)
+def test_triton_bwd_gpu_standard_shapes(B, T, H, setting):
+    """bf16 at the standard shapes (D = 128): every gradient within 1e-2 of the float64 reference backward."""
+    from kda_compile.kernels_triton.chunk_bwd import chunk_kda_bwd
+    from kda_compile.reference import KDAOptions, l2_normalize
+    from kda_compile.reference_bwd import kda_reference_bwd
+    from kda_inputs import make_inputs, rel_err
+    safe = setting == "l2norm_safe_gate"
+    a = make_inputs(B=B, T=T, H=H, K=128, V=128, dtype=torch.float64, device="cuda", gate="raw" if safe else "log",
+                    seed=0)
+    if not safe:
+        a["q"], a["k"] = l2_normalize(a["q"]), l2_normalize(a["k"])
+    opts = KDAOptions(scale=128 ** -0.5, use_qk_l2norm_in_kernel=safe, use_gate_in_kernel=safe,
+                      lower_bound=-5.0 if safe else None)
+    low = {n: x.to(torch.bfloat16 if n in ("q", "k", "v", "g", "beta") else torch.float32) for n, x in a.items()}
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    do = torch.randn(a["v"].shape, generator=gen, device="cuda", dtype=torch.float64)
+    dht = torch.randn(a["initial_state"].shape, generator=gen, device="cuda", dtype=torch.float64)
+    args = [low.get(n) for n in ("q", "k", "v", "g", "beta", "initial_state")]
+    got = chunk_kda_bwd(*args, None, low.get("A_log"), low.get("dt_bias"), opts, do.bfloat16(), dht.float())
+    ref = {n: x.double() for n, x in low.items()}
+    want = kda_reference_bwd(*(ref.get(n) for n in ("q", "k", "v", "g", "beta", "initial_state")), None,
+                             ref.get("A_log"), ref.get("dt_bias"), opts, do, dht)
+    for n, x, y in zip(NAMES, got, want):
+        assert (x is None) == (y is None), n
+        if x is not None:
+            assert rel_err(x, y) <= 1e-2, f"d{n}: {rel_err(x, y):.2e}"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    _worker(sys.argv[1:])
