@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from .chunk_bwd_intra import DEFAULT_CONFIG as INTRA_CONFIG, chunk_bwd_intra
-from .chunk_bwd_prologue import DEFAULT_CONFIG as PROLOGUE_CONFIG, chunk_bwd_prologue
+from kda_compile.chunks import chunk_table
+
+from .chunk_bwd_intra import chunk_bwd_intra
+from .chunk_bwd_prologue import chunk_bwd_prologue
 from .chunk_bwd_recompute import recompute_forward
-from .chunk_bwd_solve import DEFAULT_CONFIG as SOLVE_CONFIG, chunk_bwd_solve
-from .chunk_bwd_state import DEFAULT_CONFIG as STATE_CONFIG, chunk_bwd_state
-from .chunk_fwd import chunk_table, default_config as forward_config
-
-
-def default_config(dtype: torch.dtype | None = None) -> dict:
-    """The forward's defaults (its stages run again in stage 0) and every backward stage's."""
-    return {**forward_config(dtype), **STATE_CONFIG, **SOLVE_CONFIG, **INTRA_CONFIG, **PROLOGUE_CONFIG}
+from .chunk_bwd_solve import chunk_bwd_solve
+from .chunk_bwd_state import chunk_bwd_state
+from .config import backward_config
 
 
 def check_cotangents(q, v, initial_state, do, dht, opts, num_seqs: int) -> None:
@@ -52,7 +49,7 @@ def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    config = {**default_config(q.dtype), **(config or {})}
+    cfg = backward_config(config, q.dtype)
     table = chunk_table(B, T, cu_seqlens, opts.chunk_size, q.device)
     check_cotangents(q, v, initial_state, do, dht, opts, table.num_seqs)
     q_f, k_f, v_f = (x.reshape(B * T, x.shape[2], x.shape[3]).contiguous() for x in (q, k, v))
@@ -61,13 +58,14 @@ def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
     do_f = do.reshape(B * T, HV, V).contiguous()
     A_log_c, dt_bias_c = (x.contiguous() if x is not None else None for x in (A_log, dt_bias))
 
-    fwd = recompute_forward(q_f, k_f, v_f, g_f, beta_f, initial_state, A_log_c, dt_bias_c, opts, table, config)
+    fwd = recompute_forward(q_f, k_f, v_f, g_f, beta_f, initial_state, A_log_c, dt_bias_c, opts, table,
+                            cfg.forward)
     dhn, dvn, dh0 = chunk_bwd_state(fwd, do_f, dht, initial_state is not None, opts.scale, table,
-                                    opts.state_v_first, config)
-    dv, d_akk, d_aqk, dbeta_solve = chunk_bwd_solve(q_f, k_f, v_f, beta_f, do_f, fwd, dvn, opts, table, config)
+                                    opts.state_v_first, cfg)
+    dv, d_akk, d_aqk, dbeta_solve = chunk_bwd_solve(q_f, k_f, v_f, beta_f, do_f, fwd, dvn, opts, table, cfg)
     dq_h, dk_h, dg, dbeta_part, dA_part, ddt_part = chunk_bwd_intra(q_f, k_f, g_f, beta_f, A_log_c, dt_bias_c, do_f,
-                                                                    fwd, dv, dhn, d_aqk, d_akk, opts, table, config)
-    dq, dk, dbeta = chunk_bwd_prologue(q_f, k_f, beta_f, dq_h, dk_h, dbeta_solve, dbeta_part, opts, config)
+                                                                    fwd, dv, dhn, d_aqk, d_akk, opts, table, cfg)
+    dq, dk, dbeta = chunk_bwd_prologue(q_f, k_f, beta_f, dq_h, dk_h, dbeta_solve, dbeta_part, opts, cfg)
 
     dA_log = ddt_bias = None
     if opts.use_gate_in_kernel:  # per-chunk partials reduced in a fixed order

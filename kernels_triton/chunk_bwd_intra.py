@@ -26,7 +26,6 @@ import triton.language as tl
 
 from .gate import chunk_beta, chunk_bounds, interpreting, l2norm_factors, mm
 
-DEFAULT_CONFIG = {"bwd_intra_BK": 32, "bwd_intra_BV": 64, "bwd_intra_warps": 4}
 
 
 @triton.jit
@@ -61,7 +60,7 @@ def _gate_bwd(dgl, g, A_log, dt_bias, lower_bound, p_g, m, i_h, o_k, m_k, K: tl.
 
 @triton.jit
 def kda_bwd_intra_kernel(
-    q, k, g, beta, A_log, dt_bias, do, v_new, dv, h, dhn, gamma, gl, d_aqk, d_akk,
+    q, k, g, beta, A_log, dt_bias, do, v_new, dv, h, dhn, gamma, gc, d_aqk, d_akk,
     dq, dk, dg, dbeta_part, dA_part, ddt_part, chunk_seq, chunk_pos, cu, scale, lower_bound, s_gc, s_gh, s_gr, TT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     L2NORM: tl.constexpr, USE_GATE: tl.constexpr, USE_LB: tl.constexpr, HAS_A: tl.constexpr,
@@ -83,7 +82,7 @@ def kda_bwd_intra_kernel(
     b_beta = chunk_beta(beta, o_t, m_t, i_h, HV, BETA_SIGMOID, BETA_SCALE)
     p_gam = gamma + i_c.to(tl.int64) * s_gc + i_h * s_gh
     b_g = tl.load(p_gam + o_c[:, None] * s_gr + o_k[None, :], mask=m, other=0.0)
-    b_gl = tl.load(gl + i_ch * K + o_k, mask=m_k, other=0.0)
+    b_gc = tl.load(gc + i_ch * K + o_k, mask=m_k, other=0.0)
     p_qk = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]
     b_q = tl.load(q + p_qk, mask=m, other=0.0).to(tl.float32) * r_q[:, None]
     b_k = tl.load(k + p_qk, mask=m, other=0.0).to(tl.float32) * r_k[:, None]
@@ -110,12 +109,12 @@ def kda_bwd_intra_kernel(
         b_dke -= mm(b_dv, tl.trans(b_h), INTERPRET, PREC)
         b_hdh += tl.sum(b_h * b_dh, 1)
     e_g = tl.where(m, tl.exp(b_g), 0.0)                    # exp(Gamma) <= 1
-    e_c = tl.where(m, tl.exp(b_gl[None, :] - b_g), 0.0)    # exp(Gamma_C - Gamma) <= 1
+    e_c = tl.where(m, tl.exp(b_gc[None, :] - b_g), 0.0)    # exp(Gamma_C - Gamma) <= 1
     b_dqg *= scale
     b_dq = b_dqg * e_g
     b_dk = b_dkg * e_c + b_dke * e_g
     b_dG = b_dqg * b_q * e_g - b_dkg * b_k * e_c + b_dke * b_k * e_g
-    b_dgc = tl.exp(b_gl) * b_hdh + tl.sum(b_dkg * b_k * e_c, 0)
+    b_dgc = tl.exp(b_gc) * b_hdh + tl.sum(b_dkg * b_k * e_c, 0)
 
     # 2. intra-chunk terms
     p_a = o_t[:, None] * (HV * C) + i_h * C + o_c[None, :]
@@ -179,14 +178,14 @@ def kda_bwd_intra_kernel(
     tl.store(dk + p_o, b_dk, mask=m)
 
 
-def chunk_bwd_intra(q, k, g, beta, A_log, dt_bias, do, fwd, dv, dhn, d_aqk, d_akk, opts, table, config: dict):
+def chunk_bwd_intra(q, k, g, beta, A_log, dt_bias, do, fwd, dv, dhn, d_aqk, d_akk, opts, table, cfg):
     """Run the stage on flat tensors.  Returns ``(dq, dk [TT, HV, K] float32 per value head, dg [TT, HV, K] in g's
     dtype, dbeta_part [K blocks, TT, HV], dA_part, ddt_part [chunks, HV, K] (float32, None without the gate))``."""
     TT, H, K = q.shape
     HV, V = dv.shape[1], dv.shape[2]
     C, NC = table.chunk_size, table.num_chunks
     dev = q.device
-    BK = min(config.get("bwd_intra_BK", 32), triton.next_power_of_2(K))
+    BK = min(cfg.bwd_intra_BK, triton.next_power_of_2(K))
     NKB = triton.cdiv(K, BK)
     dq = torch.empty(TT, HV, K, device=dev, dtype=torch.float32)
     dk = torch.empty(TT, HV, K, device=dev, dtype=torch.float32)
@@ -199,7 +198,7 @@ def chunk_bwd_intra(q, k, g, beta, A_log, dt_bias, do, fwd, dv, dhn, d_aqk, d_ak
     if NC:
         kda_bwd_intra_kernel[(NKB, NC, HV)](
             q, k, g, beta, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g, do,
-            fwd.v_new, dv, fwd.h, dhn, gamma, fwd.gl, d_aqk, d_akk, dq, dk, dg, dbeta_part,
+            fwd.v_new, dv, fwd.h, dhn, gamma, fwd.gc, d_aqk, d_akk, dq, dk, dg, dbeta_part,
             dA_part if use_gate else dq, ddt_part if use_gate else dq, table.chunk_seq, table.chunk_pos, table.cu,
             float(opts.scale), float(opts.lower_bound) if opts.lower_bound is not None else 0.0,
             gamma.stride(0), gamma.stride(1), gamma.stride(2), TT,
@@ -207,6 +206,6 @@ def chunk_bwd_intra(q, k, g, beta, A_log, dt_bias, do, fwd, dv, dhn, d_aqk, d_ak
             USE_LB=use_gate and opts.lower_bound is not None, HAS_A=use_gate and A_log is not None,
             HAS_BIAS=use_gate and dt_bias is not None, BETA_SIGMOID=opts.use_beta_sigmoid_in_kernel,
             BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0,
-            BK=BK, BV=min(config.get("bwd_intra_BV", 64), triton.next_power_of_2(V)), INTERPRET=interpreting(),
-            PREC=config.get("dot_precision", "tf32"), num_warps=config.get("bwd_intra_warps", 4))
+            BK=BK, BV=min(cfg.bwd_intra_BV, triton.next_power_of_2(V)), INTERPRET=interpreting(),
+            PREC=cfg.forward.precision, num_warps=cfg.bwd_intra_warps)
     return dq, dk, dg, dbeta_part, dA_part, ddt_part

@@ -16,7 +16,6 @@ import triton.language as tl
 
 from .gate import L2NORM_EPS
 
-DEFAULT_CONFIG = {"bwd_prologue_BT": 32, "bwd_prologue_warps": 4}
 
 
 @triton.jit
@@ -62,16 +61,16 @@ def kda_bwd_prologue_kernel(
     tl.store(dk + p_x, _l2norm_bwd(b_k, b_dk, L2NORM).to(dk.dtype.element_ty), mask=m)
 
 
-def chunk_bwd_prologue(q, k, beta, dq_h, dk_h, dbeta_solve, dbeta_part, opts, config: dict):
+def chunk_bwd_prologue(q, k, beta, dq_h, dk_h, dbeta_solve, dbeta_part, opts, cfg):
     """Run the stage on flat tensors; returns ``(dq [TT, H, K], dk, dbeta [TT, HV])`` in the inputs' dtypes."""
     TT, H, K = q.shape
     HV = dq_h.shape[1]
     dq, dk, dbeta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(beta)
-    BT = config.get("bwd_prologue_BT", 32)
+    BT = cfg.bwd_prologue_BT
     if TT:
         kda_bwd_prologue_kernel[(triton.cdiv(TT, BT), H)](
             q, k, beta, dq_h, dk_h, dbeta_solve, dbeta_part, dq, dk, dbeta, TT,
             H=H, HV=HV, K=K, NKB=dbeta_part.shape[0], L2NORM=opts.use_qk_l2norm_in_kernel,
             BETA_SIGMOID=opts.use_beta_sigmoid_in_kernel, BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0,
-            BT=BT, BK=triton.next_power_of_2(K), num_warps=config.get("bwd_prologue_warps", 4))
+            BT=BT, BK=triton.next_power_of_2(K), num_warps=cfg.bwd_prologue_warps)
     return dq, dk, dbeta

@@ -21,7 +21,6 @@ import triton.language as tl
 from .gate import chunk_beta, chunk_bounds, interpreting, l2norm_factors, mm
 from .solve_tril import block_inverse
 
-DEFAULT_CONFIG = {"bwd_solve_BK": 64, "bwd_solve_BV": 64, "bwd_solve_warps": 4}
 
 
 @triton.jit
@@ -81,7 +80,7 @@ def kda_bwd_solve_kernel(
     tl.store(d_aqk + p_a, b_dqk, mask=m_t[:, None])
 
 
-def chunk_bwd_solve(q, k, v, beta, do, fwd, dvn, opts, table, config: dict):
+def chunk_bwd_solve(q, k, v, beta, do, fwd, dvn, opts, table, cfg):
     """Run the stage on flat tensors.  Returns ``(dv [TT, HV, V], d_akk, d_aqk [TT, HV, C], dbeta [TT, HV])``, all
     float32: the gradient of v, of A_kk (strictly lower), of A_qk / scale (causal) and beta's part from T."""
     TT, H, K = q.shape
@@ -95,7 +94,7 @@ def chunk_bwd_solve(q, k, v, beta, do, fwd, dvn, opts, table, config: dict):
     akk, gamma = fwd.akk, fwd.gamma
     if akk.stride(2) != C or akk.stride(3) != 1 or gamma.stride(3) != 1:
         raise ValueError("recomputed A_kk must have contiguous [C, C] tiles and Gamma contiguous rows")
-    diag = config.get("solve_diag", "tf32")
+    diag = cfg.forward.solve_diag
     diag = "ieee" if diag == "subst" else diag        # products only: nothing written next to A_kk
     if table.num_chunks:
         kda_bwd_solve_kernel[(table.num_chunks, HV)](
@@ -104,8 +103,8 @@ def chunk_bwd_solve(q, k, v, beta, do, fwd, dvn, opts, table, config: dict):
             akk.stride(0), akk.stride(1), gamma.stride(0), gamma.stride(1), gamma.stride(2),
             H=H, HV=HV, K=K, V=V, C=C, L2NORM=opts.use_qk_l2norm_in_kernel,
             BETA_SIGMOID=opts.use_beta_sigmoid_in_kernel, BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0,
-            BK=min(config.get("bwd_solve_BK", 64), triton.next_power_of_2(K)),
-            BV=min(config.get("bwd_solve_BV", 64), triton.next_power_of_2(V)), INTERPRET=interpreting(),
-            PREC=config.get("dot_precision", "tf32"), SOLVE_PREC=config.get("solve_precision", "tf32"),
-            SOLVE_DIAG=diag, num_warps=config.get("bwd_solve_warps", 4))
+            BK=min(cfg.bwd_solve_BK, triton.next_power_of_2(K)),
+            BV=min(cfg.bwd_solve_BV, triton.next_power_of_2(V)), INTERPRET=interpreting(),
+            PREC=cfg.forward.precision, SOLVE_PREC=cfg.forward.solve_precision,
+            SOLVE_DIAG=diag, num_warps=cfg.bwd_solve_warps)
     return dv, d_akk, d_aqk, dbeta

@@ -19,11 +19,10 @@ import triton.language as tl
 from .chunk_state import state_block_v
 from .gate import interpreting, mm
 
-DEFAULT_CONFIG = {"bwd_state_BV": None, "bwd_state_warps": 4, "bwd_state_stages": 2}
 
 
 @triton.jit
-def _reverse_step(qg, kg, w, aqk, gl, do, dhn, dvn, b_dh, bos, eos, first, j, i_h, scale, o_k, m_k, o_v, m_v,
+def _reverse_step(qg, kg, w, aqk, gc, do, dhn, dvn, b_dh, bos, eos, first, j, i_h, scale, o_k, m_k, o_v, m_v,
                   HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, INTERPRET: tl.constexpr,
                   PREC: tl.constexpr):
     """Chunk ``j`` of the sequence: store dhn and dV_new, return the gradient of the state entering it."""
@@ -45,14 +44,14 @@ def _reverse_step(qg, kg, w, aqk, gl, do, dhn, dvn, b_dh, bos, eos, first, j, i_
     tl.store(dvn + p_v, b_dvn, mask=m_tv)
     b_qg = tl.load(qg + p_k, mask=m_tk, other=0.0)
     b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
-    b_gl = tl.load(gl + (i_c * HV + i_h) * K + o_k, mask=m_k, other=0.0)
-    b_dh = b_dh * tl.exp(b_gl)[:, None] + scale * mm(tl.trans(b_qg), b_do.to(b_qg.dtype), INTERPRET, PREC)
+    b_gc = tl.load(gc + (i_c * HV + i_h) * K + o_k, mask=m_k, other=0.0)
+    b_dh = b_dh * tl.exp(b_gc)[:, None] + scale * mm(tl.trans(b_qg), b_do.to(b_qg.dtype), INTERPRET, PREC)
     return b_dh - mm(tl.trans(b_w), b_dvn.to(b_w.dtype), INTERPRET, PREC)
 
 
 @triton.jit
 def kda_bwd_state_kernel(
-    qg, kg, w, aqk, gl, do, dht, dh0, dhn, dvn, cu, chunk_first, s_k, s_v, scale,
+    qg, kg, w, aqk, gc, do, dht, dh0, dhn, dvn, cu, chunk_first, s_k, s_v, scale,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
     BV: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -74,25 +73,25 @@ def kda_bwd_state_kernel(
     if INTERPRET:  # the CPU interpreter cannot take a run-time range bound
         j = n_chunks - 1
         while j >= 0:
-            b_dh = _reverse_step(qg, kg, w, aqk, gl, do, dhn, dvn, b_dh, bos, eos, first, j, i_h, scale, o_k, m_k,
+            b_dh = _reverse_step(qg, kg, w, aqk, gc, do, dhn, dvn, b_dh, bos, eos, first, j, i_h, scale, o_k, m_k,
                                  o_v, m_v, HV, K, V, C, INTERPRET, PREC)
             j -= 1
     else:
         for jj in tl.range(0, n_chunks, num_stages=NUM_STAGES):
-            b_dh = _reverse_step(qg, kg, w, aqk, gl, do, dhn, dvn, b_dh, bos, eos, first, n_chunks - 1 - jj, i_h,
+            b_dh = _reverse_step(qg, kg, w, aqk, gc, do, dhn, dvn, b_dh, bos, eos, first, n_chunks - 1 - jj, i_h,
                                  scale, o_k, m_k, o_v, m_v, HV, K, V, C, INTERPRET, PREC)
     if STORE_DH0:
         tl.store(dh0 + p_state, b_dh, mask=m_kv)
 
 
-def chunk_bwd_state(fwd, do, dht, has_h0: bool, scale: float, table, state_v_first: bool, config: dict):
+def chunk_bwd_state(fwd, do, dht, has_h0: bool, scale: float, table, state_v_first: bool, cfg):
     """Run the reverse recurrence on flat tensors (``do [TT, HV, V]``, ``dht`` in the user's state layout or
     None).  Returns ``(dhn [chunks, HV, K, V] in k's dtype, dv_new [TT, HV, V] float32, dh0 float32 in the
     state layout or None)``."""
     TT, HV, K = fwd.qg.shape
     V = do.shape[2]
     N = table.num_seqs
-    BV = min(config.get("bwd_state_BV") or state_block_v(N, HV, V), triton.next_power_of_2(V))
+    BV = min(cfg.bwd_state_BV or state_block_v(N, HV, V), triton.next_power_of_2(V))
     dhn = torch.empty(table.num_chunks, HV, K, V, device=do.device, dtype=fwd.kg.dtype)
     dvn = torch.empty(TT, HV, V, device=do.device, dtype=torch.float32)
     shape = (N, HV, V, K) if state_v_first else (N, HV, K, V)
@@ -100,9 +99,9 @@ def chunk_bwd_state(fwd, do, dht, has_h0: bool, scale: float, table, state_v_fir
     s_k, s_v = (1, K) if state_v_first else (V, 1)
     if N:
         kda_bwd_state_kernel[(triton.cdiv(V, BV), N * HV)](
-            fwd.qg, fwd.kg, fwd.w, fwd.aqk, fwd.gl, do, dht.contiguous() if dht is not None else do,
-            dh0 if dh0 is not None else dvn, dhn, dvn, table.cu, table.chunk_first, s_k, s_v, float(scale),
+            fwd.qg, fwd.kg, fwd.w, fwd.aqk, fwd.gc, do, dht.contiguous() if dht is not None else do,
+            dh0 if dh0 is not None else dvn, dhn, dvn, table.cu, table.seq_first, s_k, s_v, float(scale),
             HV=HV, K=K, V=V, C=table.chunk_size, BK=triton.next_power_of_2(K), HAS_DHT=dht is not None,
-            STORE_DH0=dh0 is not None, INTERPRET=interpreting(), PREC=config.get("dot_precision", "tf32"),
-            BV=BV, NUM_STAGES=config.get("bwd_state_stages", 2), num_warps=config.get("bwd_state_warps", 4))
+            STORE_DH0=dh0 is not None, INTERPRET=interpreting(), PREC=cfg.forward.precision,
+            BV=BV, NUM_STAGES=cfg.bwd_state_stages, num_warps=cfg.bwd_state_warps)
     return dhn, dvn, dh0

@@ -37,9 +37,10 @@ def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
     beta = beta.reshape(B * T, HV).contiguous()
     A_log, dt_bias = (x.contiguous() if x is not None else None for x in (A_log, dt_bias))
 
-    aqk, w, u, qg, kg, gc = run_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg)
-    h, v_new, final = run_state(kg, w, u, gc, initial_state, table, opts.state_v_first, output_final_state, cfg)
-    o = run_output(qg, h, aqk, v_new, opts.scale, table, cfg).view(B, T, HV, V)
+    intra = run_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg)
+    h, v_new, final = run_state(intra.kg, intra.w, intra.u, intra.gc, initial_state, table, opts.state_v_first,
+                                output_final_state, cfg)
+    o = run_output(intra.qg, h, intra.aqk, v_new, opts.scale, table, cfg).view(B, T, HV, V)
 
     if return_states:  # as kda_reference_chunk_states: [B, NT, ...], or [1, total chunks, ...] for varlen
         hs = h.transpose(-1, -2) if opts.state_v_first else h

@@ -35,11 +35,13 @@ before its dense products, where 0 * NaN would otherwise leak into the rows befo
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from .gate import L2NORM_EPS, SPAN_MAX, beta_act, chunk_beta, chunk_bounds, chunk_gamma, finite_or_zero
+from .gate import SPAN_MAX, beta_act, chunk_beta, chunk_bounds, chunk_gamma, finite_or_zero, row_norms
 from .solve_tril import block_inverse, t_times_v
 
 BLOCK = 16         # row block of the A products and diagonal block of the inverse
@@ -69,19 +71,6 @@ def scratch_views(scratch, i_c, i_h, HV: tl.constexpr, C: tl.constexpr, KP: tl.c
     ``[C, C]``, then ``[C, 16]`` for the inverse's diagonal blocks) and ``s_g`` (Gamma ``[C, KP]``)."""
     base = scratch + (i_c.to(tl.int64) * HV + i_h) * (C * C + C * 16 + C * KP)
     return base, base + C * C + C * 16
-
-
-@triton.jit
-def row_norms(x, o_t, m_t, i_kh, H: tl.constexpr, K: tl.constexpr, R: tl.constexpr, BK: tl.constexpr):
-    """``1 / sqrt(sum(x**2) + eps)`` of the rows ``o_t`` (``[R]``, valid where ``m_t``; others give 1/sqrt(eps)
-    and must not be used) of key head ``i_kh`` of ``x [TT, H, K]``."""
-    s_x = tl.zeros([R], dtype=tl.float32)
-    for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        b_x = tl.load(x + o_t[:, None] * (H * K) + i_kh * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :],
-                      other=0.0).to(tl.float32)
-        s_x += tl.sum(b_x * b_x, 1)
-    return tl.rsqrt(s_x + L2NORM_EPS)
 
 
 @triton.jit
@@ -308,14 +297,26 @@ def factor_shift(use_lower_bound: bool, lower_bound: float) -> tuple[float, bool
     return SPAN_MAX.value / 2, True
 
 
-def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg):
+class Intra(NamedTuple):
+    """The outputs of the intra stage (the conventions of docs/algorithm.md): aqk ``[TT, HV, C]`` (scaled,
+    causal, v's dtype), w ``[TT, HV, K]`` (k's dtype), u ``[TT, HV, V]`` (v's dtype), qg, kg ``[TT, HV, K]`` (q's /
+    k's dtype), gc ``[chunks, HV, K]`` (float32); and two float32 views into the stage's scratch that the backward
+    reads: akk ``[chunks, HV, C, C]`` (A_kk, zeros above the diagonal) and gamma ``[chunks, HV, C, KP]``."""
+
+    aqk: torch.Tensor
+    w: torch.Tensor
+    u: torch.Tensor
+    qg: torch.Tensor
+    kg: torch.Tensor
+    gc: torch.Tensor
+    akk: torch.Tensor
+    gamma: torch.Tensor
+
+
+def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg) -> Intra:
     """Run the intra stage on flat tensors ``q, k [TT, H, K]``, ``v [TT, HV, V]``, ``g [TT, HV, K]`` (log decay,
     or the raw gate with ``use_gate_in_kernel``), ``beta [TT, HV]``; ``cfg`` a :class:`config.ChunkConfig`.
-
-    Returns ``(aqk [TT, HV, C], w, u, qg, kg, gc)``: aqk (scaled, causal, v's dtype), w ``[TT, HV, K]`` (k's
-    dtype), u ``[TT, HV, V]`` (v's dtype), qg, kg ``[TT, HV, K]`` (q's / k's dtype) and gc ``[chunks, HV, K]``
-    (float32); the conventions of docs/algorithm.md.
-    """
+    Returns :class:`Intra`."""
     TT, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     C, NC = table.chunk_size, table.num_chunks
@@ -326,8 +327,6 @@ def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg):
     qg = torch.empty(TT, HV, K, device=dev, dtype=q.dtype)
     kg = torch.empty(TT, HV, K, device=dev, dtype=k.dtype)
     gc = torch.empty(NC, HV, K, device=dev, dtype=torch.float32)
-    if not NC:
-        return aqk, w, u, qg, kg, gc
     KPOW = triton.next_power_of_2(K)
     BK, BV = min(cfg.solve_BK, KPOW), min(cfg.solve_BK, triton.next_power_of_2(V))
     BKA, BKG = min(cfg.intra_BK, KPOW), min(cfg.gamma_BK, KPOW)
@@ -336,7 +335,11 @@ def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg):
     # every K slice
     row = max(BK, BKA, KPOW)
     KP = triton.cdiv(K, row) * row
-    scratch = torch.empty(NC * HV * (C * C + C * BLOCK + C * KP), device=dev, dtype=torch.float32)
+    scratch = torch.empty(NC, HV, C * C + C * BLOCK + C * KP, device=dev, dtype=torch.float32)
+    out = Intra(aqk, w, u, qg, kg, gc, scratch[:, :, :C * C].unflatten(2, (C, C)),
+                scratch[:, :, C * C + C * BLOCK:].unflatten(2, (C, KP)))
+    if not NC:
+        return out
     chunks = (table.chunk_seq, table.chunk_pos, table.cu)
     use_gate = opts.use_gate_in_kernel
     use_lb = use_gate and opts.lower_bound is not None
@@ -359,4 +362,4 @@ def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg):
         w, v, beta, u, scratch, *chunks, HV=HV, K=K, V=V, C=C, KP=KP, **beta_flags, BK=BK, BV=BV,
         DOT_PREC=cfg.precision, SOLVE_PREC=cfg.solve_precision, SOLVE_DIAG=cfg.solve_diag, NUM_STAGES=SOLVE_STAGES,
         num_warps=cfg.solve_warps, **cap)
-    return aqk, w, u, qg, kg, gc
+    return out

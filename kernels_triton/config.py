@@ -73,6 +73,34 @@ class DecodeConfig:
         _power_of_two("decode_BV", self.decode_BV)
 
 
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Config of the chunkwise backward: its own stages' knobs (keys ``bwd_*``) and the forward's config, whose
+    intra and state stages it runs again (and whose precision fields it follows)."""
+
+    forward: ChunkConfig = dataclasses.field(default_factory=ChunkConfig)
+    # stage 1, the reverse state recurrence: V block (None: chosen per call), warps, pipelining depth
+    bwd_state_BV: int | None = None
+    bwd_state_warps: int = 4
+    bwd_state_stages: int = 2
+    # stage 2, through W, U and the inverse: K/V slices, warps
+    bwd_solve_BK: int = 64
+    bwd_solve_BV: int = 64
+    bwd_solve_warps: int = 4
+    # stage 3, dq, dk, dg: K/V slices, warps
+    bwd_intra_BK: int = 32
+    bwd_intra_BV: int = 64
+    bwd_intra_warps: int = 4
+    # stage 4, group sums and the prologues' backward: token block, warps
+    bwd_prologue_BT: int = 32
+    bwd_prologue_warps: int = 4
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if f.name.endswith(("_BK", "_BV", "_BT")):
+                _power_of_two(f.name, getattr(self, f.name), optional=f.name == "bwd_state_BV")
+
+
 def float32_defaults() -> dict:
     """Precision fields for float32 inputs, following ``torch.get_float32_matmul_precision()``: "highest"
     gives float32-accurate products (3xTF32, the inverse in float32 FMA with forward substitution),
@@ -86,6 +114,14 @@ def chunk_config(config: dict | None = None, dtype: torch.dtype | None = None) -
     """The :class:`ChunkConfig` of ``config`` (missing fields at their defaults for ``dtype``)."""
     base = float32_defaults() if dtype == torch.float32 else {}
     return _from_dict(ChunkConfig, {**base, **(config or {})})
+
+
+def backward_config(config: dict | None = None, dtype: torch.dtype | None = None) -> BackwardConfig:
+    """The :class:`BackwardConfig` of a flat ``config`` dict holding forward keys and ``bwd_*`` keys."""
+    config = dict(config or {})
+    own = {f.name for f in dataclasses.fields(BackwardConfig)} - {"forward"}
+    mine = {key: config.pop(key) for key in list(config) if key in own}
+    return BackwardConfig(forward=chunk_config(config, dtype), **mine)
 
 
 def decode_config(config: dict | None = None) -> DecodeConfig:

@@ -11,8 +11,8 @@ fused_recurrent.py for decode), so no prologue costs a pass over memory of its o
 * :func:`finite_or_zero` -- zeroes NaN and infinities before a dense product, where a masked-out 0 times a
   NaN would leak into rows that never depended on it.
 
-The L2 norm ``x / sqrt(sum(x**2) + L2NORM_EPS)`` is taken where the rows are loaded (chunk_intra.row_norms;
-decode normalises its single row inline).
+* :func:`row_norms` / :func:`l2norm_factors` -- the factors of the L2 norm ``x / sqrt(sum(x**2) + L2NORM_EPS)``,
+  applied where the rows are loaded (decode normalises its single row inline).
 
 Also :func:`chunk_bounds`, the chunk-table lookup every per-chunk kernel starts with.
 
@@ -65,6 +65,32 @@ def gate_value(x, a_log, lower_bound, USE_LB: tl.constexpr, HAS_A: tl.constexpr)
         return lower_bound * tl.sigmoid(x)
     else:
         return -tl.exp(a_log) * _softplus(x)
+
+
+@triton.jit
+def row_norms(x, o_t, m_t, i_kh, H: tl.constexpr, K: tl.constexpr, R: tl.constexpr, BK: tl.constexpr):
+    """``1 / sqrt(sum(x**2) + eps)`` of the rows ``o_t`` (``[R]``, valid where ``m_t``; others give 1/sqrt(eps)
+    and must not be used) of key head ``i_kh`` of ``x [TT, H, K]``."""
+    s_x = tl.zeros([R], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_x = tl.load(x + o_t[:, None] * (H * K) + i_kh * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :],
+                      other=0.0).to(tl.float32)
+        s_x += tl.sum(b_x * b_x, 1)
+    return tl.rsqrt(s_x + L2NORM_EPS)
+
+
+@triton.jit
+def l2norm_factors(q, k, o_t, m_t, i_kh, H: tl.constexpr, K: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
+                   L2NORM: tl.constexpr):
+    """``(r_q, r_k)``, ``[R]`` float32: the L2-norm factors (:func:`row_norms`) of rows ``o_t`` of q and k, or ones
+    without ``L2NORM``."""
+    r_q = tl.full([R], 1.0, tl.float32)
+    r_k = tl.full([R], 1.0, tl.float32)
+    if L2NORM:
+        r_q = row_norms(q, o_t, m_t, i_kh, H, K, R, BK)
+        r_k = row_norms(k, o_t, m_t, i_kh, H, K, R, BK)
+    return r_q, r_k
 
 
 @triton.jit
