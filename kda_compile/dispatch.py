@@ -81,6 +81,11 @@ class Backend:
     # Chunk calls only: ``run_states(call, config) -> (o, final_state, h)`` with ``h`` the state entering
     # each chunk (``chunk_kda(return_intermediate_states=True)``); None: the backend cannot return them.
     run_states: Callable[[KDACall, dict], tuple] | None = None
+    # Chunk calls only: ``run_backward(call, config, do, dht) -> (dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias)``
+    # (None for an input that is None), ``do`` the output's gradient and ``dht`` the final state's (or None);
+    # ``supports_backward(call)`` says why it cannot (None: it can).  None: no backward here.
+    run_backward: Callable | None = None
+    supports_backward: Callable[[KDACall], str | None] = field(default=lambda call: None)
 
 
 @dataclass
@@ -236,6 +241,44 @@ def choose(call: KDACall, backend: str | None = None) -> Choice:
             return Choice(call.op, candidate, _tuned_config(record, candidate, call), reason, rejected)
         rejected.setdefault(name, why_not)
     raise RuntimeError("no KDA backend can run this call: " + "; ".join(f"{k}: {v}" for k, v in rejected.items()))
+
+
+def _backward_reason(backend: Backend, call: KDACall) -> str | None:
+    if backend.run_backward is None:
+        return "has no backward"
+    return backend.supports_backward(call)
+
+
+def choose_backward(call: KDACall, backend: str | None = None) -> Choice:
+    """The backend that computes the gradients of a chunk ``call``: the backend named on the forward call (or by
+    ``KDA_COMPILE_BACKEND``) when it has a backward for the call, else the first of the default order that has
+    one (the reference always does); ``explain(..., op="chunk_backward")`` prints it."""
+    _load_plugins()
+    rejected: dict[str, str] = dict(_UNAVAILABLE)
+    wanted = backend or os.environ.get(ENV_BACKEND, "").strip() or None
+    if wanted:
+        named = get_backend(wanted) if backend else _REGISTRY.get(wanted)
+        if named is not None:
+            why_not = _backward_reason(named, call) or (named.supports_forced or named.supports)(call)
+            if why_not is None:
+                how = "forced by backend= argument" if backend else f"{ENV_BACKEND}={wanted}"
+                return Choice("chunk backward", named, named.default_config(call), how, rejected)
+            rejected[wanted] = f"named for this call, but {why_not}; falling back"
+    for name in _ORDER:
+        candidate = _REGISTRY[name]
+        why_not = _backward_reason(candidate, call) or candidate.supports(call)
+        if why_not is None:
+            return Choice("chunk backward", candidate, candidate.default_config(call),
+                          "first backend in default order with a backward for the call", rejected)
+        rejected.setdefault(name, why_not)
+    raise RuntimeError("no KDA backend can run this backward: " + "; ".join(f"{k}: {v}" for k, v in rejected.items()))
+
+
+def run_backward(call: KDACall, do: torch.Tensor, dht: torch.Tensor | None, backend: str | None = None):
+    """Gradients of a chunk ``call`` for the output gradient ``do`` and final-state gradient ``dht``:
+    ``(dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias)``, None for absent inputs."""
+    choice = choose_backward(call, backend)
+    return choice.backend.run_backward(call, choice.config, do, dht)
 
 
 def run(call: KDACall, backend: str | None = None):

@@ -61,11 +61,37 @@ def run_reference_states(call: KDACall, config: dict):
                                       call.cu_seqlens, call.A_log, call.dt_bias, call.opts)
 
 
+def run_reference_backward(call: KDACall, config: dict, do: torch.Tensor, dht: torch.Tensor | None):
+    """Gradients by autograd through the chunkwise reference (float32, or float64 for float64 inputs):
+    ``(dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias)``, None for absent inputs."""
+    names = ("q", "k", "v", "g", "beta", "initial_state", "A_log", "dt_bias")
+    inputs = [getattr(call, n) for n in names]
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(True) if x is not None else None for x in inputs]
+        q, k, v, g, beta, h0, A_log, dt_bias = leaves
+        o, final = kda_reference(q, k, v, g, beta, h0, call.cu_seqlens, A_log, dt_bias, call.opts, algorithm="chunk")
+        outputs, cotangents = [o], [do.to(o.dtype)]
+        if dht is not None:
+            outputs.append(final)
+            cotangents.append(dht.to(final.dtype))
+        present = [x for x in leaves if x is not None]
+        found = iter(torch.autograd.grad(outputs, present, cotangents, allow_unused=True))
+    grads = []
+    for x, leaf in zip(inputs, leaves):
+        if leaf is None:
+            grads.append(None)
+        else:
+            grad = next(found)
+            grads.append(torch.zeros_like(x) if grad is None else grad.to(x.dtype))
+    return tuple(grads)
+
+
 REFERENCE = Backend(
     name="reference",
     supports=lambda call: None,
     run=run_reference,
     run_states=run_reference_states,
+    run_backward=run_reference_backward,
     description="PyTorch reference (chunkwise form for chunk calls, token loop for recurrent calls); any device",
 )
 register_backend(REFERENCE)

@@ -100,8 +100,17 @@ def run_states(call: KDACall, config: dict):
                                    call.A_log, call.dt_bias, call.opts, True, config, return_states=True)
 
 
+def run_backward(call: KDACall, config: dict, do, dht):
+    """Gradients of a chunk ``call`` (kernels_triton/chunk_bwd.py): ``(dq, dk, dv, dg, dbeta, dh0, dA_log,
+    ddt_bias)``, None for absent inputs."""
+    from .chunk_bwd import chunk_kda_bwd
+    return chunk_kda_bwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens, call.A_log,
+                         call.dt_bias, call.opts, do, dht, config)
+
+
 TRITON_BACKEND = Backend(
     name="triton", supports=supports, supports_forced=supports_forced, run=run, run_states=run_states,
+    run_backward=run_backward,
     default_config=default_config, configs=configs, check_config=check_config,
     description="Triton kernels: intra (Gamma, A, inverse, W/U), state recurrence, output; decode kernel with "
                 "state pool")

@@ -55,7 +55,8 @@ def _pool_case(low, ref, speculative: bool, seed: int = 1):
     pool = pool64.float().to(low["q"].device)
     low = {**low, "initial_state": pool, "ssm_state_indices": idx.to(pool.device),
            **{n: x.to(pool.device) for n, x in extra.items()}}
-    ref = {**ref, "initial_state": pool.cpu().double(), "ssm_state_indices": idx, **extra}
+    ref = {**ref, "initial_state": pool.double(), "ssm_state_indices": idx.to(pool.device),
+           **{n: x.to(pool.device) for n, x in extra.items()}}
     return low, ref
 
 

@@ -1,0 +1,169 @@
+"""Forward + backward (training) time and peak memory: ours per backend against FLA, cuDNN-frontend's KDA and
+causal SDPA, at the standard shapes, in three settings.
+
+    python bench/bench_chunk_bwd.py                               # all settings, standard shapes
+    python bench/bench_chunk_bwd.py --settings prenorm_log --providers ours,fla,cudnn
+    python bench/bench_chunk_bwd.py --device cpu                  # tiny sizes on the CPU: checks the script
+
+Settings (D = 128, bf16 q/k/v, float32 g and beta):
+    prenorm_log  q/k L2-normalised outside the op, log gate: the form cuDNN-frontend's Hopper backward accepts
+    l2_log       q/k L2 norm in the kernel, log gate
+    l2_safe      q/k L2 norm in the kernel, safe gate computed in the kernel (lower_bound = -5, A_log, dt_bias)
+
+One timed call is the forward and ``torch.autograd.grad`` of every differentiable input for a random output
+gradient.  Memory is ``torch.cuda.max_memory_allocated`` during one such call minus what was allocated before
+it (inputs excluded), in MiB.  Times are medians in ms; a provider that does not import or cannot run the
+call is skipped with the reason printed.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (LOWER_BOUND, STANDARD_SHAPES, TINY_SHAPES, Skip, check_runs, dense_cu_seqlens,  # noqa: E402
+                    emit, header, make_inputs, markdown_table, measure, our_backends, parse_shape, parser,
+                    pick_device, with_ratios)
+
+SETTINGS = ("prenorm_log", "l2_log", "l2_safe")
+PEERS = ("fla", "cudnn", "sdpa")
+
+
+def setting_inputs(setting, B, T, H, D, device):
+    """Inputs of a setting (leaves requiring grad) and the keywords both libraries take."""
+    x = make_inputs(B, T, H, D, gate="safe" if setting == "l2_safe" else "log", device=device)
+    kw = {}
+    if setting == "prenorm_log":
+        for n in ("q", "k"):
+            x[n] = torch.nn.functional.normalize(x[n].float(), dim=-1).to(x[n].dtype)
+    else:
+        kw["use_qk_l2norm_in_kernel"] = True
+    if setting == "l2_safe":
+        kw.update(use_gate_in_kernel=True, safe_gate=True, lower_bound=LOWER_BOUND)
+    for t in x.values():
+        t.requires_grad_(True)
+    return x, kw
+
+
+def training_call(forward, inputs):
+    """``fn()`` running ``forward()`` and the gradients of ``inputs`` for a fixed random output gradient."""
+    do = {}
+
+    def fn():
+        o = forward()
+        if "do" not in do:
+            do["do"] = torch.randn_like(o)
+        return torch.autograd.grad(o, inputs, do["do"])
+    return fn
+
+
+def ours(name, x, kw):
+    import kda_compile
+    check_runs(name, "chunk", x, **kw)
+    extra = {n: x[n] for n in ("A_log", "dt_bias") if n in x and kw.get("use_gate_in_kernel")}
+    leaves = [x[n] for n in ("q", "k", "v", "g", "beta")] + list(extra.values())
+    return training_call(lambda: kda_compile.chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], backend=name,
+                                                       **extra, **kw)[0], leaves)
+
+
+def fla(x, kw):
+    from fla.ops.kda import chunk_kda
+    extra = {n: x[n] for n in ("A_log", "dt_bias") if n in x and kw.get("use_gate_in_kernel")}
+    leaves = [x[n] for n in ("q", "k", "v", "g", "beta")] + list(extra.values())
+    return training_call(lambda: chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], **extra, **kw)[0], leaves)
+
+
+def cudnn(x, kw):
+    """cuDNN-frontend's KDA: packed ``[B*T, H, D]`` tensors with int32 ``cu_seqlens``."""
+    from cudnn.linear_attention import kimi_delta_attention
+    if x["q"].device.type != "cuda":
+        raise Skip("cuDNN-frontend runs on CUDA only")
+    B, T, H, D = x["q"].shape
+    cu = dense_cu_seqlens(B, T, x["q"].device)
+    ckw = dict(use_qk_l2norm_in_kernel=kw.get("use_qk_l2norm_in_kernel", False))
+    leaves = [x[n] for n in ("q", "k", "v", "g", "beta")]
+    if kw.get("use_gate_in_kernel"):
+        ckw.update(safe_gate=True, gate_lower_bound=LOWER_BOUND, a_log=x["A_log"], dt_bias=x["dt_bias"].view(H, D))
+        leaves += [x["A_log"]]
+
+    def forward():
+        out = kimi_delta_attention(*(x[n].reshape(B * T, H, -1) for n in ("q", "k", "v", "g")),
+                                   x["beta"].reshape(B * T, H), cu, **ckw)
+        return out[0] if isinstance(out, tuple) else out
+    return training_call(forward, leaves)
+
+
+def sdpa(x):
+    """Causal softmax attention on the same q, k, v (no gate): what a full-attention layer costs."""
+    def forward():
+        q, k, v = (x[n].transpose(1, 2) for n in ("q", "k", "v"))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return training_call(forward, [x["q"], x["k"], x["v"]])
+
+
+def build(provider, x, kw):
+    if provider.startswith("ours:"):
+        return ours(provider[5:], x, kw)
+    return {"fla": lambda: fla(x, kw), "cudnn": lambda: cudnn(x, kw), "sdpa": lambda: sdpa(x)}[provider]()
+
+
+def peak_mib(fn, device) -> float:
+    """Peak memory of one call above what was allocated before it (MiB), NaN on the CPU or on failure."""
+    if device != "cuda":
+        return float("nan")
+    try:
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+    except Exception:
+        return float("nan")
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"any of {', '.join(SETTINGS)} (default all)")
+    p.add_argument("--shapes", nargs="*", default=None, help="B,T,H triples (default: the standard shapes)")
+    p.add_argument("--providers", default="ours," + ",".join(PEERS), help="ours, fla, cudnn, sdpa (default all)")
+    p.add_argument("--backends", default=None, help="our backends (default: every registered one but the "
+                   "reference on CUDA)")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    D = 16 if device == "cpu" else 128
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    if set(settings) - set(SETTINGS):
+        raise ValueError(f"--settings takes {SETTINGS}, got {args.settings!r}")
+    shapes = [parse_shape(s) for s in args.shapes] if args.shapes else TINY_SHAPES if device == "cpu" \
+        else STANDARD_SHAPES
+    wanted = [w.strip() for w in args.providers.split(",")]
+    providers = ([f"ours:{b}" for b in our_backends(device, args.backends)] if "ours" in wanted else []) \
+        + [p for p in PEERS if p in wanted]
+    for setting in settings:
+        rows = []
+        for B, T, H in shapes:
+            x, kw = setting_inputs(setting, B, T, H, D, device)
+            times, mems = [], []
+            for provider in providers:
+                times.append(measure(provider, lambda: build(provider, x, kw), device))
+                try:
+                    mems.append(peak_mib(build(provider, x, kw), device))
+                except Exception:
+                    mems.append(float("nan"))
+            rows.append([B, T, H, *times, *mems])
+            del x
+        names = [f"{p} (ms)" for p in providers]
+        headers, table = with_ratios(["B", "T", "H", *names, *(f"{p} (MiB)" for p in providers)], rows,
+                                     providers, "ms")
+        headers, table = with_ratios(headers, table, providers, "ms", peer="cudnn")
+        emit(f"\n{header(f'Forward + backward, {setting}, D = {D}, bf16, median ms and peak extra MiB', device)}"
+             f"\n{markdown_table(headers, table)}\n", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
