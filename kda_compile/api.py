@@ -145,6 +145,9 @@ def explain(q, k, v, g, beta, op: str = "chunk", **kwargs) -> dispatch.Choice:
     a = kwargs
     problem, opts = _check(q, k, v, g, beta, state_is_pool=a.get("ssm_state_indices") is not None,
                            **{key: a[key] for key in checked if key in a})
+    if op == "recurrent":
+        check_serving(problem, a.get("initial_state"), a.get("ssm_state_indices"), a.get("num_accepted_tokens"),
+                      bool(a.get("inplace_final_state")))
     call = dispatch.KDACall(op, problem, opts, q, k, v, g, beta, a.get("initial_state"), a.get("cu_seqlens"),
                             a.get("A_log"), a.get("dt_bias"), output_final_state=bool(a.get("output_final_state")),
                             ssm_state_indices=a.get("ssm_state_indices"),

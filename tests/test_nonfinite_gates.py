@@ -13,9 +13,10 @@ from kda_compile.reference import KDAOptions, kda_reference
 
 from kda_inputs import make_inputs, one_cpu_thread, rel_err  # noqa: F401  (one_cpu_thread: fixture)
 
-# Backends that run on a CPU here.  Kernel backends join where they run (Triton under TRITON_INTERPRET=1,
-# TileLang on its C target).
-BACKENDS = ["reference"]
+# (backend, device) pairs.  Kernel backends join where they run (Triton under TRITON_INTERPRET=1, TileLang on
+# its C target, both on the GPU); the reference on the GPU checks that cuBLAS' products leak nothing either.
+BACKENDS = [pytest.param("reference", "cpu", id="reference-cpu"),
+            pytest.param("reference", "cuda", id="reference-cuda", marks=pytest.mark.gpu)]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 NAMES = ("q", "k", "v", "g", "beta")
 
@@ -47,12 +48,12 @@ def forget_positions(g, where, value):
     return g
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("value", [float("-inf"), -1e30])
 @pytest.mark.parametrize("where", ["first", "chunk_edges", "scattered"])
-def test_forget_everything_gate_matches_the_recurrence(backend, dtype, value, where):
-    args = make_inputs(B=2, T=110, H=2, K=16, V=16, dtype=dtype)
+def test_forget_everything_gate_matches_the_recurrence(backend, device, dtype, value, where):
+    args = make_inputs(B=2, T=110, H=2, K=16, V=16, dtype=dtype, device=device)
     g = forget_positions(args["g"], where, value)
     want_o, want_s = recurrence64(args, g)
     for fn in (chunk_kda, fused_recurrent_kda):
@@ -62,11 +63,11 @@ def test_forget_everything_gate_matches_the_recurrence(backend, dtype, value, wh
         assert rel_err(s, want_s) < TOL[dtype], (fn.__name__, rel_err(s, want_s))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_forget_everything_gate_varlen_and_gradients(backend):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_forget_everything_gate_varlen_and_gradients(backend, device):
     """Varlen packs (chunks start at each sequence), and the backward stays finite and equals autograd
     through the recurrence."""
-    args = make_inputs(H=2, K=8, V=8, cu_seqlens=[0, 37, 37, 120], requires_grad=True)
+    args = make_inputs(H=2, K=8, V=8, cu_seqlens=[0, 37, 37, 120], requires_grad=True, device=device)
     g = forget_positions(args["g"].detach(), "chunk_edges", float("-inf")).requires_grad_(True)
     o, s = run(chunk_kda, args, g, backend)
     want_o, want_s = recurrence64(args, g)
@@ -80,13 +81,13 @@ def test_forget_everything_gate_varlen_and_gradients(backend):
         assert rel_err(a, b) < 1e-9, (name, rel_err(a, b))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("t", [0, 1, 31, 32, 63, 64, 100])
 @pytest.mark.parametrize("whole_token", [False, True])
-def test_nonfinite_gate_does_not_reach_earlier_outputs(backend, dtype, bad, t, whole_token):
-    args = make_inputs(B=2, T=110, H=2, K=16, V=16, dtype=dtype)
+def test_nonfinite_gate_does_not_reach_earlier_outputs(backend, device, dtype, bad, t, whole_token):
+    args = make_inputs(B=2, T=110, H=2, K=16, V=16, dtype=dtype, device=device)
     poisoned, finite = args["g"].clone(), args["g"].clone()
     finite[:, t:] = torch.nn.functional.logsigmoid(torch.randn_like(finite[:, t:]))  # other finite gates
     if whole_token:
@@ -102,12 +103,12 @@ def test_nonfinite_gate_does_not_reach_earlier_outputs(backend, dtype, bad, t, w
         assert not torch.isfinite(o_bad[1, t:]).all(), "the non-finite gate must show from t on"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("name", ["g", "k", "v"])
-def test_nonfinite_input_leaves_other_sequences_and_earlier_tokens_alone(backend, name):
+def test_nonfinite_input_leaves_other_sequences_and_earlier_tokens_alone(backend, device, name):
     """In a varlen pack a NaN at token t of one sequence changes no output of the other sequences and none
     before t in its own (the NaN sits mid-chunk, so a dense triangular product would carry it back)."""
-    args = make_inputs(H=2, K=8, V=8, cu_seqlens=[0, 50, 120, 190], dtype=torch.float32)
+    args = make_inputs(H=2, K=8, V=8, cu_seqlens=[0, 50, 120, 190], dtype=torch.float32, device=device)
     t = 80                                     # sequence 1, its token 30
     clean = {n: args[n].clone() for n in args}
     args[name] = args[name].clone()
