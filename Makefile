@@ -7,12 +7,15 @@ BIN     = $(VENV)/bin
 
 setup: $(VENV)/.installed
 
-# torch is pinned to the CPU build this project is tested with; a machine with a GPU can install any
-# CUDA build of torch first and skip the pin.
+# TORCH is the torch this project is tested with (the CPU build from PyPI). It is installed only when the
+# venv has no torch yet: a CUDA build installed into $(VENV) first is kept. `make setup TORCH=torch==X`
+# pins another version.
+TORCH ?= torch==2.13.0
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 

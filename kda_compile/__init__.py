@@ -1,6 +1,6 @@
 """kda_compile: compiler-driven, portable Kimi Delta Attention.
 
-Public API (FLA-compatible, design.md section 3)::
+Public API (the signatures of flash-linear-attention's ``fla.ops.kda``; the math is in docs/algorithm.md)::
 
     from kda_compile import chunk_kda, fused_recurrent_kda, explain
     o, final_state = chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)

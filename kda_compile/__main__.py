@@ -5,15 +5,48 @@ import argparse
 import sys
 
 
+def _standard_call(op: str, device: str):
+    """A small call of the usual kind (bfloat16, K = V = 128, with initial and final state) on ``device``:
+    what ``info`` asks each backend about."""
+    from .autotune import make_call
+    from .buckets import Bucket
+    bucket = Bucket(op, "bf16", 128, 128, "T1k" if op == "chunk" else "t1", "dense")
+    return make_call(bucket, N=1, T=64 if op == "chunk" else 1, H=2, HV=2, device=device, seed=0)
+
+
+def backend_status(device: str) -> dict[str, dict[str, str | None]]:
+    """For every known backend: op -> None when it can run a standard call on ``device``, else the reason.
+    Backends that failed to register have the import failure as the reason for every op."""
+    from . import dispatch
+    names = dispatch.backends()
+    calls = {op: _standard_call(op, device) for op in dispatch.OPS}
+    status = {}
+    for name in names:
+        backend = dispatch.get_backend(name)
+        status[name] = {}
+        for op, call in calls.items():
+            why_not = backend.supports(call)
+            if why_not is not None and "backend=" not in why_not and backend.supports_forced is not None \
+                    and backend.supports_forced(call) is None:
+                why_not += f" (runs when asked for with backend={name!r})"
+            status[name][op] = why_not
+    for name, why in dispatch._UNAVAILABLE.items():
+        status.setdefault(name, {op: f"unavailable: {why}" for op in dispatch.OPS})
+    return status
+
+
 def _info(args) -> int:
     import torch
 
     from . import __version__, dispatch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"kda_compile {__version__}, torch {torch.__version__}, "
           f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
     print("registered backends (default order): " + ", ".join(dispatch.backends()))
-    for name, why in dispatch._UNAVAILABLE.items():
-        print(f"  {name}: unavailable ({why})")
+    print(f"can each run a standard call here ({device}, bfloat16, K = V = 128, with state)?")
+    for name, ops in backend_status(device).items():
+        for op, why_not in ops.items():
+            print(f"  {name:<10} {op:<10} " + ("yes" if why_not is None else f"no: {why_not}"))
     return 0
 
 
@@ -51,7 +84,8 @@ def main(argv=None) -> int:
     demo.add_argument("--no-compile", action="store_true", help="skip the torch.compile part of the model step")
     demo.add_argument("--no-export", action="store_true", help="skip the ONNX export-and-run step")
     demo.set_defaults(func=_demo)
-    info = sub.add_parser("info", help="show versions and which backends can run here")
+    info = sub.add_parser("info", help="show versions and which backends can run here, and why not")
+    info.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     info.set_defaults(func=_info)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,4 +1,5 @@
-"""Public API: ``chunk_kda`` and ``fused_recurrent_kda``, FLA-compatible (design.md section 3).
+"""Public API: ``chunk_kda`` and ``fused_recurrent_kda``, with the signatures of flash-linear-attention's
+``fla.ops.kda`` (0.6.0).
 
 Both check their inputs (:mod:`kda_compile.checks`), then call the ``kda_compile::`` custom ops
 (:mod:`kda_compile.ops`), inside which the dispatch picks a backend.  ``explain`` answers, for the same
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, ops  # noqa: F401  (ops registers the custom ops)
-from .checks import check_inputs, reject_unknown_keywords
+from .checks import check_inputs, check_serving, legacy_state_layout, reject_unknown_keywords
 from .reference import KDAOptions
 
 
@@ -64,8 +65,11 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     Returns ``(o [B, T, HV, V], final_state or None)``, or ``(o, final_state, h)`` with
     ``return_intermediate_states`` (inference only; ``h`` is the state entering each chunk).
     ``backend`` forces ``"tilelang"``, ``"triton"`` or ``"reference"``; ``disable_recompute`` is accepted
-    for compatibility and has no effect on the reference backward.
+    for compatibility and has no effect on the reference backward.  FLA's context-parallel / graph keywords
+    (``cp_context``, ``use_graph``, ``max_num_seqs``) are accepted at FLA's defaults only; FLA's deprecated
+    ``transpose_state_layout`` means ``state_v_first`` (with a DeprecationWarning).
     """
+    state_v_first = legacy_state_layout(kwargs, state_v_first)
     reject_unknown_keywords(kwargs, "chunk_kda")
     _, opts = _check(q, k, v, g, beta, initial_state=initial_state, cu_seqlens=cu_seqlens,
                      cu_seqlens_cpu=cu_seqlens_cpu, A_log=A_log, dt_bias=dt_bias, scale=scale,
@@ -79,9 +83,9 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
         if _requires_grad(q, k, v, g, beta, initial_state, A_log, dt_bias):
             raise ValueError("return_intermediate_states=True is for inference only: run under "
                              "torch.inference_mode() or torch.no_grad()")
-        o, final, h = torch.ops.kda_compile.chunk_kda_fwd_states(*tensors, *_astuple(opts))
+        o, final, h = torch.ops.kda_compile.chunk_kda_fwd_states(*tensors, *opts.as_op_args(), backend)
         return o, (final if output_final_state else None), h
-    o, final = torch.ops.kda_compile.chunk_kda_fwd(*tensors, *_astuple(opts), bool(output_final_state), backend)
+    o, final = torch.ops.kda_compile.chunk_kda_fwd(*tensors, *opts.as_op_args(), bool(output_final_state), backend)
     return o, (final if output_final_state else None)
 
 
@@ -97,7 +101,9 @@ def fused_recurrent_kda(q, k, v, g, beta, A_log=None, dt_bias=None, scale=None, 
     ``num_accepted_tokens[n] - 1``).  With ``inplace_final_state`` the new state is written into
     ``initial_state`` (1-D indices: the final state to ``idx[n]``; 2-D: the state after token t to
     ``idx[n, t]``) and the returned state is None.  Returns ``(o, final_state or None)``.
+    Index values are checked on CPU tensors, and on a GPU only with ``KDA_COMPILE_DEBUG=1`` (a device sync).
     """
+    state_v_first = legacy_state_layout(kwargs, state_v_first)
     reject_unknown_keywords(kwargs, "fused_recurrent_kda")
     pooled = ssm_state_indices is not None
     problem, opts = _check(q, k, v, g, beta, initial_state=initial_state, cu_seqlens=cu_seqlens, A_log=A_log,
@@ -105,52 +111,19 @@ def fused_recurrent_kda(q, k, v, g, beta, A_log=None, dt_bias=None, scale=None, 
                            use_gate_in_kernel=use_gate_in_kernel,
                            use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
                            lower_bound=lower_bound, state_v_first=state_v_first, state_is_pool=pooled)
-    _check_serving(problem, initial_state, ssm_state_indices, num_accepted_tokens, inplace_final_state)
+    check_serving(problem, initial_state, ssm_state_indices, num_accepted_tokens, inplace_final_state)
     backend = _check_backend(backend)
     tensors = (q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices, num_accepted_tokens)
     if inplace_final_state:
         if _requires_grad(q, k, v, g, beta, initial_state, A_log, dt_bias):
             raise ValueError("inplace_final_state=True is for inference only: run under torch.no_grad()")
-        o = torch.ops.kda_compile.recurrent_kda_inplace(*tensors, *_astuple(opts), backend)
+        o = torch.ops.kda_compile.recurrent_kda_inplace(*tensors, *opts.as_op_args(), backend)
         return o, None
     if pooled and _requires_grad(q, k, v, g, beta, initial_state, A_log, dt_bias):
         raise ValueError("ssm_state_indices / num_accepted_tokens are for inference only: run under torch.no_grad()")
-    o, final = torch.ops.kda_compile.recurrent_kda_fwd(*tensors, *_astuple(opts), bool(output_final_state), backend)
+    o, final = torch.ops.kda_compile.recurrent_kda_fwd(*tensors, *opts.as_op_args(), bool(output_final_state),
+                                                       backend)
     return o, (final if output_final_state else None)
-
-
-def _check_serving(problem, initial_state, ssm_state_indices, num_accepted_tokens, inplace_final_state) -> None:
-    if inplace_final_state and initial_state is None:
-        raise ValueError("inplace_final_state=True needs initial_state (the state, or state pool, to update)")
-    if num_accepted_tokens is not None and ssm_state_indices is None:
-        raise ValueError("num_accepted_tokens needs ssm_state_indices of shape [N, S] (speculative decoding)")
-    if ssm_state_indices is None:
-        return
-    if initial_state is None:
-        raise ValueError("ssm_state_indices needs initial_state: the state pool [P, HV, K, V] it indexes")
-    if not isinstance(ssm_state_indices, torch.Tensor) or ssm_state_indices.dtype not in (torch.int32, torch.int64):
-        raise TypeError("ssm_state_indices must be an int32 or int64 tensor of shape [N] or [N, S]")
-    if ssm_state_indices.dim() not in (1, 2) or ssm_state_indices.shape[0] != problem.N:
-        raise ValueError(f"ssm_state_indices must have shape [N] or [N, S] with N={problem.N}, "
-                         f"got {list(ssm_state_indices.shape)}")
-    if num_accepted_tokens is not None:
-        if ssm_state_indices.dim() != 2:
-            raise ValueError("num_accepted_tokens needs 2-D ssm_state_indices [N, S]")
-        if not isinstance(num_accepted_tokens, torch.Tensor) or tuple(num_accepted_tokens.shape) != (problem.N,):
-            raise ValueError(f"num_accepted_tokens must be an integer tensor of shape [N] = [{problem.N}]")
-    if not torch.compiler.is_compiling():
-        pool = initial_state.shape[0]
-        if ssm_state_indices.numel() and (int(ssm_state_indices.min()) < 0 or int(ssm_state_indices.max()) >= pool):
-            raise ValueError(f"ssm_state_indices must lie in [0, {pool}) (the pool size, initial_state.shape[0])")
-        if num_accepted_tokens is not None and num_accepted_tokens.numel():
-            lo, hi = int(num_accepted_tokens.min()), int(num_accepted_tokens.max())
-            if lo < 1 or hi > ssm_state_indices.shape[1]:
-                raise ValueError(f"num_accepted_tokens must lie in [1, {ssm_state_indices.shape[1]}], got {lo}..{hi}")
-
-
-def _astuple(opts: KDAOptions) -> tuple:
-    return (opts.scale, opts.use_qk_l2norm_in_kernel, opts.use_gate_in_kernel, opts.use_beta_sigmoid_in_kernel,
-            opts.allow_neg_eigval, opts.lower_bound, opts.chunk_size, opts.state_v_first)
 
 
 def explain(q, k, v, g, beta, op: str = "chunk", **kwargs) -> dispatch.Choice:
@@ -159,16 +132,22 @@ def explain(q, k, v, g, beta, op: str = "chunk", **kwargs) -> dispatch.Choice:
     Nothing is computed; ``print(explain(...))`` gives a readable report."""
     if op not in dispatch.OPS:
         raise ValueError(f"op must be one of {dispatch.OPS}, got {op!r}")
+    kwargs = dict(kwargs)
     backend = _check_backend(kwargs.pop("backend", None))
+    if "transpose_state_layout" in kwargs:
+        kwargs["state_v_first"] = legacy_state_layout(kwargs, kwargs.get("state_v_first", False))
     checked = ("initial_state", "cu_seqlens", "cu_seqlens_cpu", "A_log", "dt_bias", "scale",
                "use_qk_l2norm_in_kernel", "use_gate_in_kernel", "use_beta_sigmoid_in_kernel", "allow_neg_eigval",
                "safe_gate", "lower_bound", "chunk_size", "state_v_first")
     call_only = ("output_final_state", "ssm_state_indices", "num_accepted_tokens", "inplace_final_state",
                  "disable_recompute", "return_intermediate_states")
-    reject_unknown_keywords({key: None for key in kwargs if key not in checked + call_only}, "explain")
+    reject_unknown_keywords({key: kwargs[key] for key in kwargs if key not in checked + call_only}, "explain")
     a = kwargs
     problem, opts = _check(q, k, v, g, beta, state_is_pool=a.get("ssm_state_indices") is not None,
                            **{key: a[key] for key in checked if key in a})
+    if op == "recurrent":
+        check_serving(problem, a.get("initial_state"), a.get("ssm_state_indices"), a.get("num_accepted_tokens"),
+                      bool(a.get("inplace_final_state")))
     call = dispatch.KDACall(op, problem, opts, q, k, v, g, beta, a.get("initial_state"), a.get("cu_seqlens"),
                             a.get("A_log"), a.get("dt_bias"), output_final_state=bool(a.get("output_final_state")),
                             ssm_state_indices=a.get("ssm_state_indices"),

@@ -1,9 +1,11 @@
 """``python -m kda_compile.autotune``: measure, per shape bucket, the fastest correct backend and kernel config
-on this machine and persist it for the dispatch (design.md section 4).
+on this machine and persist it for the dispatch (:mod:`kda_compile.dispatch` reads it).
 
 For each bucket (:mod:`kda_compile.buckets`) and each registered backend that supports it, every candidate
 config is first run on a small ragged problem (with initial state, and varlen for varlen buckets) and checked
 against the float64 reference; a config that is wrong or crashes is recorded as rejected and never timed.
+A backend that cannot run the bucket at all (no GPU, other head dims) is recorded as skipped, with its
+reason, and is not counted as rejected.
 Survivors are timed at the bucket's representative shape (median; ``triton.testing.do_bench`` on a GPU), and
 the winner is written to the tuned table (:mod:`kda_compile.tuning_table`) as soon as its bucket finishes, so
 an interrupted run resumes where it stopped.
@@ -17,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from . import dispatch, tuning_table
 from .buckets import NAME_DTYPES, Bucket, TuneShape, default_tune_shapes
@@ -33,7 +36,8 @@ class BucketResult:
     bucket: Bucket
     shape: TuneShape
     timings: list = field(default_factory=list)   # (ms, backend, config)
-    rejected: dict = field(default_factory=dict)  # "backend config" -> reason
+    rejected: dict = field(default_factory=dict)  # "backend config" -> why it was wrong or crashed
+    skipped: dict = field(default_factory=dict)   # backend -> why it cannot run this bucket here
 
     def record(self) -> dict | None:
         if not self.timings:
@@ -45,7 +49,8 @@ class BucketResult:
         s = self.shape
         return {"backend": backend, "config": config, "time_ms": ms, "bucket": self.bucket.key,
                 "shape": f"N{s.N} T{s.T} H{s.H} HV{s.HV}", "per_backend": per_backend,
-                "candidates": len(self.timings) + len(self.rejected), "rejected": self.rejected}
+                "candidates": len(self.timings) + len(self.rejected), "rejected": self.rejected,
+                "skipped": self.skipped}
 
 
 # ----------------------------------------------------------------------------------------- problem setup
@@ -136,27 +141,29 @@ def time_config(backend: dispatch.Backend, config: dict, call: dispatch.KDACall)
 
 # --------------------------------------------------------------------------------------------- progress
 
-class Progress:
-    """A one-line progress bar on a terminal, one line per step otherwise."""
+def progress(total: int, stream=None):
+    """``(step, close)``: ``step(text)`` after each finished config.  On a terminal, a tqdm bar whose postfix
+    is the last step's text; elsewhere (a log file, CI) tqdm's meter as one plain line per step, with no
+    carriage returns."""
+    stream = stream or sys.stderr
+    if hasattr(stream, "isatty") and stream.isatty():
+        bar = tqdm(total=total, file=stream, unit="config", dynamic_ncols=True)
 
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.done, self.stream = max(total, 1), 0, stream
-        self.start = time.perf_counter()
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        def step(text: str) -> None:
+            bar.set_postfix_str(text, refresh=False)
+            bar.update(1)
+        return step, bar.close
 
-    def step(self, text: str) -> None:
-        self.done += 1
-        width = 24
-        filled = int(width * self.done / self.total)
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                f"{time.perf_counter() - self.start:6.1f}s  {text}")
-        if self.tty:
-            self.stream.write("\r" + line[:150].ljust(150))
-            if self.done == self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+    start, done = time.perf_counter(), 0
+
+    def step(text: str) -> None:
+        nonlocal done
+        done += 1
+        meter = tqdm.format_meter(done, total, time.perf_counter() - start, ascii=True, unit="config",
+                                  postfix=text)
+        stream.write(meter + "\n")
+        stream.flush()
+    return step, lambda: None
 
 
 # ---------------------------------------------------------------------------------------------- tuning
@@ -199,7 +206,7 @@ def tune(shapes: list[TuneShape], device: str, backends: list[str] | None = None
             configs = _candidates(backend, call) if why_not is None else []
             plan.append((shape, backend, configs[:max_configs] if max_configs else configs, why_not))
     total = sum(max(1, len(configs)) for _, _, configs, _ in plan)
-    progress = Progress(total)
+    step, close_progress = progress(total)
     started = time.perf_counter()
     results: dict[str, BucketResult] = {}
     finished: dict[str, dict] = {}
@@ -209,8 +216,8 @@ def tune(shapes: list[TuneShape], device: str, backends: list[str] | None = None
         key = shape.bucket.key
         result = results.setdefault(key, BucketResult(shape.bucket, shape))
         if why_not is not None:
-            result.rejected[backend.name] = f"unsupported: {why_not}"
-            progress.step(f"{key} {backend.name}: unsupported")
+            result.skipped[backend.name] = why_not
+            step(f"{key} {backend.name}: skipped: {why_not}")
         for number, config in enumerate(configs):
             if budget_s is not None and time.perf_counter() - started > budget_s:
                 out_of_time = True
@@ -222,17 +229,17 @@ def tune(shapes: list[TuneShape], device: str, backends: list[str] | None = None
             reason = check_config(backend, config, small, TOLERANCE[shape.bucket.dtype])
             if reason:
                 result.rejected[label] = reason
-                progress.step(f"{key} {backend.name} config {number + 1}/{len(configs)}: rejected ({reason[:60]})")
+                step(f"{key} {backend.name} config {number + 1}/{len(configs)}: rejected ({reason[:60]})")
                 continue
             try:
                 call = make_call(shape.bucket, shape.N, shape.T, shape.H, shape.HV, device, seed)
                 ms = time_config(backend, config, call)
             except Exception as exc:
                 result.rejected[label] = f"crashed while timing: {type(exc).__name__}: {exc}"[:300]
-                progress.step(f"{key} {backend.name} config {number + 1}/{len(configs)}: crashed")
+                step(f"{key} {backend.name} config {number + 1}/{len(configs)}: crashed")
                 continue
             result.timings.append((ms, backend.name, config))
-            progress.step(f"{key} {backend.name} config {number + 1}/{len(configs)}: {ms:.3f} ms")
+            step(f"{key} {backend.name} config {number + 1}/{len(configs)}: {ms:.3f} ms")
         if out_of_time:
             break
         last_of_bucket = index + 1 == len(plan) or plan[index + 1][0].bucket.key != key
@@ -241,10 +248,12 @@ def tune(shapes: list[TuneShape], device: str, backends: list[str] | None = None
             if record:
                 tuning_table.write_entries({key: record}, identity, path)
                 finished[key] = record
+                skipped = "".join(f", {name} skipped: {why}" for name, why in result.skipped.items())
                 log(f"{key}: {record['backend']} {record['config']} {record['time_ms']:.3f} ms "
-                    f"({record['candidates']} candidates, {len(record['rejected'])} rejected) -> {path}")
+                    f"({record['candidates']} candidates, {len(record['rejected'])} rejected{skipped}) -> {path}")
             else:
-                log(f"{key}: no correct candidate; rejected: {result.rejected}")
+                log(f"{key}: no correct candidate; rejected: {result.rejected}; skipped: {result.skipped}")
+    close_progress()
     if out_of_time:
         log(f"time budget of {budget_s:.0f} s used up: {len(finished)} bucket(s) finished and kept in {path}; "
             f"run again to resume")

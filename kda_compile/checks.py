@@ -1,18 +1,29 @@
 """Input checking for the public API.
 
 Every bad input becomes a ``ValueError`` (shapes, values) or ``TypeError`` (types, dtypes) that names the
-argument and what was expected -- never a kernel crash, silent garbage or a hang.  The result of a successful
-check is a :class:`Problem`: the sizes every backend and the dispatch need.
+argument and what was expected.  The result of a successful check is a :class:`Problem`: the sizes every
+backend and the dispatch need.
+
+Shapes, dtypes, devices and scalar options are always checked: that costs nothing.  A check of tensor
+*contents* (offsets, pool indices, the sign of ``g``) on a GPU would wait for the device, so it runs only
+where reading the values is free (CPU tensors, or ``cu_seqlens_cpu``) or when the environment variable
+``KDA_COMPILE_DEBUG=1`` was set before import (:data:`DEBUG`); never while ``torch.compile`` traces.
 """
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# FLA keywords that have no meaning here: refused loudly, never ignored (design.md section 3).
-UNSUPPORTED_FLA_KEYWORDS = ("cp_context", "use_graph", "max_num_seqs")
+# FLA keywords that have no meaning here, with FLA 0.6.0's default for each.  The default is accepted (code
+# written for FLA may spell it out); any other value is refused, never ignored.
+FLA_ONLY_KEYWORDS = {"cp_context": None, "use_graph": False, "max_num_seqs": None}
+DEBUG_ENV = "KDA_COMPILE_DEBUG"
+# Content checks that need a device sync (positive g, offsets and pool indices on a GPU); read once, at import.
+DEBUG = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -54,17 +65,49 @@ def _expect_shape(name: str, x: torch.Tensor, shape: tuple, text: str) -> None:
         raise ValueError(f"{name} must have shape {text} = {list(shape)}, got {_shape(x)}")
 
 
+def _is_default(value, default) -> bool:
+    if value is default:
+        return True
+    return default is not None and isinstance(value, (bool, int)) and value == default
+
+
 def reject_unknown_keywords(kwargs: dict, function: str) -> None:
-    """FLA-only keywords raise a clear ValueError; anything else is an ordinary unexpected keyword."""
-    for key in kwargs:
-        if key in UNSUPPORTED_FLA_KEYWORDS:
+    """FLA-only keywords (``cp_context``, ``use_graph``, ``max_num_seqs``) are accepted with FLA's default
+    value and raise a clear ValueError with any other; anything else is an ordinary unexpected keyword."""
+    for key, value in kwargs.items():
+        if key in FLA_ONLY_KEYWORDS:
+            if _is_default(value, FLA_ONLY_KEYWORDS[key]):
+                continue
             raise ValueError(f"{function}: `{key}` (flash-linear-attention context parallel / graph mode) is "
-                             f"not supported by kda_compile; remove it")
+                             f"not supported by kda_compile; leave it at its default "
+                             f"({key}={FLA_ONLY_KEYWORDS[key]!r}) or remove it")
         raise TypeError(f"{function}() got an unexpected keyword argument '{key}'")
 
 
+def legacy_state_layout(kwargs: dict, state_v_first: bool) -> bool:
+    """FLA's deprecated ``transpose_state_layout=`` (removed from ``kwargs``) is ``state_v_first``, with a
+    DeprecationWarning; passing both is an error.  Returns the state_v_first to use.  Texts are FLA's."""
+    if "transpose_state_layout" not in kwargs:
+        return state_v_first
+    if state_v_first:
+        raise ValueError("Cannot pass both `state_v_first` and the deprecated `transpose_state_layout`.")
+    warnings.warn("`transpose_state_layout` is deprecated and renamed to `state_v_first`.", DeprecationWarning,
+                  stacklevel=3)
+    return bool(kwargs.pop("transpose_state_layout"))
+
+
+def _values_are_free(x: torch.Tensor) -> bool:
+    """Whether ``x``'s values can be read without waiting for a device (and without breaking a trace)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _check_values() -> bool:
+    return DEBUG and not torch.compiler.is_compiling()
+
+
 def check_cu_seqlens(cu_seqlens, T: int, B: int, cu_seqlens_cpu=None, device=None) -> int:
-    """Validate varlen offsets; returns N.  Values are read from ``cu_seqlens_cpu`` when given (no sync)."""
+    """Validate varlen offsets; returns N.  Their values are checked when reading them is free
+    (``cu_seqlens_cpu`` given, or a CPU tensor) or with :data:`DEBUG`."""
     _tensor("cu_seqlens", cu_seqlens, ndim=1, expected="[N + 1]")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
@@ -81,7 +124,12 @@ def check_cu_seqlens(cu_seqlens, T: int, B: int, cu_seqlens_cpu=None, device=Non
                              f"got {_shape(cu_seqlens_cpu)}")
     if torch.compiler.is_compiling():  # values are data; reading them would break the graph
         return cu_seqlens.shape[0] - 1
-    values = (cu_seqlens_cpu if cu_seqlens_cpu is not None else cu_seqlens).tolist()
+    if cu_seqlens_cpu is not None:     # the caller's host copy: free to read
+        values = cu_seqlens_cpu.tolist()
+    elif _values_are_free(cu_seqlens) or DEBUG:
+        values = cu_seqlens.tolist()
+    else:
+        return cu_seqlens.shape[0] - 1
     if values[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {values[0]}")
     if any(b < a for a, b in zip(values[:-1], values[1:])):
@@ -141,8 +189,8 @@ def check_inputs(q, k, v, g, beta, *, initial_state=None, cu_seqlens=None, cu_se
 
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if chunk_size not in (32, 64):
-        raise ValueError(f"chunk_size must be 32 or 64, got {chunk_size}")
+    if chunk_size not in (32, 64):  # FLA's text, so code that matches FLA's message keeps working
+        raise ValueError(f"`chunk_size` must be either 32 or 64 for KDA, got {chunk_size}.")
     if allow_neg_eigval and not use_beta_sigmoid_in_kernel:
         raise ValueError("allow_neg_eigval=True requires use_beta_sigmoid_in_kernel=True (beta given as logits)")
     if lower_bound is not None and not isinstance(lower_bound, (int, float)):
@@ -180,5 +228,56 @@ def check_inputs(q, k, v, g, beta, *, initial_state=None, cu_seqlens=None, cu_se
         N = B
     if initial_state is not None:
         check_state("initial_state", initial_state, N, HV, K, V, state_v_first, q, pool=state_is_pool)
+    if not use_gate_in_kernel and _check_values():
+        check_gate_values(g)
     return Problem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=N, varlen=cu_seqlens is not None, dtype=q.dtype,
                    device=q.device)
+
+
+def check_gate_values(g: torch.Tensor) -> None:
+    """``g`` given as log-space decay must be <= 0 (``exp(g)`` in [0, 1]); positive, +inf or NaN values are
+    unsupported.  Reads the values (a device sync): run with :data:`DEBUG` only."""
+    if g.numel() == 0:
+        return
+    if bool(torch.isnan(g).any()):
+        raise ValueError("g contains NaN (g is the log-space decay, expected <= 0)")
+    top = float(g.max())
+    if top > 0:
+        raise ValueError(f"g must be <= 0 (log-space decay; positive g is unsupported), got a maximum of {top}")
+
+
+def check_serving(problem: Problem, initial_state, ssm_state_indices, num_accepted_tokens,
+                  inplace_final_state: bool) -> None:
+    """The serving arguments of ``fused_recurrent_kda``: a state pool indexed by ``ssm_state_indices``
+    (``[N]`` or ``[N, S]``), speculative decoding (``num_accepted_tokens [N]``) and the in-place update.
+    Index values are checked when reading them is free (CPU tensors) or with :data:`DEBUG`."""
+    if inplace_final_state and initial_state is None:
+        raise ValueError("inplace_final_state=True needs initial_state (the state, or state pool, to update)")
+    if num_accepted_tokens is not None and ssm_state_indices is None:
+        raise ValueError("num_accepted_tokens needs ssm_state_indices of shape [N, S] (speculative decoding)")
+    if ssm_state_indices is None:
+        return
+    if initial_state is None:
+        raise ValueError("ssm_state_indices needs initial_state: the state pool [P, HV, K, V] it indexes")
+    if not isinstance(ssm_state_indices, torch.Tensor) or ssm_state_indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError("ssm_state_indices must be an int32 or int64 tensor of shape [N] or [N, S]")
+    if ssm_state_indices.dim() not in (1, 2) or ssm_state_indices.shape[0] != problem.N:
+        raise ValueError(f"ssm_state_indices must have shape [N] or [N, S] with N={problem.N}, "
+                         f"got {_shape(ssm_state_indices)}")
+    if num_accepted_tokens is not None:
+        if ssm_state_indices.dim() != 2:
+            raise ValueError("num_accepted_tokens needs 2-D ssm_state_indices [N, S]")
+        if (not isinstance(num_accepted_tokens, torch.Tensor) or num_accepted_tokens.dtype.is_floating_point
+                or tuple(num_accepted_tokens.shape) != (problem.N,)):
+            raise ValueError(f"num_accepted_tokens must be an integer tensor of shape [N] = [{problem.N}]")
+    pool = initial_state.shape[0]
+    if ssm_state_indices.numel() and (_values_are_free(ssm_state_indices) or _check_values()):
+        lo, hi = int(ssm_state_indices.min()), int(ssm_state_indices.max())
+        if lo < 0 or hi >= pool:
+            raise ValueError(f"ssm_state_indices must lie in [0, {pool}) (the pool size, initial_state.shape[0]), "
+                             f"got {lo}..{hi}")
+    if num_accepted_tokens is not None and num_accepted_tokens.numel() and (
+            _values_are_free(num_accepted_tokens) or _check_values()):
+        lo, hi = int(num_accepted_tokens.min()), int(num_accepted_tokens.max())
+        if lo < 1 or hi > ssm_state_indices.shape[1]:
+            raise ValueError(f"num_accepted_tokens must lie in [1, {ssm_state_indices.shape[1]}], got {lo}..{hi}")

@@ -287,16 +287,21 @@ def run(call: KDACall, backend: str | None = None):
     return choice.backend.run(call, choice.config)
 
 
-def run_states(call: KDACall):
+def run_states(call: KDACall, backend: str | None = None):
     """Execute a chunk ``call`` and also return the state entering each chunk: ``(o, final_state, h)``.
-    The backend :func:`choose` picks runs it if it can return the states; otherwise the first backend of
-    the default order that can (the reference always can)."""
-    choice = choose(call)
+
+    With ``backend`` named, that backend runs it (an error if it cannot run the call or cannot return the
+    states).  Otherwise the backend :func:`choose` picks runs it if it can return the states, else the first
+    backend of the default order that can (the reference always can)."""
+    choice = choose(call, backend)
     if choice.backend.run_states is not None:
         return choice.backend.run_states(call, choice.config)
+    if backend:
+        raise ValueError(f"backend={backend!r} cannot return the chunk states (return_intermediate_states=True); "
+                         f"backends that can: {[n for n in _ORDER if _REGISTRY[n].run_states is not None]}")
     found = tuning_table.lookup(call)
     for name in _ORDER:
-        backend = _REGISTRY[name]
-        if backend.run_states is not None and backend.supports(call) is None:
-            return backend.run_states(call, _tuned_config(found[0] if found else None, backend, call))
+        candidate = _REGISTRY[name]
+        if candidate.run_states is not None and candidate.supports(call) is None:
+            return candidate.run_states(call, _tuned_config(found[0] if found else None, candidate, call))
     raise RuntimeError("no registered backend can return the chunk states (the reference backend should)")

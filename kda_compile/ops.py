@@ -24,17 +24,20 @@ from .reference import KDAOptions, compute_dtype, kda_reference
 
 _INPUTS = "Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor? initial_state, Tensor? cu_seqlens, " \
           "Tensor? A_log, Tensor? dt_bias"
-_OPTIONS = "float scale, bool use_qk_l2norm_in_kernel, bool use_gate_in_kernel, bool use_beta_sigmoid_in_kernel, " \
-           "bool allow_neg_eigval, float? lower_bound, int chunk_size, bool state_v_first"
 _SERVING = "Tensor? ssm_state_indices, Tensor? num_accepted_tokens"
-_N_OPTIONS = 8
+# The options follow the tensors as positional scalars; KDAOptions defines their names, types and order.
+_OPTIONS = KDAOptions.op_schema()
+_N_OPTIONS = KDAOptions.op_arg_count()
+_N_INPUTS = _INPUTS.count("Tensor")
+_N_SERVING = _SERVING.count("Tensor")
 _GRAD_INPUTS = ("q", "k", "v", "g", "beta", "initial_state", "A_log", "dt_bias")
 # Dispatch-key state of plain eager code, recorded at import (see kda_bwd).
 _EAGER_DISPATCH_TLS = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
 
 
-def _options(args) -> KDAOptions:
-    return KDAOptions(*args)
+def _options(rest) -> tuple[KDAOptions, tuple]:
+    """Split the scalars after an op's tensors into its :class:`KDAOptions` and the op's own trailing ones."""
+    return KDAOptions.from_op_args(rest[:_N_OPTIONS]), tuple(rest[_N_OPTIONS:])
 
 
 def _problem(q, v, cu_seqlens) -> Problem:
@@ -59,7 +62,7 @@ def _no_state(q: torch.Tensor) -> torch.Tensor:
     "kda_compile::chunk_kda_fwd", mutates_args=(),
     schema=f"({_INPUTS}, {_OPTIONS}, bool output_final_state, str backend) -> (Tensor, Tensor)")
 def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
-    opts, (output_final_state, backend) = _options(rest[:_N_OPTIONS]), rest[_N_OPTIONS:]
+    opts, (output_final_state, backend) = _options(rest)
     call = dispatch.KDACall("chunk", _problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state,
                             cu_seqlens, A_log, dt_bias, output_final_state=output_final_state)
     o, final = dispatch.run(call, backend or None)
@@ -68,7 +71,7 @@ def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *
 
 @chunk_kda_fwd.register_fake
 def _(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
-    opts, output_final_state = _options(rest[:_N_OPTIONS]), rest[_N_OPTIONS]
+    opts, (output_final_state, _backend) = _options(rest)
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     state_dtype = compute_dtype(q.dtype)
     final = (q.new_empty(_state_shape(q, v, N, opts.state_v_first), dtype=state_dtype) if output_final_state
@@ -80,16 +83,17 @@ def _(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
 
 @torch.library.custom_op(
     "kda_compile::chunk_kda_fwd_states", mutates_args=(),
-    schema=f"({_INPUTS}, {_OPTIONS}) -> (Tensor, Tensor, Tensor)")
+    schema=f"({_INPUTS}, {_OPTIONS}, str backend) -> (Tensor, Tensor, Tensor)")
 def chunk_kda_fwd_states(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
-    call = dispatch.KDACall("chunk", _problem(q, v, cu_seqlens), _options(rest), q, k, v, g, beta, initial_state,
+    opts, (backend,) = _options(rest)
+    call = dispatch.KDACall("chunk", _problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state,
                             cu_seqlens, A_log, dt_bias, output_final_state=True)
-    return dispatch.run_states(call)
+    return dispatch.run_states(call, backend or None)
 
 
 @chunk_kda_fwd_states.register_fake
 def _(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
-    opts = _options(rest)
+    opts, _backend = _options(rest)
     if cu_seqlens is None:
         B, NT = q.shape[0], -(-q.shape[1] // opts.chunk_size)
     else:  # total number of chunks depends on the offsets' values
@@ -107,7 +111,7 @@ def _(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
     schema=f"({_INPUTS}, {_SERVING}, {_OPTIONS}, bool output_final_state, str backend) -> (Tensor, Tensor)")
 def recurrent_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices,
                       num_accepted_tokens, *rest):
-    opts, (output_final_state, backend) = _options(rest[:_N_OPTIONS]), rest[_N_OPTIONS:]
+    opts, (output_final_state, backend) = _options(rest)
     call = dispatch.KDACall("recurrent", _problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state,
                             cu_seqlens, A_log, dt_bias, output_final_state=output_final_state,
                             ssm_state_indices=ssm_state_indices, num_accepted_tokens=num_accepted_tokens)
@@ -118,7 +122,7 @@ def recurrent_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bia
 @recurrent_kda_fwd.register_fake
 def _(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices, num_accepted_tokens,
       *rest):
-    opts, output_final_state = _options(rest[:_N_OPTIONS]), rest[_N_OPTIONS]
+    opts, (output_final_state, _backend) = _options(rest)
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     final = (q.new_empty(_state_shape(q, v, N, opts.state_v_first), dtype=compute_dtype(q.dtype))
              if output_final_state else _no_state(q))
@@ -131,7 +135,7 @@ def _(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_ind
            f"Tensor? A_log, Tensor? dt_bias, {_SERVING}, {_OPTIONS}, str backend) -> Tensor")
 def recurrent_kda_inplace(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices,
                           num_accepted_tokens, *rest):
-    opts, backend = _options(rest[:_N_OPTIONS]), rest[_N_OPTIONS]
+    opts, (backend,) = _options(rest)
     call = dispatch.KDACall("recurrent", _problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state,
                             cu_seqlens, A_log, dt_bias, output_final_state=True,
                             ssm_state_indices=ssm_state_indices, num_accepted_tokens=num_accepted_tokens,
@@ -154,7 +158,7 @@ def _(q, k, v, *rest):
 def kda_bwd(grad_o, grad_final_state, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
     """Gradients of (q, k, v, g, beta, initial_state, A_log, dt_bias); absent inputs get 0-element tensors.
     Computed by autograd through the chunkwise reference (float32, or float64 for float64 inputs)."""
-    opts = _options(rest)
+    opts, _ = _options(rest)
     inputs = dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state, A_log=A_log, dt_bias=dt_bias)
     # A custom op's kernel runs with the autograd keys (and, under a dispatch mode, most others) excluded;
     # restore the dispatch state of ordinary eager code for this self-contained inner computation.
@@ -200,24 +204,26 @@ def _backward(ctx, grad_o, grad_final_state):
 
 
 def _chunk_setup(ctx, inputs, output):
-    _save(ctx, inputs[:9], inputs[9:9 + _N_OPTIONS])
+    _save(ctx, inputs[:_N_INPUTS], inputs[_N_INPUTS:])
 
 
 def _recurrent_setup(ctx, inputs, output):
-    _save(ctx, inputs[:9], inputs[11:11 + _N_OPTIONS])
+    _save(ctx, inputs[:_N_INPUTS], inputs[_N_INPUTS + _N_SERVING:])
 
 
-def _save(ctx, tensors, options):
+def _save(ctx, tensors, scalars):
+    """Keep the tensors, and the options: the first KDAOptions.op_arg_count() of the scalars after them."""
     ctx.save_for_backward(*tensors)
-    ctx.options = tuple(options)
+    ctx.options = tuple(scalars[:_N_OPTIONS])
+    ctx.n_scalars = len(scalars)
 
 
 def _chunk_backward(ctx, grad_o, grad_final_state):
-    return _backward(ctx, grad_o, grad_final_state) + (None,) * (_N_OPTIONS + 2)
+    return _backward(ctx, grad_o, grad_final_state) + (None,) * ctx.n_scalars
 
 
 def _recurrent_backward(ctx, grad_o, grad_final_state):
-    return _backward(ctx, grad_o, grad_final_state)[:9] + (None, None) + (None,) * (_N_OPTIONS + 2)
+    return _backward(ctx, grad_o, grad_final_state)[:_N_INPUTS] + (None,) * (_N_SERVING + ctx.n_scalars)
 
 
 chunk_kda_fwd.register_autograd(_chunk_backward, setup_context=_chunk_setup)

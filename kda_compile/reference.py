@@ -1,4 +1,4 @@
-"""PyTorch reference for Kimi Delta Attention (design.md section 1).
+"""PyTorch reference for Kimi Delta Attention (the math is in docs/algorithm.md).
 
 Two implementations of the same function, both exact in float64:
 
@@ -14,7 +14,7 @@ CPU fallback.  Everything is differentiable with ordinary autograd.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,12 @@ L2NORM_EPS = 1e-6  # same epsilon as flash-linear-attention's fused L2 norm
 
 @dataclass(frozen=True)
 class KDAOptions:
-    """The non-tensor arguments of a KDA call (names as in flash-linear-attention)."""
+    """The non-tensor arguments of a KDA call (names as in flash-linear-attention).
+
+    They cross the ``torch.library`` custom-op boundary as positional scalars in the order of these fields;
+    :meth:`op_schema`, :meth:`as_op_args` and :meth:`from_op_args` derive that order from the fields, so
+    adding or moving a field here changes every op consistently.
+    """
 
     scale: float
     use_qk_l2norm_in_kernel: bool = False
@@ -34,6 +39,33 @@ class KDAOptions:
     lower_bound: float | None = None
     chunk_size: int = 64
     state_v_first: bool = False
+
+    @classmethod
+    def op_schema(cls) -> str:
+        """The options' part of a custom-op schema, e.g. ``"float scale, bool use_qk_l2norm_in_kernel, ..."``."""
+        return ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in fields(cls))
+
+    @classmethod
+    def op_arg_count(cls) -> int:
+        """How many positional op arguments the options take."""
+        return len(_OP_FIELDS)
+
+    def as_op_args(self) -> tuple:
+        """The options as the op's positional arguments, in :meth:`op_schema` order."""
+        return tuple(getattr(self, name) for name in _OP_FIELDS)
+
+    @classmethod
+    def from_op_args(cls, args) -> "KDAOptions":
+        """Inverse of :meth:`as_op_args`: exactly :meth:`op_arg_count` values, in :meth:`op_schema` order."""
+        args = tuple(args)
+        if len(args) != len(_OP_FIELDS):
+            raise TypeError(f"KDAOptions.from_op_args takes {len(_OP_FIELDS)} values {_OP_FIELDS}, got {len(args)}")
+        return cls(*args)
+
+
+# Field annotation (a string under ``from __future__ import annotations``) -> custom-op schema type.
+_SCHEMA_TYPES = {"float": "float", "bool": "bool", "int": "int", "float | None": "float?"}
+_OP_FIELDS = tuple(f.name for f in fields(KDAOptions))
 
 
 # ----------------------------------------------------------------------------------------------- prologues
@@ -172,29 +204,67 @@ def kda_recurrent(p: Prepared, scale: float, keep_states: bool = False):
     return o, S, (torch.stack(states, 1) if keep_states and states else None)
 
 
+def _cumulative_log_decay(g):
+    """Cumulative log decay over a chunk's tokens (dim 2), split so that a gate with ``exp(g) = 0`` ("forget
+    everything", ``g = -inf`` included) never enters a difference (``-inf - -inf`` is NaN).
+
+    Returns ``(G, R)``: ``G`` sums the other gates, ``R`` counts the forget-everything gates so far.  The decay
+    from token s to token r (s <= r) is ``exp(G_r - G_s)`` when ``R_r == R_s`` and exactly 0 otherwise; from
+    the chunk start to r it is ``exp(G_r)`` when ``R_r == 0``.  This equals the recurrence, where such a gate
+    multiplies the state by 0.
+    """
+    forget_all = g.exp() == 0
+    return g.masked_fill(forget_all, 0.0).cumsum(2), forget_all.cumsum(2)
+
+
+def _causal_matmul(L: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``L @ X`` for a lower-triangular ``L`` in which row r reads rows s <= r of ``X`` only.
+
+    A dense product also multiplies the zeros above L's diagonal by X's later rows, and ``0 * NaN = NaN``
+    would carry a non-finite later row into earlier outputs.  Non-finite entries are zeroed before the
+    product and marked NaN again in the rows that read them, so rows before them are exactly what they
+    would be with any finite value there.
+    """
+    bad = ~torch.isfinite(X)
+    return (L @ X.masked_fill(bad, 0.0)).masked_fill(bad.cumsum(-2) > 0, float("nan"))
+
+
+def _unit_lower_solve(A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``(I + A)^-1 rhs`` for strictly lower-triangular ``A``: the "UT transform".  Rows of ``A`` with a
+    non-finite entry are solved as zeros and their results (and every later row's) marked NaN, so a
+    blocked triangular solve cannot mix them into earlier rows."""
+    bad = ~torch.isfinite(A)
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    T = torch.linalg.solve_triangular(eye + A.masked_fill(bad, 0.0), rhs, upper=False, unitriangular=True)
+    return T.masked_fill((bad.any(-1, keepdim=True).cumsum(-2) > 0), float("nan"))
+
+
 def _chunk_step(q, k, v, g, beta, S, scale):
     """One chunk of the chunkwise form for all sequences and heads at once.
 
     Shapes ``[N, HV, C, K|V]``, ``beta [N, HV, C]``, ``S [N, HV, K, V]``.  Returns ``(O, S_next)``.
+    Causal exactly, also for non-finite inputs: a NaN or inf at token t changes no output before t.
     """
     C = q.shape[2]
-    G = g.cumsum(2)                                                   # Gamma_r, cumulative log decay
+    G, R = _cumulative_log_decay(g)                                   # Gamma_r (as G, R), see above
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     # D_rs = exp(Gamma_r - Gamma_s) for s <= r only: every exponent evaluated is <= 0 (never exp(-Gamma)).
-    diff = (G.unsqueeze(3) - G.unsqueeze(2)).masked_fill(~causal[:, :, None], float("-inf"))
-    D = diff.exp()                                                    # [N, HV, C(r), C(s), K]
-    Dk = D * k.unsqueeze(2)                                           # D_rs[c] * k_s[c]
+    keep = causal[:, :, None] & (R.unsqueeze(3) == R.unsqueeze(2))    # [N, HV, C(r), C(s), K]
+    D = (G.unsqueeze(3) - G.unsqueeze(2)).masked_fill(~keep, float("-inf")).exp()
+    Dk = (D * k.unsqueeze(2)).masked_fill(~causal[:, :, None], 0.0)   # D_rs[c] * k_s[c], zero above r
     A_kk = ((k.unsqueeze(3) * Dk).sum(-1) * beta.unsqueeze(-1)).tril(-1)
-    A_qk = scale * (q.unsqueeze(3) * Dk).sum(-1)                      # already causal (s <= r)
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    A_qk = scale * (q.unsqueeze(3) * Dk).sum(-1)                      # causal (s <= r) through Dk
     # T = (I + A_kk)^-1 diag(beta): unit lower-triangular solve (the "UT transform").
-    Tm = torch.linalg.solve_triangular(eye + A_kk, torch.diag_embed(beta), upper=False, unitriangular=True)
-    W = Tm @ (k * G.exp())
-    U = Tm @ v
+    Tm = _unit_lower_solve(A_kk, torch.diag_embed(beta))
+    from_start = G.masked_fill(R > 0, float("-inf")).exp()           # exp(Gamma_r)
+    W = _causal_matmul(Tm, k * from_start)
+    U = _causal_matmul(Tm, v)
     V_new = U - W @ S                                                 # what the delta rule writes
-    O = scale * (q * G.exp()) @ S + A_qk @ V_new
-    G_last = G[:, :, -1:]                                             # Gamma_C
-    S_next = G_last.transpose(-1, -2).exp() * S + (k * (G_last - G).exp()).transpose(-1, -2) @ V_new
+    O = scale * (q * from_start) @ S + _causal_matmul(A_qk, V_new)
+    G_last, R_last = G[:, :, -1:], R[:, :, -1:]                       # Gamma_C
+    to_end = (G_last - G).masked_fill(R != R_last, float("-inf")).exp()  # exp(Gamma_C - Gamma_s)
+    whole = G_last.masked_fill(R_last > 0, float("-inf")).exp()       # exp(Gamma_C)
+    S_next = whole.transpose(-1, -2) * S + (k * to_end).transpose(-1, -2) @ V_new
     return O, S_next
 
 

@@ -244,3 +244,31 @@ def test_intermediate_states_use_the_chosen_backend_when_it_can(monkeypatch, wit
         dispatch.unregister_backend("fake_states")
     assert seen == ([("fake_states", "run_states")] if with_states else [])
     assert torch.allclose(o, ro) and torch.allclose(s, rs) and h.shape == (1, 1, 1, 8, 8)
+
+
+def test_intermediate_states_honour_a_forced_backend(monkeypatch):
+    """backend= reaches the states op: the named backend runs it, even when another one is preferred, and a
+    named backend that cannot return the states is an error (never a silent switch)."""
+    from kda_compile.reference import kda_reference_chunk_states
+    monkeypatch.delenv("KDA_COMPILE_BACKEND", raising=False)
+    seen = []
+    dispatch.register_backend(_fake_chunk_backend("fake_states", True, seen), before=dispatch.backends()[0])
+    dispatch.register_backend(_fake_chunk_backend("fake_plain", False, seen), before=dispatch.backends()[0])
+    try:
+        args = make_inputs(B=2, T=70, H=2, K=8, V=8, dtype=torch.float32)
+        (q, k, v, g, beta), rest = split(args)
+        with torch.inference_mode():
+            o, s, h = chunk_kda(q, k, v, g, beta, output_final_state=True, return_intermediate_states=True,
+                                backend="reference", **rest)
+            assert seen == []
+            chunk_kda(q, k, v, g, beta, return_intermediate_states=True, backend="fake_states", **rest)
+            assert seen == [("fake_states", "run_states")]
+            with pytest.raises(ValueError, match="'fake_plain' cannot return the chunk states"):
+                chunk_kda(q, k, v, g, beta, return_intermediate_states=True, backend="fake_plain", **rest)
+    finally:
+        dispatch.unregister_backend("fake_states")
+        dispatch.unregister_backend("fake_plain")
+    want = kda_reference_chunk_states(q, k, v, g, beta, rest["initial_state"],
+                                      opts=KDAOptions(scale=8 ** -0.5))
+    for got, ref in zip((o, s, h), want):
+        assert torch.equal(got, ref)

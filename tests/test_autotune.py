@@ -193,3 +193,48 @@ def test_shipped_h100_table_is_found_for_an_h100():
         assert Bucket.parse(key).key == key
         assert record["backend"] in ("tilelang", "triton", "reference") and "time_ms" in record
     assert tuning_table.load_shipped_table(dict(identity, device="NVIDIA A100"))[1] is None
+
+
+def test_unsupported_backends_are_skipped_not_rejected(fake, capsys):
+    """The fake backend runs chunk calls only: on a decode bucket it is skipped with its reason, reported
+    apart from the rejected (wrong or crashing) configs, and the progress says so."""
+    decode = TuneShape(Bucket("recurrent", "fp32", 8, 8, "t1", "dense"), N=2, T=1, H=1, HV=1)
+    found = autotune.tune([decode], "cpu", backends=["fake", "reference"], log=print)
+    record = found[decode.bucket.key]
+    assert record["backend"] == "reference"
+    assert record["skipped"] == {"fake": "chunk only"}
+    assert not any(key.startswith("fake") for key in record["rejected"])
+    assert record["rejected"] == {}
+    captured = capsys.readouterr()
+    assert "fake skipped: chunk only" in captured.out
+    assert f"{decode.bucket.key} fake: skipped: chunk only" in captured.err
+
+
+def test_progress_lines_on_a_non_terminal(fake, capsys):
+    """Not a terminal: tqdm's meter, one line per config, with bucket, backend, config n/N and the result,
+    and no carriage returns."""
+    autotune.tune([SHAPE], "cpu", backends=["fake"], log=lambda *a: None)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == len(CONFIGS)
+    for n, line in enumerate(lines, 1):
+        assert f"| {n}/{len(CONFIGS)} [" in line and f"{SHAPE.bucket.key} fake config {n}/{len(CONFIGS)}: " in line
+    assert "rejected (output relative error" in lines[1] and "crashed" in lines[2] and lines[3].endswith("ms]")
+
+
+def test_progress_bar_on_a_terminal():
+    """A terminal gets a tqdm bar updated in place, whose postfix is the last step."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    step, close = autotune.progress(2, stream)
+    step("chunk/bf16 triton config 1/2: 1.000 ms")
+    step("chunk/bf16 triton config 2/2: 2.000 ms")
+    close()
+    text = stream.getvalue()
+    assert "\r" in text and "2/2" in text and "config 2/2: 2.000 ms" in text

@@ -1,8 +1,12 @@
 """Every bad input raises a ValueError/TypeError that names the argument and what was expected."""
+import subprocess
+import sys
+import warnings
+
 import pytest
 import torch
 
-from kda_compile import chunk_kda, explain, fused_recurrent_kda
+from kda_compile import checks, chunk_kda, explain, fused_recurrent_kda
 
 from kda_inputs import make_inputs
 
@@ -38,7 +42,7 @@ BAD = [
     ("state count", dict(initial_state=torch.zeros(B + 1, H, K, V)), {}, ValueError, "initial_state"),
     ("state dtype", dict(initial_state=torch.zeros(B, H, K, V, dtype=torch.bfloat16)), {}, TypeError,
      "initial_state must be float32"),
-    ("chunk size", {}, dict(chunk_size=48), ValueError, "chunk_size must be 32 or 64"),
+    ("chunk size", {}, dict(chunk_size=48), ValueError, "`chunk_size` must be either 32 or 64 for KDA, got 48."),
     ("neg eigval without sigmoid", {}, dict(allow_neg_eigval=True), ValueError, "use_beta_sigmoid_in_kernel"),
     ("gate without A_log", {}, dict(use_gate_in_kernel=True), ValueError, "A_log"),
     ("A_log shape", dict(A_log=torch.zeros(H + 1)), dict(use_gate_in_kernel=True), ValueError,
@@ -50,6 +54,8 @@ BAD = [
     ("safe gate out of range", dict(A_log=torch.zeros(H)),
      dict(use_gate_in_kernel=True, safe_gate=True, lower_bound=-7.0), ValueError, "[-5, 0)"),
     ("FLA-only keyword", {}, dict(cp_context=object()), ValueError, "cp_context"),
+    ("FLA graph mode", {}, dict(use_graph=True), ValueError, "use_graph"),
+    ("FLA max_num_seqs", {}, dict(max_num_seqs=4), ValueError, "max_num_seqs"),
     ("unknown keyword", {}, dict(not_an_argument=1), TypeError, "not_an_argument"),
     ("backend type", {}, dict(backend=3), TypeError, "backend must be a string"),
     ("unknown backend", {}, dict(backend="cuda-magic"), ValueError, "backend 'cuda-magic' is not available"),
@@ -129,5 +135,105 @@ def test_explain_checks_too():
     args = base()
     with pytest.raises(ValueError, match="op must be one of"):
         explain(args["q"], args["k"], args["v"], args["g"], args["beta"], op="backward")
-    with pytest.raises(ValueError, match="chunk_size must be 32 or 64"):
+    with pytest.raises(ValueError, match="`chunk_size` must be either 32 or 64 for KDA, got 16."):
         explain(args["q"], args["k"], args["v"], args["g"], args["beta"], chunk_size=16)
+
+
+# ------------------------------------------------------------------------------------ FLA compatibility
+
+@pytest.mark.parametrize("fn", [chunk_kda, fused_recurrent_kda, explain])
+def test_fla_only_keywords_at_their_defaults_are_accepted(fn):
+    """FLA 0.6.0's defaults: cp_context=None, use_graph=False, max_num_seqs=None."""
+    args = base()
+    expected = call(fn, args)
+    got = call(fn, args, cp_context=None, use_graph=False, max_num_seqs=None)
+    if fn is explain:
+        assert got.backend.name == expected.backend.name
+    else:
+        assert torch.equal(got[0], expected[0])
+
+
+@pytest.mark.parametrize("fn", [chunk_kda, fused_recurrent_kda])
+def test_legacy_transpose_state_layout_is_state_v_first(fn):
+    args = base()
+    args["initial_state"] = args["initial_state"].transpose(-1, -2).contiguous()   # [N, HV, V, K]
+    want = call(fn, args, state_v_first=True, output_final_state=True)
+    with pytest.warns(DeprecationWarning, match="`transpose_state_layout` is deprecated and renamed to "
+                                                "`state_v_first`"):
+        got = call(fn, args, transpose_state_layout=True, output_final_state=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="Cannot pass both `state_v_first` and the deprecated "
+                                         "`transpose_state_layout`."):
+        call(fn, args, state_v_first=True, transpose_state_layout=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # without the legacy keyword, no warning
+        call(fn, args, state_v_first=True)
+
+
+# ------------------------------------------------------------------------------------ content checks
+
+def test_debug_flag_is_read_from_the_environment_at_import():
+    code = "from kda_compile import checks; print(checks.DEBUG)"
+    for value, expected in (("1", "True"), ("0", "False"), ("", "False")):
+        env = {"KDA_COMPILE_DEBUG": value, "PATH": "/usr/bin:/bin"}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected, (value, out.stdout, out.stderr)
+
+
+@pytest.fixture
+def on_a_device(monkeypatch):
+    """Pretend every tensor lives on a GPU: reading values would need a device sync."""
+    monkeypatch.setattr(checks, "_values_are_free", lambda x: False)
+
+
+@pytest.mark.parametrize("bad", [0.5, float("inf"), float("nan")])
+def test_gate_values_are_checked_only_in_debug_mode(monkeypatch, bad):
+    args = base()
+    args["g"] = args["g"].clone()
+    args["g"][1, 7, 0, 3] = bad
+    monkeypatch.setattr(checks, "DEBUG", False)
+    call(explain, args)                                   # not read: no sync on the hot path
+    monkeypatch.setattr(checks, "DEBUG", True)
+    for fn in (chunk_kda, fused_recurrent_kda, explain):
+        with pytest.raises(ValueError, match="NaN" if bad != bad else "g must be <= 0"):
+            call(fn, args)
+    call(explain, base())                                 # a valid g passes the debug check
+    raw = make_inputs(B=B, T=T, H=H, K=K, V=V, dtype=torch.float32, gate="raw")
+    call(explain, raw, use_gate_in_kernel=True)           # a raw gate may be positive
+
+
+def test_offsets_and_pool_indices_on_a_device_are_checked_only_in_debug_mode(monkeypatch, on_a_device):
+    bad_offsets = packed(torch.tensor([0, 12, 5, T]))
+    pool_args = base(initial_state=torch.zeros(5, H, K, V))
+    bad_slots = dict(ssm_state_indices=torch.tensor([0, 7]))
+    bad_accepted = dict(ssm_state_indices=torch.tensor([[0, 1], [2, 3]]), num_accepted_tokens=torch.tensor([0, 1]))
+    monkeypatch.setattr(checks, "DEBUG", False)
+    call(explain, bad_offsets)
+    call(explain, pool_args, op="recurrent", **bad_slots)
+    call(explain, pool_args, op="recurrent", **bad_accepted)
+    with pytest.raises(ValueError, match="non-decreasing"):   # free with cu_seqlens_cpu: always checked
+        call(explain, bad_offsets, cu_seqlens_cpu=bad_offsets["cu_seqlens"].clone())
+    monkeypatch.setattr(checks, "DEBUG", True)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        call(explain, bad_offsets)
+    with pytest.raises(ValueError, match="ssm_state_indices must lie in"):
+        call(fused_recurrent_kda, pool_args, **bad_slots)
+    with pytest.raises(ValueError, match="num_accepted_tokens must lie in"):
+        call(fused_recurrent_kda, pool_args, **bad_accepted)
+
+
+@pytest.mark.gpu
+def test_hot_path_checks_do_not_sync_the_device(monkeypatch):
+    """Without the debug flag, checking a dense call and a pooled decode call never waits for the GPU."""
+    monkeypatch.setattr(checks, "DEBUG", False)
+    args = make_inputs(B=B, T=T, H=H, K=K, V=V, dtype=torch.bfloat16, device="cuda")
+    pool = torch.zeros(5, H, K, V, device="cuda")
+    slots = torch.tensor([0, 3], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        problem = checks.check_inputs(*(args[n] for n in ("q", "k", "v", "g", "beta")),
+                                      initial_state=args["initial_state"])
+        checks.check_serving(problem, pool, slots, None, True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

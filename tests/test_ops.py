@@ -1,9 +1,12 @@
 """The torch.library custom ops: opcheck, gradients (gradcheck in float64), torch.compile without breaks."""
+import dataclasses
+
 import pytest
 import torch
 
 from kda_compile import chunk_kda, fused_recurrent_kda
-from kda_compile.api import _astuple, _options
+from kda_compile.api import _options
+from kda_compile.reference import KDAOptions
 
 from kda_inputs import make_inputs, rel_err
 
@@ -17,7 +20,7 @@ def op_args(args, **flags):
                     flags.get("lower_bound"), 64, False)
     tensors = tuple(args.get(n) for n in ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "A_log",
                                           "dt_bias"))
-    return tensors, _astuple(opts)
+    return tensors, opts.as_op_args()
 
 
 CASES = [
@@ -45,7 +48,64 @@ def test_opcheck_inplace_and_backward_ops():
     tensors, options = op_args(args)
     grad_o = torch.randn_like(args["v"])
     torch.library.opcheck(OPS.kda_bwd.default, (grad_o, None, *tensors, *options))
-    torch.library.opcheck(OPS.chunk_kda_fwd_states.default, (*tensors, *options))
+    for backend in ("", "reference"):
+        torch.library.opcheck(OPS.chunk_kda_fwd_states.default, (*tensors, *options, backend))
+
+
+# ---------------------------------------------------------------------------------- options across the ops
+
+OPTION_OPS = ("chunk_kda_fwd", "chunk_kda_fwd_states", "recurrent_kda_fwd", "recurrent_kda_inplace", "kda_bwd")
+
+
+@pytest.mark.parametrize("name", OPTION_OPS)
+def test_every_op_takes_the_options_in_the_dataclass_order(name):
+    """The registered schemas carry KDAOptions' fields, in field order, with matching types, as one run."""
+    arguments = OPS.__getattr__(name).default._schema.arguments
+    names = [a.name for a in arguments]
+    fields = [f.name for f in dataclasses.fields(KDAOptions)]
+    start = names.index(fields[0])
+    assert names[start:start + len(fields)] == fields
+    types = [str(a.type) for a in arguments[start:start + len(fields)]]
+    expected = {"float": "float", "bool": "bool", "int": "int", "float?": "Optional[float]"}
+    for part, got in zip(KDAOptions.op_schema().split(", "), types):
+        assert expected[part.split()[0]] == got, (part, got)
+
+
+def test_options_round_trip_through_op_arguments():
+    opts = KDAOptions(scale=0.25, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, lower_bound=-3.0,
+                      chunk_size=32, state_v_first=True)
+    args = opts.as_op_args()
+    assert len(args) == KDAOptions.op_arg_count() == len(dataclasses.fields(KDAOptions))
+    assert KDAOptions.from_op_args(args) == opts
+    assert KDAOptions.from_op_args(list(args)) == opts
+    with pytest.raises(TypeError, match="takes 8 values"):
+        KDAOptions.from_op_args(args[:-1])
+
+
+def test_non_default_options_reach_the_backend_intact():
+    """Every option, set to a non-default value, arrives in the backend's KDACall unchanged (eager and
+    through the op's autograd path)."""
+    from kda_compile import dispatch
+    from kda_compile.reference_backend import run_reference
+    seen = []
+
+    def run(call, config):
+        seen.append(call.opts)
+        return run_reference(call, config)
+
+    dispatch.register_backend(dispatch.Backend(name="spy", supports=lambda call: None, run=run))
+    try:
+        args = make_inputs(B=1, T=10, H=1, K=4, V=4, dtype=torch.float64, gate="raw", beta_logits=True,
+                           state_v_first=True)
+        q, k, v, g, beta = (args[n] for n in ("q", "k", "v", "g", "beta"))
+        chunk_kda(q, k, v, g, beta, scale=0.3, initial_state=args["initial_state"], use_qk_l2norm_in_kernel=True,
+                  use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True, allow_neg_eigval=True,
+                  lower_bound=-2.0, state_v_first=True, chunk_size=32, A_log=args["A_log"], backend="spy")
+    finally:
+        dispatch.unregister_backend("spy")
+    assert seen == [KDAOptions(scale=0.3, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                               use_beta_sigmoid_in_kernel=True, allow_neg_eigval=True, lower_bound=-2.0,
+                               chunk_size=32, state_v_first=True)]
 
 
 @pytest.mark.parametrize("fn", ["chunk", "recurrent"])
