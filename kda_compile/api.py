@@ -128,10 +128,12 @@ def fused_recurrent_kda(q, k, v, g, beta, A_log=None, dt_bias=None, scale=None, 
 
 def explain(q, k, v, g, beta, op: str = "chunk", **kwargs) -> dispatch.Choice:
     """Which backend (and config) a ``chunk_kda`` (``op="chunk"``) or ``fused_recurrent_kda``
-    (``op="recurrent"``) call with these arguments would use, and why each other backend would not.
+    (``op="recurrent"``) call with these arguments would use, and why each other backend would not;
+    ``op="chunk_backward"``: which backend computes the gradients of that ``chunk_kda`` call.
     Nothing is computed; ``print(explain(...))`` gives a readable report."""
-    if op not in dispatch.OPS:
-        raise ValueError(f"op must be one of {dispatch.OPS}, got {op!r}")
+    ops = dispatch.OPS + ("chunk_backward",)
+    if op not in ops:
+        raise ValueError(f"op must be one of {ops}, got {op!r}")
     kwargs = dict(kwargs)
     backend = _check_backend(kwargs.pop("backend", None))
     if "transpose_state_layout" in kwargs:
@@ -148,6 +150,10 @@ def explain(q, k, v, g, beta, op: str = "chunk", **kwargs) -> dispatch.Choice:
     if op == "recurrent":
         check_serving(problem, a.get("initial_state"), a.get("ssm_state_indices"), a.get("num_accepted_tokens"),
                       bool(a.get("inplace_final_state")))
+    if op == "chunk_backward":
+        call = dispatch.KDACall("chunk", problem, opts, q, k, v, g, beta, a.get("initial_state"), a.get("cu_seqlens"),
+                                a.get("A_log"), a.get("dt_bias"), output_final_state=bool(a.get("output_final_state")))
+        return dispatch.choose_backward(call, backend or None)
     call = dispatch.KDACall(op, problem, opts, q, k, v, g, beta, a.get("initial_state"), a.get("cu_seqlens"),
                             a.get("A_log"), a.get("dt_bias"), output_final_state=bool(a.get("output_final_state")),
                             ssm_state_indices=a.get("ssm_state_indices"),

@@ -20,7 +20,7 @@ import torch
 
 from . import dispatch
 from .checks import Problem
-from .reference import KDAOptions, compute_dtype, kda_reference
+from .reference import KDAOptions, compute_dtype
 
 _INPUTS = "Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor? initial_state, Tensor? cu_seqlens, " \
           "Tensor? A_log, Tensor? dt_bias"
@@ -30,7 +30,6 @@ _OPTIONS = KDAOptions.op_schema()
 _N_OPTIONS = KDAOptions.op_arg_count()
 _N_INPUTS = _INPUTS.count("Tensor")
 _N_SERVING = _SERVING.count("Tensor")
-_GRAD_INPUTS = ("q", "k", "v", "g", "beta", "initial_state", "A_log", "dt_bias")
 # Dispatch-key state of plain eager code, recorded at import (see kda_bwd).
 _EAGER_DISPATCH_TLS = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
 
@@ -153,36 +152,24 @@ def _(q, k, v, *rest):
 
 @torch.library.custom_op(
     "kda_compile::kda_bwd", mutates_args=(),
-    schema=f"(Tensor grad_o, Tensor? grad_final_state, {_INPUTS}, {_OPTIONS}) -> "
+    schema=f"(Tensor grad_o, Tensor? grad_final_state, {_INPUTS}, {_OPTIONS}, str backend) -> "
            "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def kda_bwd(grad_o, grad_final_state, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
     """Gradients of (q, k, v, g, beta, initial_state, A_log, dt_bias); absent inputs get 0-element tensors.
-    Computed by autograd through the chunkwise reference (float32, or float64 for float64 inputs)."""
-    opts, _ = _options(rest)
-    inputs = dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state, A_log=A_log, dt_bias=dt_bias)
+    The dispatch picks the backend (dispatch.choose_backward): the one named on the forward call when it has a
+    backward for it, else the first of the default order that has one (the reference: autograd through the
+    chunkwise form)."""
+    opts, (backend,) = _options(rest)
+    call = dispatch.KDACall("chunk", _problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state, cu_seqlens,
+                            A_log, dt_bias, output_final_state=grad_final_state is not None)
     # A custom op's kernel runs with the autograd keys (and, under a dispatch mode, most others) excluded;
-    # restore the dispatch state of ordinary eager code for this self-contained inner computation.
-    with torch._C._ForceDispatchKeyGuard(*_EAGER_DISPATCH_TLS), torch.enable_grad():
-        leaves = {name: x.detach().requires_grad_(True) for name, x in inputs.items() if x is not None}
-        o, final = kda_reference(leaves["q"], leaves["k"], leaves["v"], leaves["g"], leaves["beta"],
-                                 leaves.get("initial_state"), cu_seqlens, leaves.get("A_log"),
-                                 leaves.get("dt_bias"), opts, algorithm="chunk")
-        outputs, cotangents = [o], [grad_o.to(o.dtype)]
-        if grad_final_state is not None and grad_final_state.numel():
-            outputs.append(final)
-            cotangents.append(grad_final_state.to(final.dtype))
-        found = torch.autograd.grad(outputs, list(leaves.values()), cotangents, allow_unused=True)
-    by_name = dict(zip(leaves, found))
-    result = []
-    for name in _GRAD_INPUTS:
-        x = inputs[name]
-        if x is None:
-            result.append(q.new_empty(0))
-        elif by_name[name] is None:
-            result.append(torch.zeros_like(x, memory_format=torch.contiguous_format))
-        else:
-            result.append(by_name[name].to(x.dtype).contiguous())
-    return tuple(result)
+    # restore the dispatch state of ordinary eager code, which the reference's autograd needs.
+    with torch._C._ForceDispatchKeyGuard(*_EAGER_DISPATCH_TLS):
+        grads = dispatch.run_backward(call, grad_o, grad_final_state, backend or None)
+    inputs = (q, k, v, g, beta, initial_state, A_log, dt_bias)
+    return tuple(q.new_empty(0) if x is None else
+                 (torch.zeros_like(x, memory_format=torch.contiguous_format) if d is None else d.to(x.dtype).contiguous())
+                 for x, d in zip(inputs, grads))
 
 
 @kda_bwd.register_fake
@@ -197,7 +184,7 @@ def _backward(ctx, grad_o, grad_final_state):
     if grad_final_state is not None and grad_final_state.numel() == 0:
         grad_final_state = None
     grads = torch.ops.kda_compile.kda_bwd(grad_o.contiguous(), grad_final_state, q, k, v, g, beta, initial_state,
-                                          cu_seqlens, A_log, dt_bias, *ctx.options)
+                                          cu_seqlens, A_log, dt_bias, *ctx.options, ctx.backend)
     dq, dk, dv, dg, dbeta, dh0, dA, ddt = grads
     return (dq, dk, dv, dg, dbeta, dh0 if initial_state is not None else None, None,
             dA if A_log is not None else None, ddt if dt_bias is not None else None)
@@ -215,6 +202,7 @@ def _save(ctx, tensors, scalars):
     """Keep the tensors, and the options: the first KDAOptions.op_arg_count() of the scalars after them."""
     ctx.save_for_backward(*tensors)
     ctx.options = tuple(scalars[:_N_OPTIONS])
+    ctx.backend = scalars[-1]   # the forward's backend= (every differentiable op ends with it) forces the backward
     ctx.n_scalars = len(scalars)
 
 

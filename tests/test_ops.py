@@ -47,7 +47,8 @@ def test_opcheck_inplace_and_backward_ops():
     args = make_inputs(B=1, T=12, K=8, V=8, dtype=torch.float64)
     tensors, options = op_args(args)
     grad_o = torch.randn_like(args["v"])
-    torch.library.opcheck(OPS.kda_bwd.default, (grad_o, None, *tensors, *options))
+    for backend in ("", "reference"):
+        torch.library.opcheck(OPS.kda_bwd.default, (grad_o, None, *tensors, *options, backend))
     for backend in ("", "reference"):
         torch.library.opcheck(OPS.chunk_kda_fwd_states.default, (*tensors, *options, backend))
 
@@ -161,3 +162,39 @@ def test_torch_compile_fullgraph_no_breaks():
     compiled = torch.compile(f, fullgraph=True)
     for got, want in zip(compiled(*inputs), f(*inputs)):
         assert rel_err(got, want) < 1e-6
+
+
+def test_forward_backend_forces_the_backward(monkeypatch):
+    """backend= on the forward call reaches the backward: the dispatch is asked for that backend's gradients."""
+    from kda_compile import chunk_kda, dispatch
+    seen = []
+    real = dispatch.run_backward
+
+    def spy(call, do, dht, backend=None):
+        seen.append(backend)
+        return real(call, do, dht, backend)
+
+    monkeypatch.setattr(dispatch, "run_backward", spy)
+    args = make_inputs(B=1, T=20, K=8, V=8, dtype=torch.float32, requires_grad=True)
+    o, _ = chunk_kda(args["q"], args["k"], args["v"], args["g"], args["beta"], initial_state=args["initial_state"],
+                     backend="reference")
+    o.sum().backward()
+    assert seen == ["reference"] and args["q"].grad is not None
+
+
+def test_backward_choice_falls_back_with_the_reason():
+    """A forward backend without a backward for the call leaves the gradients to one that has one; explain's
+    backward choice names the reason."""
+    from kda_compile import dispatch
+    from kda_compile.checks import Problem
+    fake = dispatch.Backend(name="fwd_only", supports=lambda call: None, run=lambda call, config: None)
+    dispatch.register_backend(fake, before="reference")
+    try:
+        args = make_inputs(B=1, T=5, K=8, V=8, dtype=torch.float32)
+        problem = Problem(1, 5, 1, 1, 8, 8, 1, False, torch.float32, torch.device("cpu"))
+        call = dispatch.KDACall("chunk", problem, KDAOptions(scale=8 ** -0.5), args["q"], args["k"], args["v"],
+                                args["g"], args["beta"])
+        choice = dispatch.choose_backward(call, "fwd_only")
+        assert choice.backend.name != "fwd_only" and "no backward" in choice.rejected["fwd_only"]
+    finally:
+        dispatch.unregister_backend("fwd_only")
