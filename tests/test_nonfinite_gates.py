@@ -12,12 +12,26 @@ from kda_compile import chunk_kda, fused_recurrent_kda
 from kda_compile.reference import KDAOptions, kda_reference
 
 from kda_inputs import make_inputs, one_cpu_thread, rel_err  # noqa: F401  (one_cpu_thread: fixture)
+from kernel_cases import backend_skip_reason
 
 # (backend, device) pairs.  Kernel backends join where they run (Triton under TRITON_INTERPRET=1, TileLang on
 # its C target, both on the GPU); the reference on the GPU checks that cuBLAS' products leak nothing either.
 BACKENDS = [pytest.param("reference", "cpu", id="reference-cpu"),
             pytest.param("reference", "cuda", id="reference-cuda", marks=pytest.mark.gpu)]
+_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNELS = [pytest.param(name, _DEVICE, id=f"{name}-{_DEVICE}",
+                        marks=pytest.mark.skipif(backend_skip_reason(name) is not None,
+                                                 reason=backend_skip_reason(name) or ""))
+           for name in ("triton", "tilelang")]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+# The kernels floor a -inf gate at -1000 (its exp is 0 too): after it the float32 cumulative decay is ~-1e3,
+# whose rounding (~6e-5 absolute) enters the later exponents; on a GPU float32 products may run as TF32.
+KERNEL_TOL = 3e-3 if torch.cuda.is_available() else 3e-4
+
+
+def kernel_dtype_or_skip(backend, dtype):
+    if backend != "reference" and dtype == torch.float64:
+        pytest.skip("the kernel backends take bf16/fp16/fp32 (float64 runs on the reference)")
 NAMES = ("q", "k", "v", "g", "beta")
 
 
@@ -48,19 +62,21 @@ def forget_positions(g, where, value):
     return g
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS + KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("value", [float("-inf"), -1e30])
 @pytest.mark.parametrize("where", ["first", "chunk_edges", "scattered"])
 def test_forget_everything_gate_matches_the_recurrence(backend, device, dtype, value, where):
-    args = make_inputs(B=2, T=110, H=2, K=16, V=16, dtype=dtype, device=device)
+    kernel_dtype_or_skip(backend, dtype)
+    tol = TOL[dtype] if backend == "reference" else KERNEL_TOL
+    args = make_inputs(B=2, T=110, H=2, K=32, V=32, dtype=dtype, device=device)
     g = forget_positions(args["g"], where, value)
     want_o, want_s = recurrence64(args, g)
     for fn in (chunk_kda, fused_recurrent_kda):
         o, s = run(fn, args, g, backend)
         assert torch.isfinite(o).all() and torch.isfinite(s).all(), fn.__name__
-        assert rel_err(o, want_o) < TOL[dtype], (fn.__name__, rel_err(o, want_o))
-        assert rel_err(s, want_s) < TOL[dtype], (fn.__name__, rel_err(s, want_s))
+        assert rel_err(o, want_o) < tol, (fn.__name__, rel_err(o, want_o))
+        assert rel_err(s, want_s) < tol, (fn.__name__, rel_err(s, want_s))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -81,13 +97,16 @@ def test_forget_everything_gate_varlen_and_gradients(backend, device):
         assert rel_err(a, b) < 1e-9, (name, rel_err(a, b))
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS + KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("t", [0, 1, 31, 32, 63, 64, 100])
 @pytest.mark.parametrize("whole_token", [False, True])
 def test_nonfinite_gate_does_not_reach_earlier_outputs(backend, device, dtype, bad, t, whole_token):
-    args = make_inputs(B=2, T=110, H=2, K=16, V=16, dtype=dtype, device=device)
+    kernel_dtype_or_skip(backend, dtype)
+    if backend == "tilelang":  # the comparison changes the gates from t on, so it needs causality bit for bit
+        pytest.skip("TileLang's intra kernel is not causal bit for bit yet (tests/test_chunk.py xfails it)")
+    args = make_inputs(B=2, T=110, H=2, K=32, V=32, dtype=dtype, device=device)
     poisoned, finite = args["g"].clone(), args["g"].clone()
     finite[:, t:] = torch.nn.functional.logsigmoid(torch.randn_like(finite[:, t:]))  # other finite gates
     if whole_token:
