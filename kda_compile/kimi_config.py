@@ -30,7 +30,7 @@ _CONSUMED = {
     "moe_router_activation_func", "moe_renormalize", "norm_topk_prob", "routed_scaling_factor", "use_grouped_topk",
     "num_expert_group", "n_group", "topk_group", "linear_attn_config", "layer_types", "mlp_layer_types",
     "linear_num_heads", "linear_head_dim", "linear_conv_kernel_dim", "head_dim", "qk_head_dim",
-    "mla_use_output_gate",
+    "mla_use_output_gate", "architectures",
 }
 
 

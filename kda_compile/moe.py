@@ -3,7 +3,7 @@ bias and grouped top-k, routed SwiGLU experts and always-on shared experts.
 
 Routing (DeepSeek-V3, arXiv:2412.19437, section 2.1.2, as Kimi Linear uses it), per token:
 
-* ``s = sigmoid(x W_r^T)`` computed in float32 (softmax with ``router_activation="softmax"``);
+* ``s = sigmoid(x W_r^T)`` computed in float32 (float64 for a float64 model) (softmax with ``router_activation="softmax"``);
 * the *choice* scores ``s + b`` (``b`` = ``e_score_correction_bias``) pick the experts, the plain ``s`` weight
   them: with grouped top-k the E experts form ``num_expert_group`` groups, a group's score is the sum of its
   two best choice scores, only the ``topk_group`` best groups stay eligible, then the ``top_k`` best eligible
@@ -34,15 +34,16 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_
           num_groups: int = 1, topk_group: int = 1, grouped: bool = True, renormalize: bool = True,
           scaling: float = 1.0, activation: str = "sigmoid"):
     """Router of :mod:`kda_compile.moe` (see the module docstring): ``x [N, hidden]``, ``weight [E, hidden]``,
-    ``bias [E]`` or None -> ``(weights [N, top_k] float32, indices [N, top_k] int64)``."""
-    logits = x.float() @ weight.float().t()
+    ``bias [E]`` or None -> ``(weights [N, top_k] in >= float32, indices [N, top_k] int64)``."""
+    f = torch.promote_types(x.dtype, torch.float32)           # float32 (float64 stays float64)
+    logits = x.to(f) @ weight.to(f).t()
     if activation == "sigmoid":
         scores = torch.sigmoid(logits)
     elif activation == "softmax":
         scores = torch.softmax(logits, dim=-1)
     else:
         raise ValueError(f"router activation must be 'sigmoid' or 'softmax', got {activation!r}")
-    choice = scores if bias is None else scores + bias.float()
+    choice = scores if bias is None else scores + bias.to(f)
     E = weight.shape[0]
     if grouped and num_groups > 1:
         per = E // num_groups
