@@ -100,7 +100,8 @@ class MoE(nn.Module):
                                  **self.router_options)
         impl = self.impl
         if impl == "auto":
-            impl = "gather" if torch.compiler.is_compiling() else "loop"
+            traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            impl = "gather" if traced else "loop"
         out = {"loop": self._experts_loop, "gather": self._experts_gather, "dense": self._experts_dense}[impl](
             flat, weights, indices)
         if self.shared is not None:
