@@ -68,7 +68,8 @@ def _kda_entries(config, state: dict, ours: str, kimi: str, layout: str) -> dict
         out[f"{kimi}.conv1d.weight"] = Entry((3 * H * K, 1, W), (Part(conv),))
     else:
         for j, name in enumerate(("q", "k", "v")):
-            out[f"{kimi}.{name}_conv1d.weight"] = Entry((H * K, 1, W), (Part(conv, (slice(j * H * K, (j + 1) * H * K),)),))
+            rows = (slice(j * H * K, (j + 1) * H * K),)
+            out[f"{kimi}.{name}_conv1d.weight"] = Entry((H * K, 1, W), (Part(conv, rows),))
     return out
 
 

@@ -97,7 +97,8 @@ class KDALayer(nn.Module):
     dt_bias)`` and ``beta = sigmoid(b)`` all applied inside the op, as its fused prologues) -> gated RMSNorm
     with a low-rank sigmoid output gate -> output projection.  ``f`` comes from a low-rank projection
     (hidden -> gate_rank -> HV * K).  ``config.kda_output_gate_bias`` gives the output gate's second projection a
-    bias (Kimi Linear's has none); ``config.kda_lower_bound`` switches to the bounded gate of later models.  Prefill (T > 1) runs :func:`kda_compile.chunk_kda`, a decode step
+    bias (Kimi Linear's has none); ``config.kda_lower_bound`` switches to the bounded gate of later models.
+    Prefill (T > 1) runs :func:`kda_compile.chunk_kda`, a decode step
     (T == 1) :func:`kda_compile.fused_recurrent_kda`; the dispatch picks the kernels.
     """
 

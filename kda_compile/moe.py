@@ -3,7 +3,8 @@ bias and grouped top-k, routed SwiGLU experts and always-on shared experts.
 
 Routing (DeepSeek-V3, arXiv:2412.19437, section 2.1.2, as Kimi Linear uses it), per token:
 
-* ``s = sigmoid(x W_r^T)`` computed in float32 (float64 for a float64 model) (softmax with ``router_activation="softmax"``);
+* ``s = sigmoid(x W_r^T)`` computed in float32 (float64 for a float64 model; softmax with
+  ``moe_router_activation_func="softmax"``);
 * the *choice* scores ``s + b`` (``b`` = ``e_score_correction_bias``) pick the experts, the plain ``s`` weight
   them: with grouped top-k the E experts form ``num_expert_group`` groups, a group's score is the sum of its
   two best choice scores, only the ``topk_group`` best groups stay eligible, then the ``top_k`` best eligible

@@ -292,3 +292,11 @@ def test_kimi_cached_decode_equals_recompute():
     assert rel_err(torch.cat(steps, 1), full) < 1e-10
     assert cache.layers[2][0].shape == (2, 30, 32)
     assert HybridCache.empty(model.config, 1).layers[2][0].shape == (1, 0, 32)
+
+
+def test_kimi_demo_step_says_when_transformers_is_missing(monkeypatch, capsys):
+    from kda_compile import demo_kimi
+    monkeypatch.setattr(demo_kimi, "_transformers_kimi",
+                        lambda: (None, "transformers is not installed (pip install 'kda_compile[transformers]')"))
+    assert demo_kimi.run_kimi_demo(prompt_len=8, new_tokens=2) == {"ok": True, "transformers": False}
+    assert "transformers step skipped: transformers is not installed" in capsys.readouterr().out
