@@ -73,6 +73,13 @@ def attach_kda_function(model: onnx.ModelProto, body: str | None = None) -> onnx
     del model.functions[:]
     model.functions.extend(kept)
     if uses_op:
+        # The exporter's shapes for KDA outputs come from the torch op's fake kernel, which gives an unused final
+        # state (output_final_state=False) as an empty 1-D tensor; the function body's shape inference knows
+        # better, so drop them rather than let the checker see two ranks for one value.
+        kda_outputs = {o for n in model.graph.node if n.domain == schema.DOMAIN for o in n.output}
+        kept_info = [v for v in model.graph.value_info if v.name not in kda_outputs]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept_info)
         if body == "linear_attention":
             raise_default_opset(model, LINEAR_ATTENTION_OPSET)
             model.functions.append(linear_attention_function(default_opset(model)))
