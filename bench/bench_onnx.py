@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     model = HybridModel(config).eval()
     runners = {}
     with tempfile.TemporaryDirectory() as tmp:
-        export_hybrid(model, os.path.join(tmp, "loop"))
+        export_hybrid(model, os.path.join(tmp, "loop"), body="loop")
         runners["loop"] = OnnxHybridRunner(os.path.join(tmp, "loop"), threads=args.threads, spinning=False)
         os.makedirs(os.path.join(tmp, "la"))
         for name in ("prefill", "decode"):

@@ -11,10 +11,11 @@ opset 27's ``LinearAttention``), so onnxruntime runs the graphs unmodified.
 
 Command line: ``python -m kda_compile.export --out DIR`` (``--help`` for options).
 """
-from .exporter import BODIES, ExportedHybrid, attach_kda_function, export_hybrid, export_module
+from .exporter import BODIES, MOE_IMPLS, ExportedHybrid, attach_kda_function, default_body, export_hybrid, export_module
 from .op_model import kda_node_model
 from .runner import OnnxHybridRunner
 from .schema import DOMAIN, OP_TYPE, VERSION, node_attributes, op_schema
 
-__all__ = ["export_hybrid", "export_module", "attach_kda_function", "ExportedHybrid", "BODIES", "OnnxHybridRunner",
+__all__ = ["export_hybrid", "export_module", "attach_kda_function", "default_body", "ExportedHybrid", "BODIES",
+           "MOE_IMPLS", "OnnxHybridRunner",
            "kda_node_model", "op_schema", "node_attributes", "DOMAIN", "OP_TYPE", "VERSION"]

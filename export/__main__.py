@@ -1,11 +1,13 @@
 """``python -m kda_compile.export --out DIR``: export the hybrid model to DIR/prefill.onnx and DIR/decode.onnx.
 
-Without ``--checkpoint`` the model is ``HybridConfig.tiny()`` with random weights (``--seed``).  After
+Without ``--checkpoint`` the model is ``HybridConfig.tiny()`` with random weights (``--seed``); a checkpoint is a
+Kimi Linear checkpoint folder (config.json + safetensors) or a ``.safetensors`` file of ``HybridModel.save``.  After
 exporting, a short parity check runs the graphs in onnxruntime against PyTorch (skip with ``--no-check``).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -17,10 +19,13 @@ def main(argv=None) -> int:
                     "kda_compile::KDA node with a model-local function body that onnxruntime runs.")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument("--checkpoint", default=None,
-                        help="a .safetensors file written by HybridModel.save (default: HybridConfig.tiny(), random)")
-    parser.add_argument("--body", choices=("loop", "linear_attention"), default="loop",
-                        help="function body of the KDA op: chunkwise Loop (default; the exporter's opset) or opset-27 "
-                             "LinearAttention (onnxruntime >= 1.32)")
+                        help="a Kimi Linear checkpoint folder, or a .safetensors file written by HybridModel.save "
+                             "(default: HybridConfig.tiny(), random)")
+    parser.add_argument("--body", choices=("loop", "linear_attention"), default=None,
+                        help="function body of the KDA op: opset-27 LinearAttention (default when onnxruntime >= 1.32) "
+                             "or the chunkwise Loop (default otherwise)")
+    parser.add_argument("--moe-impl", choices=("dense", "gather"), default="dense",
+                        help="ONNX form of the routed experts (MoE checkpoints): dense (default) or gather")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch parity check")
     args = parser.parse_args(argv)
@@ -33,7 +38,10 @@ def main(argv=None) -> int:
     from .parity import compare
     from .runner import OnnxHybridRunner
 
-    if args.checkpoint:
+    if args.checkpoint and os.path.isdir(args.checkpoint):
+        model = HybridModel.from_pretrained(args.checkpoint, dtype=torch.float32)
+        what = args.checkpoint
+    elif args.checkpoint:
         model = HybridModel.load(args.checkpoint, dtype=torch.float32)
         what = args.checkpoint
     else:
@@ -42,8 +50,8 @@ def main(argv=None) -> int:
         what = "HybridConfig.tiny() with random weights"
     model.eval()
     start = time.perf_counter()
-    result = export_hybrid(model, args.out, body=args.body)
-    print(f"exported {what} ({args.body} body) in {time.perf_counter() - start:.1f} s:")
+    result = export_hybrid(model, args.out, body=args.body, moe_impl=args.moe_impl)
+    print(f"exported {what} ({result.body} body) in {time.perf_counter() - start:.1f} s:")
     print(f"  {result.prefill}\n  {result.decode}")
     if args.no_check:
         return 0

@@ -25,18 +25,26 @@ def _timed_generate(model, prompt, new_tokens, step, device):
 
 
 def run_demo(seed: int = 0, device: str | None = None, prompt_len: int = 24, new_tokens: int = 32,
-             compile: bool = True) -> dict:
+             compile: bool = True, kimi: bool = True) -> dict:
     """Print the demo's lines and return its numbers: ``tokens_per_s_eager``, ``tokens_per_s_compiled``,
     ``compile_s`` (first compiled run, compilation included), ``cache_matches_recompute``,
     ``compiled_matches_eager`` and ``ok``.  tokens/s counts generated tokens over the whole ``generate`` call
     (prefill included).  On CPU it runs single-threaded (the tiny model gains nothing from threads, and on a
-    small shared machine extra threads only add scheduling stalls); the thread count is restored after."""
+    small shared machine extra threads only add scheduling stalls); the thread count is restored after.
+    With ``kimi`` it then runs the Kimi Linear checkpoint step (:mod:`kda_compile.demo_kimi`: transformers parity
+    when transformers is installed, a printed reason when not); its results are under ``"kimi"``."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     threads = torch.get_num_threads()
     if device == "cpu":
         torch.set_num_threads(1)
     try:
-        return _run(seed, device, prompt_len, new_tokens, compile)
+        result = _run(seed, device, prompt_len, new_tokens, compile)
+        if kimi:
+            from .demo_kimi import run_kimi_demo
+            print()
+            result["kimi"] = run_kimi_demo(seed)
+            result["ok"] = result["ok"] and result["kimi"]["ok"]
+        return result
     finally:
         torch.set_num_threads(threads)
 

@@ -96,7 +96,9 @@ class KDALayer(nn.Module):
     q/k/v projections -> short causal conv + SiLU -> KDA (q/k L2 norm, gate ``-exp(A_log) * softplus(f +
     dt_bias)`` and ``beta = sigmoid(b)`` all applied inside the op, as its fused prologues) -> gated RMSNorm
     with a low-rank sigmoid output gate -> output projection.  ``f`` comes from a low-rank projection
-    (hidden -> gate_rank -> HV * K).  Prefill (T > 1) runs :func:`kda_compile.chunk_kda`, a decode step
+    (hidden -> gate_rank -> HV * K).  ``config.kda_output_gate_bias`` gives the output gate's second projection a
+    bias (Kimi Linear's has none); ``config.kda_lower_bound`` switches to the bounded gate of later models.
+    Prefill (T > 1) runs :func:`kda_compile.chunk_kda`, a decode step
     (T == 1) :func:`kda_compile.fused_recurrent_kda`; the dispatch picks the kernels.
     """
 
@@ -105,6 +107,7 @@ class KDALayer(nn.Module):
         c = config
         self.H, self.HV, self.K, self.V = c.num_heads, c.kda_num_v_heads, c.head_dim, c.v_head_dim
         self.conv_size, self.chunk_size, self.backend = c.conv_size, c.chunk_size, c.kda_backend
+        self.lower_bound = c.kda_lower_bound
         hidden, rank = c.hidden_size, c.kda_gate_rank
         self.q_proj = nn.Linear(hidden, self.H * self.K, bias=False)
         self.k_proj = nn.Linear(hidden, self.H * self.K, bias=False)
@@ -115,13 +118,22 @@ class KDALayer(nn.Module):
         self.b_proj = nn.Linear(hidden, self.HV, bias=False)
         self.A_log = nn.Parameter(torch.empty(self.HV))
         self.dt_bias = nn.Parameter(torch.empty(self.HV * self.K))
-        self.g_proj = nn.Sequential(nn.Linear(hidden, rank, bias=False), nn.Linear(rank, self.HV * self.V, bias=True))
+        self.g_proj = nn.Sequential(nn.Linear(hidden, rank, bias=False), nn.Linear(rank, self.HV * self.V,
+                                                                               bias=c.kda_output_gate_bias))
         self.o_norm = GatedRMSNorm(self.V, eps=c.rms_norm_eps)
         self.o_proj = nn.Linear(self.HV * self.V, hidden, bias=False)
 
     @property
     def conv_channels(self) -> int:
         return 2 * self.H * self.K + self.HV * self.V
+
+    def _apply(self, fn, recurse=True):
+        # A_log and dt_bias stay float32 when the model is cast to a half type (as Kimi Linear keeps them).
+        super()._apply(fn, recurse)
+        for p in (self.A_log, self.dt_bias):
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+        return self
 
     @torch.no_grad()
     def reset_kda_parameters(self) -> None:
@@ -146,7 +158,7 @@ class KDALayer(nn.Module):
         # A_log / dt_bias reach the op in >= float32 (as Kimi Linear keeps them) even in a bf16 model.
         flags = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
                      A_log=self.A_log.to(_acc(x.dtype)), dt_bias=self.dt_bias.to(_acc(x.dtype)),
-                     initial_state=recurrent_state,
+                     lower_bound=self.lower_bound, initial_state=recurrent_state,
                      output_final_state=want_state, backend=self.backend)
         if T == 1:
             o, new_state = kda_api.fused_recurrent_kda(q, k, v, g, beta, **flags)
@@ -160,37 +172,47 @@ class KDALayer(nn.Module):
 class MLALayer(nn.Module):
     """Multi-head latent attention without rotary embedding (Kimi Linear's global layers are NoPE).
 
-    Each token is compressed to one latent ``c = rms_norm(kv_a(x)) [kv_lora_rank]``; keys and values of every
-    head are ``kv_b(c)``.  The cache holds only the latents ``[B, L, kv_lora_rank]``.  Prefill expands the
-    latents and runs scaled-dot-product attention; a decode step (one query) uses the absorbed form
-    (DeepSeek-V2 section 2.1.2): ``q_h . (W_uk_h c) = (W_uk_h^T q_h) . c`` and ``W_uv_h (sum p c)``, so it
-    reads each cached latent once instead of expanding L latents for H heads.  Both forms are the same math.
+    Each token is compressed to one latent ``c = rms_norm(kv_a(x)[:rank]) [kv_lora_rank]``; keys and values of
+    every head are ``kv_b(c)``.  With ``config.mla_rope_head_dim = R > 0`` (Kimi Linear: ``qk_rope_head_dim``),
+    ``kv_a`` also emits an R-wide key part ``k_r = kv_a(x)[rank:]`` that is shared by all heads and, under NoPE,
+    left un-rotated and un-normalised; each head's query then has ``dk + R`` dims, its key is ``[k_nope_h | k_r]``
+    and the scale is ``(dk + R) ** -0.5``.  The cache holds ``[c | k_r]`` per token: ``[B, L, rank + R]``.
+
+    Prefill expands the latents and runs scaled-dot-product attention; a decode step (one query) uses the
+    absorbed form (DeepSeek-V2, arXiv:2405.04434, section 2.1.2): ``q_h . (W_uk_h c) = (W_uk_h^T q_h) . c`` and
+    ``W_uv_h (sum p c)``, so it reads each cached latent once instead of expanding L latents for H heads.  Both
+    forms are the same math.
     """
 
     def __init__(self, config):
         super().__init__()
         c = config
-        self.H, self.dk, self.dv, self.rank = c.mla_num_heads, c.mla_qk_head_dim, c.mla_v_head_dim, c.kv_lora_rank
-        hidden = c.hidden_size
+        self.H, self.dk, self.dv, self.rank = c.mla_heads, c.mla_qk_head_dim, c.mla_v_head_dim, c.kv_lora_rank
+        self.dr = c.mla_rope_head_dim
+        self.scale = (self.dk + self.dr) ** -0.5
+        hidden, eps = c.hidden_size, c.mla_norm_eps
+        q_dim = self.H * (self.dk + self.dr)
         if c.q_lora_rank:
-            self.q_proj = nn.Sequential(nn.Linear(hidden, c.q_lora_rank, bias=False),
-                                        RMSNorm(c.q_lora_rank, c.rms_norm_eps),
-                                        nn.Linear(c.q_lora_rank, self.H * self.dk, bias=False))
+            self.q_proj = nn.Sequential(nn.Linear(hidden, c.q_lora_rank, bias=False), RMSNorm(c.q_lora_rank, eps),
+                                        nn.Linear(c.q_lora_rank, q_dim, bias=False))
         else:
-            self.q_proj = nn.Linear(hidden, self.H * self.dk, bias=False)
-        self.kv_a_proj = nn.Linear(hidden, self.rank, bias=False)
-        self.kv_a_norm = RMSNorm(self.rank, c.rms_norm_eps)
+            self.q_proj = nn.Linear(hidden, q_dim, bias=False)
+        self.kv_a_proj = nn.Linear(hidden, self.rank + self.dr, bias=False)
+        self.kv_a_norm = RMSNorm(self.rank, eps)
         self.kv_b_proj = nn.Linear(self.rank, self.H * (self.dk + self.dv), bias=False)
         self.o_proj = nn.Linear(self.H * self.dv, hidden, bias=False)
 
     def forward(self, x: torch.Tensor, latent_prefix: torch.Tensor | None = None):
-        """``x [B, T, hidden]``, ``latent_prefix [B, P, rank]`` (P cached tokens, may be 0, or None) ->
-        ``(y [B, T, hidden], latents [B, P + T, rank])``.  Query i sits at position P + i (causal offset)."""
+        """``x [B, T, hidden]``, ``latent_prefix [B, P, rank + R]`` (P cached tokens, may be 0, or None) ->
+        ``(y [B, T, hidden], latents [B, P + T, rank + R])``.  Query i sits at position P + i (causal offset)."""
         B, T, _ = x.shape
-        latent = self.kv_a_norm(self.kv_a_proj(x))
+        kv = self.kv_a_proj(x)
+        latent = self.kv_a_norm(kv[..., :self.rank])
+        if self.dr:
+            latent = torch.cat([latent, kv[..., self.rank:].to(latent.dtype)], dim=-1)
         if latent_prefix is not None:
             latent = torch.cat([latent_prefix.to(latent.dtype), latent], dim=1)
-        q = self.q_proj(x).reshape(B, T, self.H, self.dk)
+        q = self.q_proj(x).reshape(B, T, self.H, self.dk + self.dr)
         if T == 1:
             o = self._attend_absorbed(q[:, 0], latent).unsqueeze(1)
         else:
@@ -200,22 +222,27 @@ class MLALayer(nn.Module):
     def _attend_expanded(self, q: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         B, T, H, _ = q.shape
         L = latent.shape[1]
-        k, v = self.kv_b_proj(latent).reshape(B, L, H, self.dk + self.dv).split([self.dk, self.dv], dim=-1)
+        kv = self.kv_b_proj(latent[..., :self.rank]).reshape(B, L, H, self.dk + self.dv)
+        k, v = kv.split([self.dk, self.dv], dim=-1)
+        if self.dr:  # the shared key part, the same for every head
+            k = torch.cat([k, latent[..., self.rank:].unsqueeze(2).expand(B, L, H, self.dr).to(k.dtype)], dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if L == T:  # no cached prefix: plain causal attention (lets SDPA pick its fused kernels)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.dk ** -0.5)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:       # cached prefix of P = L - T tokens: query i sees keys j <= P + i
             keep = torch.arange(L, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + (L - T)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.dk ** -0.5)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scale)
         return o.transpose(1, 2)                                        # [B, T, H, dv]
 
     def _attend_absorbed(self, q: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        """One query per sequence ``q [B, H, dk]`` against all latents ``[B, L, rank]`` -> ``[B, H, dv]``."""
+        """One query per sequence ``q [B, H, dk + R]`` against all latents ``[B, L, rank + R]`` -> ``[B, H, dv]``."""
         w = self.kv_b_proj.weight.reshape(self.H, self.dk + self.dv, self.rank)
         w_uk, w_uv = w[:, :self.dk], w[:, self.dk:]                     # [H, dk, rank], [H, dv, rank]
         f = _acc(q.dtype)
-        lat = latent.to(f)
-        q_latent = (q.to(f).unsqueeze(-2) @ w_uk.to(f)).squeeze(-2)    # [B, H, rank]
-        scores = (q_latent @ lat.transpose(1, 2)) * self.dk ** -0.5    # [B, H, L]
-        o_latent = torch.softmax(scores, dim=-1) @ lat                  # [B, H, rank]
+        lat = latent[..., :self.rank].to(f)
+        q_latent = (q[..., :self.dk].to(f).unsqueeze(-2) @ w_uk.to(f)).squeeze(-2)    # [B, H, rank]
+        scores = q_latent @ lat.transpose(1, 2)                                        # [B, H, L]
+        if self.dr:  # q_r . k_r, the shared key part
+            scores = scores + q[..., self.dk:].to(f) @ latent[..., self.rank:].to(f).transpose(1, 2)
+        o_latent = torch.softmax(scores * self.scale, dim=-1) @ lat                   # [B, H, rank]
         return (o_latent.unsqueeze(-2) @ w_uv.to(f).transpose(1, 2)).squeeze(-2).to(q.dtype)

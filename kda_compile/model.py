@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
 from .layers import KDALayer, MLALayer, RMSNorm, SwiGLU
+from .moe import MoE, is_moe_layer
 from .reference import compute_dtype
 
 KDA, MLA = "kda", "mla"
@@ -31,7 +32,11 @@ KDA, MLA = "kda", "mla"
 @dataclass
 class HybridConfig:
     """Sizes of the hybrid model.  ``mla_layers`` lists the MLA layer indices; None means every
-    ``mla_every``-th layer (indices 3, 7, 11, ... for the default 4: Kimi Linear's 3:1 ratio)."""
+    ``mla_every``-th layer (indices 3, 7, 11, ... for the default 4: Kimi Linear's 3:1 ratio).
+
+    ``num_experts > 0`` gives layers past the first ``first_k_dense_replace`` a mixture-of-experts block
+    (:mod:`kda_compile.moe`) instead of the SwiGLU MLP.  A Kimi Linear ``config.json`` reads and writes with
+    :meth:`from_pretrained` / :meth:`save_pretrained` (:mod:`kda_compile.kimi_config`)."""
 
     vocab_size: int = 32000
     hidden_size: int = 2048
@@ -51,16 +56,37 @@ class HybridConfig:
     gate_rank: int | None = None           # low rank of the decay-gate and output-gate projections (default V)
     chunk_size: int = 64
     kda_backend: str | None = None         # force a KDA backend ("reference", "triton", "tilelang"); None: dispatch
+    kda_output_gate_bias: bool = True      # bias on the output gate's second projection (Kimi Linear: none)
+    kda_lower_bound: float | None = None   # None: gate -exp(A_log) softplus(.) (Kimi Linear); else the bounded gate
     # MLA layers
     mla_num_heads: int | None = None       # default num_heads
-    mla_qk_head_dim: int = 128
+    mla_qk_head_dim: int = 128             # per-head query/key dims without the shared part (qk_nope_head_dim)
     mla_v_head_dim: int = 128
+    mla_rope_head_dim: int = 0             # shared, un-rotated key part of every head (Kimi: qk_rope_head_dim)
+    mla_latent_norm_eps: float | None = None   # eps of the latent / query RMSNorms (None: rms_norm_eps)
     kv_lora_rank: int = 512                # latent (cached) dimension per token
     q_lora_rank: int | None = 1536         # None: full-rank query projection
+    # Mixture of experts (num_experts = 0: every layer has the SwiGLU MLP)
+    num_experts: int = 0
+    num_experts_per_token: int = 1
+    moe_intermediate_size: int | None = None   # expert width (default intermediate_size)
+    num_shared_experts: int = 0
+    first_k_dense_replace: int = 0         # the first k layers keep the dense MLP
+    moe_layer_freq: int = 1
+    moe_router_activation_func: str = "sigmoid"
+    moe_renormalize: bool = True
+    routed_scaling_factor: float = 1.0
+    use_grouped_topk: bool = True
+    num_expert_group: int = 1
+    topk_group: int = 1
+    # Keys of a checkpoint's config.json with no meaning here (token ids, dtype, ...), written back unchanged.
+    extra_config: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.mla_layers is not None:
             self.mla_layers = tuple(int(i) for i in self.mla_layers)
+        if self.num_experts and self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
         self.validate()
 
     # --------------------------------------------------------------------------------------- derived
@@ -75,6 +101,20 @@ class HybridConfig:
     @property
     def mla_heads(self) -> int:
         return self.mla_num_heads or self.num_heads
+
+    @property
+    def mla_norm_eps(self) -> float:
+        return self.rms_norm_eps if self.mla_latent_norm_eps is None else self.mla_latent_norm_eps
+
+    @property
+    def mla_cache_dim(self) -> int:
+        """Width of an MLA layer's cache per token: ``kv_lora_rank + mla_rope_head_dim``."""
+        return self.kv_lora_rank + self.mla_rope_head_dim
+
+    @property
+    def mlp_types(self) -> list[str]:
+        """``"moe"`` or ``"dense"`` for each layer."""
+        return ["moe" if is_moe_layer(self, i) else "dense" for i in range(self.num_layers)]
 
     @property
     def layer_types(self) -> list[str]:
@@ -105,6 +145,31 @@ class HybridConfig:
             raise ValueError(f"HybridConfig.chunk_size must be 32 or 64, got {self.chunk_size}")
         if self.mla_layers is not None and any(not 0 <= i < self.num_layers for i in self.mla_layers):
             raise ValueError(f"HybridConfig.mla_layers must lie in [0, {self.num_layers}), got {self.mla_layers}")
+        if self.mla_num_heads is not None and (not isinstance(self.mla_num_heads, int) or self.mla_num_heads < 1):
+            raise ValueError(f"HybridConfig.mla_num_heads must be a positive int or None, got {self.mla_num_heads!r}")
+        if not isinstance(self.mla_rope_head_dim, int) or self.mla_rope_head_dim < 0:
+            raise ValueError(f"HybridConfig.mla_rope_head_dim must be an int >= 0, got {self.mla_rope_head_dim!r}")
+        if self.num_experts:
+            self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        for name in ("num_experts", "num_experts_per_token", "moe_intermediate_size", "num_expert_group",
+                     "topk_group", "moe_layer_freq"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"HybridConfig.{name} must be a positive int when num_experts > 0, got {value!r}")
+        if self.num_experts_per_token > self.num_experts:
+            raise ValueError(f"HybridConfig.num_experts_per_token={self.num_experts_per_token} exceeds "
+                             f"num_experts={self.num_experts}")
+        if self.num_experts % self.num_expert_group:
+            raise ValueError(f"HybridConfig.num_experts={self.num_experts} must be a multiple of "
+                             f"num_expert_group={self.num_expert_group}")
+        if self.topk_group > self.num_expert_group:
+            raise ValueError(f"HybridConfig.topk_group={self.topk_group} exceeds num_expert_group="
+                             f"{self.num_expert_group}")
+        if self.moe_router_activation_func not in ("sigmoid", "softmax"):
+            raise ValueError("HybridConfig.moe_router_activation_func must be 'sigmoid' or 'softmax', got "
+                             f"{self.moe_router_activation_func!r}")
 
     # -------------------------------------------------------------------------------------- presets
     @classmethod
@@ -115,6 +180,44 @@ class HybridConfig:
                      mla_v_head_dim=16, kv_lora_rank=24, q_lora_rank=32)
         sizes.update(overrides)
         return cls(**sizes)
+
+    @classmethod
+    def tiny_kimi(cls, **overrides) -> "HybridConfig":
+        """A 4-layer Kimi-Linear-shaped model (KDA, KDA, MLA, KDA; MoE of 8 experts, top-2 of 2 groups, one shared
+        expert, layer 0 dense; MLA with a shared key part, no output-gate bias): the published architecture at
+        a CPU-test size."""
+        sizes = dict(vocab_size=128, hidden_size=64, num_layers=4, mla_layers=(2,), intermediate_size=96,
+                     num_heads=2, head_dim=16, v_head_dim=16, conv_size=4, gate_rank=16, mla_num_heads=2,
+                     mla_qk_head_dim=16, mla_v_head_dim=16, mla_rope_head_dim=8, mla_latent_norm_eps=1e-6,
+                     kv_lora_rank=24, q_lora_rank=None, kda_output_gate_bias=False, rms_norm_eps=1e-5,
+                     num_experts=8, num_experts_per_token=2, moe_intermediate_size=32, num_shared_experts=1,
+                     first_k_dense_replace=1, routed_scaling_factor=2.5, num_expert_group=2, topk_group=1,
+                     extra_config={"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": None})
+        sizes.update(overrides)
+        return cls(**sizes)
+
+    # ---------------------------------------------------------------------------- Kimi config.json
+    @classmethod
+    def from_kimi_dict(cls, data: dict, **overrides) -> "HybridConfig":
+        """From the dict of a Kimi Linear ``config.json`` (Moonshot's keys or transformers' own)."""
+        from .kimi_config import config_from_kimi
+        return config_from_kimi(cls, data, **overrides)
+
+    def to_kimi_dict(self) -> dict:
+        """The ``config.json`` dict of this config in Kimi Linear's (Moonshot's) format."""
+        from .kimi_config import config_to_kimi
+        return config_to_kimi(self)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **overrides) -> "HybridConfig":
+        """Read ``path/config.json`` (``path`` a checkpoint folder or the file itself) of a Kimi Linear model."""
+        from .kimi_config import read_config_json
+        return cls.from_kimi_dict(read_config_json(path), **overrides)
+
+    def save_pretrained(self, folder: str) -> str:
+        """Write ``folder/config.json`` in Kimi Linear's format; returns its path."""
+        from .kimi_config import write_config_json
+        return write_config_json(self.to_kimi_dict(), folder)
 
     def full_attention(self) -> "HybridConfig":
         """The same model with every layer an attention (MLA, SDPA) layer: the baseline of the benchmark."""
@@ -141,7 +244,8 @@ class HybridCache:
 
     * KDA layer: ``conv_state [B, conv_channels, conv_size - 1]`` (model dtype) and
       ``recurrent_state [B, HV, K, V]`` (float32; float64 for a float64 model);
-    * MLA layer: ``latent_kv [B, L, kv_lora_rank]`` (model dtype; L = tokens so far, may be 0).
+    * MLA layer: ``latent_kv [B, L, kv_lora_rank + mla_rope_head_dim]`` (model dtype; L = tokens so far, may
+      be 0; the normalised latent, then the shared key part when ``mla_rope_head_dim > 0``).
 
     ``layers[i]`` is the tuple of layer i.  :meth:`flatten` lists the tensors in exactly that order (layer 0's
     tensors first; a KDA layer gives conv_state then recurrent_state), and :meth:`tensor_names` names them
@@ -161,7 +265,7 @@ class HybridCache:
                                torch.zeros(batch_size, c.kda_num_v_heads, c.head_dim, c.v_head_dim, device=device,
                                            dtype=compute_dtype(dtype))))
             else:
-                layers.append((torch.zeros(batch_size, 0, c.kv_lora_rank, device=device, dtype=dtype),))
+                layers.append((torch.zeros(batch_size, 0, c.mla_cache_dim, device=device, dtype=dtype),))
         return HybridCache(layers)
 
     def flatten(self) -> list:
@@ -227,15 +331,16 @@ pytree.register_pytree_node(HybridCache, _cache_flatten, _cache_unflatten,
 # ------------------------------------------------------------------------------------------------ model
 
 class HybridBlock(nn.Module):
-    """Pre-norm residual block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``; the mixer is KDA or MLA."""
+    """Pre-norm residual block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``; the mixer is KDA or MLA, the
+    MLP a SwiGLU or a mixture of experts."""
 
-    def __init__(self, config: HybridConfig, kind: str):
+    def __init__(self, config: HybridConfig, kind: str, moe: bool = False):
         super().__init__()
         self.kind = kind
         self.mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mixer = KDALayer(config) if kind == KDA else MLALayer(config)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.mlp = MoE(config) if moe else SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, cache: tuple | None, want_cache: bool):
         h = self.mixer_norm(x)
@@ -259,7 +364,8 @@ class HybridModel(nn.Module):
             raise TypeError(f"config must be a HybridConfig, got {type(config).__name__}")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.blocks = nn.ModuleList(HybridBlock(config, kind) for kind in config.layer_types)
+        self.blocks = nn.ModuleList(HybridBlock(config, kind, mlp == "moe")
+                                    for kind, mlp in zip(config.layer_types, config.mlp_types))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters()
@@ -274,6 +380,8 @@ class HybridModel(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, KDALayer):
                 module.reset_kda_parameters()
+            elif isinstance(module, MoE):
+                module.reset_moe_parameters(self.config.initializer_range)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
 
@@ -322,6 +430,20 @@ class HybridModel(nn.Module):
                                  f"size {input_ids.shape[0]}, got shapes {[list(t.shape) for t in layer]}")
 
     # ------------------------------------------------------------------------------- save / load
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype=None, device=None, layout: str | None = None,
+                        **overrides) -> "HybridModel":
+        """Load a Kimi Linear checkpoint folder (``config.json`` + safetensors shards + index), in Moonshot's
+        tensor layout or transformers' (``layout=None`` detects it), lazily shard by shard; see
+        :mod:`kda_compile.checkpoint`.  ``overrides`` set HybridConfig fields (e.g. ``kda_backend``)."""
+        from .checkpoint import load_pretrained
+        return load_pretrained(cls, path, dtype=dtype, device=device, layout=layout, **overrides)
+
+    def save_pretrained(self, folder: str, *, layout: str = "moonshot", max_shard_bytes: int = 5 << 30) -> list:
+        """Write a Kimi Linear checkpoint folder (config.json, safetensors shards, index); returns the shards."""
+        from .checkpoint import save_pretrained
+        return save_pretrained(self, folder, layout=layout, max_shard_bytes=max_shard_bytes)
+
     def save(self, path: str) -> None:
         """Write the weights and config to one ``.safetensors`` file (config JSON in its metadata; no pickle)."""
         from safetensors.torch import save_file

@@ -26,7 +26,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def loop_export(model, tmp_path_factory):
-    return export_hybrid(model, str(tmp_path_factory.mktemp("onnx_loop")))
+    return export_hybrid(model, str(tmp_path_factory.mktemp("onnx_loop")), body="loop")
 
 
 @pytest.fixture(scope="module", params=["loop", "linear_attention"])
@@ -173,3 +173,46 @@ def test_demo_step_exports_and_runs(tmp_path, capsys):
     assert result["kda_nodes"] == HybridConfig.tiny().layer_types.count(KDA)
     assert os.path.exists(result["prefill"]) and os.path.exists(result["decode"])
     assert "onnxruntime vs PyTorch" in capsys.readouterr().out
+
+
+# -------------------------------------------------------------------------------- default body, Kimi MoE
+
+@pytest.mark.parametrize("version,body", [("1.30.0", "loop"), ("1.31.2", "loop"), ("1.32.0", "linear_attention"),
+                                          ("2.0.1", "linear_attention")])
+def test_default_body_follows_the_onnxruntime_version(monkeypatch, version, body):
+    import onnxruntime
+
+    from kda_compile.export import default_body
+    monkeypatch.setattr(onnxruntime, "__version__", version)
+    assert default_body() == body
+
+
+@pytest.mark.parametrize("moe_impl", ["dense", "gather"])
+def test_kimi_checkpoint_with_moe_exports_and_matches_pytorch(tmp_path, moe_impl):
+    """A loaded Kimi Linear checkpoint (MoE with a score-correction bias, MLA with the shared key part) exports
+    with the default body; onnxruntime matches PyTorch for prefill and 16 decode steps."""
+    from kda_compile.export import default_body
+    from kda_compile.moe import MoE
+    torch.manual_seed(0)
+    source = HybridModel(HybridConfig.tiny_kimi())
+    with torch.no_grad():
+        for block in source.blocks:
+            if isinstance(block.mlp, MoE):
+                block.mlp.e_score_correction_bias.normal_(0, 0.05)
+    source.save_pretrained(str(tmp_path / "ckpt"))
+    kimi = HybridModel.from_pretrained(str(tmp_path / "ckpt"))
+    paths = export_hybrid(kimi, str(tmp_path / "onnx"), moe_impl=moe_impl)
+    assert paths.body == default_body()
+    ops = {n.op_type for n in onnx.load(paths.decode).graph.node}
+    assert {"TopK", "Sigmoid"} <= ops and ("Gather" in ops if moe_impl == "gather" else True)
+    assert all(m.impl == "auto" for m in kimi.modules() if isinstance(m, MoE))   # restored after export
+    errors = compare(kimi, OnnxHybridRunner(str(tmp_path / "onnx")), batch=2, length=40, decode_steps=16)
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_unknown_moe_impl_and_body_are_refused(tmp_path):
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="moe_impl"):
+        export_hybrid(HybridModel(HybridConfig.tiny_kimi()), str(tmp_path), moe_impl="loop")
+    with pytest.raises(ValueError, match="body"):
+        export_hybrid(HybridModel(HybridConfig.tiny()), str(tmp_path), body="scan")

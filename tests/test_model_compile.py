@@ -60,3 +60,27 @@ def test_compiled_equals_eager_cpu():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_compiled_equals_eager_cuda(dtype, tol):
     check_compiled_equals_eager("cuda", dtype, tol)
+
+
+def test_loaded_kimi_checkpoint_compiles_whole(tmp_path):
+    """A Kimi Linear checkpoint (MoE, MLA with the shared key part) loaded by from_pretrained: prefill and
+    decode trace with 0 graph breaks, and the fullgraph-compiled model equals eager."""
+    torch.manual_seed(0)
+    HybridModel(HybridConfig.tiny_kimi()).save_pretrained(str(tmp_path))
+    model = HybridModel.from_pretrained(str(tmp_path))
+    ids = torch.randint(0, model.config.vocab_size, (2, 21))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        prefill = torch._dynamo.explain(model)(ids, None, use_cache=True)
+        logits, cache = model.forward_cached(ids, None)
+        decode = torch._dynamo.explain(model)(ids[:, :1], cache, use_cache=True)
+        for name, e in (("prefill", prefill), ("decode", decode)):
+            assert e.graph_break_count == 0 and e.graph_count == 1, (name, e.break_reasons)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        clogits, ccache = compiled(ids, None, use_cache=True)
+        assert rel_err(clogits, logits) < 1e-6
+        for t in range(3):
+            logits, cache = model.forward_cached(ids[:, t:t + 1], cache)
+            clogits, ccache = compiled(ids[:, t:t + 1], ccache, use_cache=True)
+            assert rel_err(clogits, logits) < 1e-6, t
