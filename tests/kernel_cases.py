@@ -93,5 +93,5 @@ def recurrence64(ref: dict, case: dict):
 
 def finite_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative error, infinite when ``out`` has a NaN or an infinity."""
-    out = out.detach().cpu().double()
+    out = out.detach().to(ref.device).double()
     return float("inf") if not torch.isfinite(out).all() else rel_err(out, ref.double())
