@@ -51,6 +51,8 @@ def kda_fused(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dtype: 
     V), ``threads``.  Token, chunk, segment and head counts and ``VA`` are runtime sizes."""
     if C % BLOCK or K % block_V or V % block_V:
         raise ValueError(f"kda_fused: C must be a multiple of {BLOCK} and block_V ({block_V}) divide K={K}, V={V}")
+    # the [C, K] x [K, 16] A products give each warp >= 16 rows and 8 columns: at most 4 C threads (8 warps at C = 64)
+    threads = min(threads, 4 * C)
     ops = ops_for(target)
     unroll = T.serial if ops.cpu else T.unroll
     p = prologue
