@@ -7,12 +7,10 @@ a GPU, not for speed, so in the default order the reference stays the CPU path.
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 
 from ..dispatch import Backend, KDACall, register_backend
-from . import chunk_intra, chunk_state, fused_recurrent
+from . import config as chunk_configs, fused_recurrent
 from .chunk_fwd import chunk_kda_fwd
 from .config import chunk_config, decode_config
 from .target import TL_DTYPES
@@ -75,10 +73,16 @@ def default_config(call: KDACall) -> dict:
 
 
 def configs(call: KDACall) -> list[dict]:
-    """Search space for the autotuner: the product of the chunk stages' ``get_configs()``, or the decode space."""
+    """Search space for the autotuner: the fused forward's ``config.get_configs()``, or the decode space."""
     if call.op == "recurrent":
         return fused_recurrent.get_configs()
-    return [{**a, **b} for a, b in itertools.product(chunk_intra.get_configs(), chunk_state.get_configs())]
+    return chunk_configs.get_configs()
+
+
+def run_states(call: KDACall, config: dict):
+    """Chunk ``call`` plus the state entering each chunk (unsplit): ``(o, final_state, h)``."""
+    return chunk_kda_fwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens, call.A_log,
+                         call.dt_bias, call.opts, True, config, return_states=True)
 
 
 def check_config(op: str, config: dict) -> None:
@@ -86,8 +90,8 @@ def check_config(op: str, config: dict) -> None:
     chunk_config(config) if op == "chunk" else decode_config(config)
 
 
-TILELANG = Backend(name="tilelang", supports=supports, supports_forced=supports_forced, run=run,
+TILELANG = Backend(name="tilelang", supports=supports, supports_forced=supports_forced, run=run, run_states=run_states,
                    default_config=default_config, configs=configs, check_config=check_config,
-                   description="TileLang kernels: fused intra stage, state recurrence fused with the output; "
+                   description="TileLang kernels: one fused chunkwise forward (segment scan for long sequences); "
                                "decode kernel")
 register_backend(TILELANG)

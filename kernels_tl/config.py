@@ -12,21 +12,49 @@ from dataclasses import dataclass
 DECODE_LAYOUTS = ("column", "tile")
 
 
+# Segment length (tokens) of the intra-GPU sequence split per GPU model: a sequence longer than this is cut into
+# segments of this many tokens (docs/tilelang.md, "Fused forward").  It depends on the GPU model only, never on the
+# batch, so a sequence gives the same bits alone and in any batch or pack.  Paper estimates, to be swept.
+SEGMENT_LEN = {"H100": 4096, "H200": 4096}
+DEFAULT_SEGMENT_LEN = 4096   # other CUDA GPUs
+SEGMENT_LENS = (0, 64, 128, 1024, 2048, 4096, 8192, 16384)   # 0: never split
+
+
 @dataclass(frozen=True)
 class ChunkConfig:
-    """Config of the chunkwise forward (H100 defaults at B2·T8192·H16: 256 threads for the intra kernel, 32
-    state columns per program of the state/output kernel)."""
+    """Config of the fused chunkwise forward (:mod:`.chunk_fused`): ``state_BV`` state columns per program (capped
+    at K and V), ``threads`` per program, ``segment_len`` (tokens per segment of the sequence split; None: the GPU
+    model's value in SEGMENT_LEN; 0: never split).  A tuned table must give every bucket of a GPU the same
+    ``segment_len`` (batch invariance)."""
 
-    intra_threads: int = 256
-    diag_gemm: bool = True        # diagonal blocks of A on tensor cores when their decay spread allows
-    state_BV: int = 32
-    state_stages: int = 1
+    state_BV: int = 64
+    threads: int = 256
+    segment_len: int | None = None
 
     def __post_init__(self):
-        _one_of("intra_threads", self.intra_threads, (128, 256))
-        _one_of("diag_gemm", self.diag_gemm, (True, False))
         _one_of("state_BV", self.state_BV, (16, 32, 64, 128))
-        _one_of("state_stages", self.state_stages, (1, 2))
+        _one_of("threads", self.threads, (128, 256))
+        if self.segment_len is not None:
+            _one_of("segment_len", self.segment_len, SEGMENT_LENS)
+
+
+def segment_length(config: ChunkConfig, device) -> int:
+    """Tokens per segment for ``device``: the config's, else the GPU model's (0 on the CPU: no split)."""
+    if config.segment_len is not None:
+        return config.segment_len
+    if getattr(device, "type", str(device)) != "cuda":
+        return 0
+    import torch
+    name = torch.cuda.get_device_name(device)
+    return next((n for model, n in SEGMENT_LEN.items() if model in name), DEFAULT_SEGMENT_LEN)
+
+
+def get_configs() -> list[dict]:
+    """Search space of the fused forward for one GPU call of the lead's sweep: columns per program, threads and
+    segment length (the tuned segment length must then be written for every bucket of the GPU alike)."""
+    import itertools
+    return [dict(state_BV=bv, threads=t, segment_len=s)
+            for bv, t, s in itertools.product((32, 64, 128), (128, 256), (2048, 4096, 8192))]
 
 
 @dataclass(frozen=True)

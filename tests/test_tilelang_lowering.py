@@ -6,10 +6,10 @@ import pytest
 
 pytest.importorskip("tilelang")
 
-from kda_compile.kernels_tl.chunk_intra import kda_intra  # noqa: E402
-from kda_compile.kernels_tl.chunk_state import kda_state_output  # noqa: E402
+from kda_compile.kernels_tl.chunk_fused import kda_fused  # noqa: E402
 from kda_compile.kernels_tl.fused_recurrent import kda_decode, kda_decode_columns  # noqa: E402
 from kda_compile.kernels_tl.gate import Prologue  # noqa: E402
+from kda_compile.kernels_tl.segment_scan import kda_segment_fixup, kda_segment_scan  # noqa: E402
 from kda_compile.kernels_tl.target import cuda_source, nvcc_compile  # noqa: E402
 
 SAFE = Prologue(l2norm=True, gate=True, has_A_log=True, has_dt_bias=True, lower_bound=-5.0, beta_sigmoid=True)
@@ -17,15 +17,18 @@ PLAIN = Prologue(l2norm=True)
 
 PROGRAMS = {
     # name: (factory, args, kwargs, run nvcc too)
-    "intra_bf16_log": (kda_intra, (128, 128, 64),
-                       dict(dtype="bfloat16", scale=128 ** -0.5, prologue=PLAIN, threads=256), True),
-    "intra_fp32_safe_k64": (kda_intra, (64, 64, 64), dict(dtype="float32", scale=0.125, prologue=SAFE), False),
-    "state_bf16_2stages": (kda_state_output, (128, 128, 64),
-                           dict(dtype="bfloat16", out_dtype="bfloat16", scale=128 ** -0.5, has_h0=True,
-                                store_final=True, block_V=32, num_stages=2), True),
-    "state_fp16_vfirst_c32": (kda_state_output, (64, 64, 32),
-                              dict(dtype="float16", out_dtype="float16", has_h0=True, store_final=True,
-                                   state_v_first=True, block_V=32), False),
+    # the fused forward: log gate (range check, element-wise diagonal tiles), bf16, K = 128 (wgmma products)
+    "fused_bf16_log_k128": (kda_fused, (128, 128, 64),
+                            dict(dtype="bfloat16", scale=128 ** -0.5, prologue=PLAIN, has_h0=True, block_V=64,
+                                 threads=256), True),
+    # safe gate (no check), fp16 (A products on float32 operands), state_v_first, chunk 32, the chunk states
+    "fused_fp16_safe_vfirst_c32": (kda_fused, (64, 64, 32),
+                                   dict(dtype="float16", prologue=SAFE, has_h0=True, state_v_first=True,
+                                        store_states=True, block_V=32, threads=128), False),
+    # float32 inputs at K = 128 run at chunk 32 (shared memory; chunk_fwd.kernel_tiles)
+    "fused_fp32_k128_c32": (kda_fused, (128, 128, 32), dict(dtype="float32", prologue=PLAIN, block_V=64), False),
+    "segment_scan_vfirst": (kda_segment_scan, (128, 128), dict(state_v_first=True, block_V=64), True),
+    "segment_fixup_bf16": (kda_segment_fixup, (128, 128, 64), dict(dtype="bfloat16", block_V=64), True),
     "decode_tile_bf16_safe": (kda_decode, (128, 128),
                               dict(dtype="bfloat16", scale=128 ** -0.5, prologue=SAFE, has_h0=True, store_final=True,
                                    inplace=True), False),
