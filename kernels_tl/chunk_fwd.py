@@ -18,9 +18,8 @@ from ..reference import KDAOptions
 from . import segments
 from .chunk_fused import SMEM_LIMIT, kda_fused, shared_bytes
 from .config import chunk_config, segment_length
-from .gate import Prologue
 from .segment_scan import kda_segment_fixup, kda_segment_scan
-from .target import TL_DTYPES, compile_kernel, for_target, target_for
+from .target import TL_DTYPES, compile_kernel, flat_inputs, target_for
 
 SCAN_THREADS = 128
 
@@ -53,18 +52,10 @@ def plan(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts: KDAO
     segs = segments.segment_table(sequence_lengths(B, T, cu_seqlens), C, seg_len, device)
     split = segs.split
 
-    prologue = Prologue.from_call(opts, A_log is not None, dt_bias is not None)
+    x = flat_inputs(q, k, v, g, beta, A_log, dt_bias, opts, target)
+    qf, kf, vf, gf, bf, a_log, bias, prologue = x.q, x.k, x.v.to(x.q.dtype), x.g, x.beta, x.a_log, x.dt_bias, x.prologue
     f32 = dict(dtype=torch.float32, device=device)
-    a_log = A_log.reshape(HV).to(**f32).contiguous() if prologue.has_A_log else torch.zeros(HV, **f32)
-    bias = dt_bias.reshape(HV, K).to(**f32).contiguous() if prologue.has_dt_bias else torch.zeros(HV, K, **f32)
-    qf, kf = (for_target(x.reshape(TT, H, K), target).contiguous() for x in (q, k))
-    vf = for_target(v.reshape(TT, HV, V), target).contiguous()
-    gf = for_target(g.reshape(TT, HV, K), target).contiguous()
-    bf = for_target(beta.reshape(TT, HV), target).contiguous()
-    gf = gf if gf.dtype in TL_DTYPES else gf.float()
-    bf = bf if bf.dtype in TL_DTYPES else bf.float()
     dtype = TL_DTYPES[qf.dtype]
-    vf = vf.to(qf.dtype)
 
     has_h0 = initial_state is not None
     state_shape = (HV, V, K) if opts.state_v_first else (HV, K, V)

@@ -23,7 +23,7 @@ import torch
 from .gate import Prologue, beta_value, inv_norm, log_decay, vector_inv_norm
 from .state_layout import load_state_tile, state_entry, store_state_entry
 from .config import decode_config
-from .target import TL_DTYPES, compile_kernel, for_target, ops_for, target_for
+from .target import TL_DTYPES, compile_kernel, flat_inputs, ops_for, target_for
 
 ACC = "float32"
 
@@ -240,17 +240,10 @@ def fused_recurrent_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, 
     slots = (torch.arange(N, dtype=torch.int32, device=device) if ssm_state_indices is None
              else ssm_state_indices.to(device=device, dtype=torch.int32).contiguous())
     store_final = output_final_state and not inplace
-    prologue = Prologue.from_call(opts, A_log is not None, dt_bias is not None)
     f32 = dict(dtype=torch.float32, device=device)
-    a_log = A_log.reshape(HV).to(**f32).contiguous() if prologue.has_A_log else torch.zeros(HV, **f32)
-    bias = dt_bias.reshape(HV, K).to(**f32).contiguous() if prologue.has_dt_bias else torch.zeros(HV, K, **f32)
     target = target_for(device)
-    qf, kf = (for_target(x.reshape(TT, H, K), target).contiguous() for x in (q, k))
-    vf = for_target(v.reshape(TT, HV, V), target).contiguous()
-    gf = for_target(g.reshape(TT, HV, K), target).contiguous()
-    bf = for_target(beta.reshape(TT, HV), target).contiguous()
-    gf = gf if gf.dtype in TL_DTYPES else gf.float()
-    bf = bf if bf.dtype in TL_DTYPES else bf.float()
+    x = flat_inputs(q, k, v, g, beta, A_log, dt_bias, opts, target)
+    qf, kf, vf, gf, bf, a_log, bias, prologue = x.q, x.k, x.v, x.g, x.beta, x.a_log, x.dt_bias, x.prologue
     state_shape = (HV, V, K) if opts.state_v_first else (HV, K, V)
     has_h0 = initial_state is not None
     if inplace and (initial_state.dtype != torch.float32 or not initial_state.is_contiguous()):

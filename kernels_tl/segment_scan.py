@@ -33,11 +33,11 @@ def kda_segment_scan(K: int, V: int, *, state_v_first: bool = False, block_V: in
                          seq_nsegs: T.Tensor((NS,), "int32"), s_in: T.Tensor((NSEG, HV, K, V), ACC),
                          ht: T.Tensor((NS, *state), ACC)):
         with T.Kernel(T.ceildiv(V, BV), HV, NS, threads=threads) as (iv, hv, n):
+            v0 = iv * BV
+            j0 = seq_seg0[n]           # the sequence's first segment: its state is final, nothing to add
+            S = ops.alloc_fragment((K, BV), ACC)
             M_s = ops.alloc_shared((K, K), ACC)
             S_s = ops.alloc_shared((K, BV), ACC)
-            S = ops.alloc_fragment((K, BV), ACC)
-            v0 = iv * BV
-            j0 = seq_seg0[n]
             for c, j in ops.Parallel(K, BV):
                 S[c, j] = hs[j0, hv, c, v0 + j]
             for i in T.serial(seq_nsegs[n] - 1):

@@ -116,6 +116,40 @@ def for_target(x, target: str):
     return x
 
 
+@dataclass(frozen=True)
+class FlatInputs:
+    """A call's inputs as every TileLang kernel takes them: flat token axis, the target's dtypes, the gate's
+    per-head parameters as float32 (zeros where absent), and the prologue's switches."""
+
+    q: torch.Tensor        # [TT, H, K]
+    k: torch.Tensor        # [TT, H, K]
+    v: torch.Tensor        # [TT, HV, V]
+    g: torch.Tensor        # [TT, HV, K]
+    beta: torch.Tensor     # [TT, HV]
+    a_log: torch.Tensor    # [HV] float32
+    dt_bias: torch.Tensor  # [HV, K] float32
+    prologue: object       # gate.Prologue
+
+
+def flat_inputs(q, k, v, g, beta, A_log, dt_bias, opts, target: str) -> FlatInputs:
+    """:class:`FlatInputs` of user-layout tensors (``q [B, T, H, K]``, ...) for ``target``."""
+    from .gate import Prologue
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    TT = B * T
+    prologue = Prologue.from_call(opts, A_log is not None, dt_bias is not None)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    a_log = A_log.reshape(HV).to(**f32).contiguous() if prologue.has_A_log else torch.zeros(HV, **f32)
+    bias = dt_bias.reshape(HV, K).to(**f32).contiguous() if prologue.has_dt_bias else torch.zeros(HV, K, **f32)
+    qf, kf = (for_target(x.reshape(TT, H, K), target).contiguous() for x in (q, k))
+    vf = for_target(v.reshape(TT, HV, V), target).contiguous()
+    gf = for_target(g.reshape(TT, HV, K), target).contiguous()
+    bf = for_target(beta.reshape(TT, HV), target).contiguous()
+    gf = gf if gf.dtype in TL_DTYPES else gf.float()
+    bf = bf if bf.dtype in TL_DTYPES else bf.float()
+    return FlatInputs(qf, kf, vf, gf, bf, a_log, bias, prologue)
+
+
 def target_for(device) -> str:
     """TileLang target for tensors on ``device``."""
     return "cuda" if getattr(device, "type", str(device)) == "cuda" else CPU_TARGET

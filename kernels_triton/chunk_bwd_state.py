@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .chunk_state import state_block_v
-from .gate import interpreting, mm
+from .gate import interpreting, mm, state_tile, state_walk_program
 
 
 
@@ -51,24 +51,13 @@ def _reverse_step(qg, kg, w, aqk, gc, do, dhn, dvn, b_dh, bos, eos, first, j, i_
 
 @triton.jit
 def kda_bwd_state_kernel(
-    qg, kg, w, aqk, gc, do, dht, dh0, dhn, dvn, cu, chunk_first, s_k, s_v, scale,
-    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
-    BV: tl.constexpr, NUM_STAGES: tl.constexpr,
+    qg, kg, w, aqk, gc, do, dht, dh0, dhn, dvn, cu, seq_first, s_k, s_v, scale,
+    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // HV, i_nh % HV
-    bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
-    first = tl.load(chunk_first + i_n).to(tl.int64)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    p_state = (i_n * HV + i_h).to(tl.int64) * (K * V) + o_k[:, None] * s_k + o_v[None, :] * s_v
-    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        b_dh += tl.load(dht + p_state, mask=m_kv, other=0.0).to(tl.float32)
+    i_n, i_h, bos, eos, first, o_k, m_k, o_v, m_v, m_kv, p_state = state_walk_program(cu, seq_first, s_k, s_v, HV, K,
+                                                                                     V, BK, BV)
+    b_dh = state_tile(dht, p_state, m_kv, BK, BV, HAS_DHT)
     n_chunks = tl.cdiv(eos - bos, C)
     if INTERPRET:  # the CPU interpreter cannot take a run-time range bound
         j = n_chunks - 1

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gate import interpreting, mm
+from .gate import interpreting, mm, state_tile, state_walk_program
 
 
 def get_configs() -> list[dict]:
@@ -66,19 +66,9 @@ def kda_state_kernel(
     # kernel config
     BV: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // HV, i_nh % HV
-    bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
-    first = tl.load(seq_first + i_n).to(tl.int64)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    p_state = (i_n * HV + i_h).to(tl.int64) * (K * V) + o_k[:, None] * s_k + o_v[None, :] * s_v
-    b_s = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        b_s += tl.load(h0 + p_state, mask=m_kv, other=0.0).to(tl.float32)
+    i_n, i_h, bos, eos, first, o_k, m_k, o_v, m_v, m_kv, p_state = state_walk_program(cu, seq_first, s_k, s_v, HV, K,
+                                                                                     V, BK, BV)
+    b_s = state_tile(h0, p_state, m_kv, BK, BV, HAS_H0)
     n_chunks = tl.cdiv(eos - bos, C)
     if INTERPRET:  # the CPU interpreter cannot take a run-time range bound; a while loop computes the same
         j = 0

@@ -73,32 +73,28 @@ class DecodeConfig:
         _power_of_two("decode_BV", self.decode_BV)
 
 
-@dataclass(frozen=True)
-class BackwardConfig:
-    """Config of the chunkwise backward: its own stages' knobs (keys ``bwd_*``) and the forward's config, whose
-    intra and state stages it runs again (and whose precision fields it follows)."""
+# The backward's own knobs, (name, type, default), by stage of chunk_bwd.py: (1) the reverse state recurrence:
+# V block (None: chosen per call), warps, pipelining depth; (2) through W, U and the inverse and (3) dq, dk, dg:
+# K/V slices and warps; (4) group sums and the prologues' backward: token block and warps.
+BACKWARD_KNOBS = (
+    ("bwd_state_BV", int | None, None), ("bwd_state_warps", int, 4), ("bwd_state_stages", int, 2),
+    ("bwd_solve_BK", int, 64), ("bwd_solve_BV", int, 64), ("bwd_solve_warps", int, 4),
+    ("bwd_intra_BK", int, 32), ("bwd_intra_BV", int, 64), ("bwd_intra_warps", int, 4),
+    ("bwd_prologue_BT", int, 32), ("bwd_prologue_warps", int, 4),
+)
 
-    forward: ChunkConfig = dataclasses.field(default_factory=ChunkConfig)
-    # stage 1, the reverse state recurrence: V block (None: chosen per call), warps, pipelining depth
-    bwd_state_BV: int | None = None
-    bwd_state_warps: int = 4
-    bwd_state_stages: int = 2
-    # stage 2, through W, U and the inverse: K/V slices, warps
-    bwd_solve_BK: int = 64
-    bwd_solve_BV: int = 64
-    bwd_solve_warps: int = 4
-    # stage 3, dq, dk, dg: K/V slices, warps
-    bwd_intra_BK: int = 32
-    bwd_intra_BV: int = 64
-    bwd_intra_warps: int = 4
-    # stage 4, group sums and the prologues' backward: token block, warps
-    bwd_prologue_BT: int = 32
-    bwd_prologue_warps: int = 4
 
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            if f.name.endswith(("_BK", "_BV", "_BT")):
-                _power_of_two(f.name, getattr(self, f.name), optional=f.name == "bwd_state_BV")
+def _check_backward(self) -> None:
+    for name, _, _ in BACKWARD_KNOBS:
+        if name.endswith(("_BK", "_BV", "_BT")):
+            _power_of_two(name, getattr(self, name), optional=name == "bwd_state_BV")
+
+
+BackwardConfig = dataclasses.make_dataclass(
+    "BackwardConfig", [("forward", ChunkConfig, dataclasses.field(default_factory=ChunkConfig)), *BACKWARD_KNOBS],
+    frozen=True, namespace={"__post_init__": _check_backward, "__doc__": (
+        "Config of the chunkwise backward: its own stages' knobs (BACKWARD_KNOBS, keys ``bwd_*``) and the "
+        "forward's config, whose intra and state stages it runs again (and whose precision fields it follows).")})
 
 
 def float32_defaults() -> dict:

@@ -104,6 +104,35 @@ def chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C: tl.constexpr):
 
 
 @triton.jit
+def state_walk_program(cu, seq_first, s_k, s_v, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr):
+    """The program of a walk over one sequence's chunks (grid: V blocks x sequences * HV): ``(i_n, i_h, bos, eos,
+    first, o_k, m_k, o_v, m_v, m_kv, p_state)``: sequence, value head, its token range, its first chunk, the
+    tile's K and V offsets and masks, and the offsets of its ``[BK, BV]`` tile in an ``[N, HV, K, V]`` state whose
+    K and V strides are ``s_k`` and ``s_v`` (swapped for ``state_v_first``)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // HV, i_nh % HV
+    bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
+    first = tl.load(seq_first + i_n).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_state = (i_n * HV + i_h).to(tl.int64) * (K * V) + o_k[:, None] * s_k + o_v[None, :] * s_v
+    return i_n, i_h, bos, eos, first, o_k, m_k, o_v, m_v, m_kv, p_state
+
+
+@triton.jit
+def state_tile(state, p_state, m_kv, BK: tl.constexpr, BV: tl.constexpr, PRESENT: tl.constexpr):
+    """The float32 ``[BK, BV]`` tile of ``state`` at ``p_state``, or zeros when ``PRESENT`` is off."""
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    if PRESENT:
+        b_s += tl.load(state + p_state, mask=m_kv, other=0.0).to(tl.float32)
+    return b_s
+
+
+@triton.jit
 def beta_act(b, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr):
     """Beta as the delta rule uses it (float32)."""
     b = b.to(tl.float32)
