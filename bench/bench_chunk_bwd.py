@@ -155,6 +155,8 @@ def main(argv=None) -> int:
                 except Exception:
                     mems.append(float("nan"))
             rows.append([B, T, H, *times, *mems])
+            print(f"[row] {setting} B{B} T{T} H{H}: " + ", ".join(f"{p} {t:.3f} ms {m:.0f} MiB" for p, t, m in
+                                                             zip(providers, times, mems)), flush=True)
             del x
         names = [f"{p} (ms)" for p in providers]
         headers, table = with_ratios(["B", "T", "H", *names, *(f"{p} (MiB)" for p in providers)], rows,
