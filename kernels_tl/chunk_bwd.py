@@ -110,8 +110,10 @@ def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
     # 4. group sums and the q/k/beta prologues
     dq, dk, dbeta = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(bf)
     if TT:
+        # only the switches the stage reads: one build serves every gate setting
+        switches = Prologue(l2norm=prologue.l2norm, beta_sigmoid=prologue.beta_sigmoid, beta_scale=prologue.beta_scale)
         pro = compile_kernel(kda_bwd_prologue, target, K, dtype=dtype, beta_dtype=beta_dtype, num_k_blocks=NKB,
-                             prologue=prologue, block_T=cfg.bwd_prologue_BT)
+                             prologue=switches, block_T=cfg.bwd_prologue_BT)
         pro(qf, kf, bf, dq_h, dk_h, dbeta_solve, dbeta_part, dq, dk, dbeta)
 
     dA_log = ddt_bias = None

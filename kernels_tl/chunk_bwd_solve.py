@@ -60,6 +60,8 @@ def kda_bwd_solve(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
             ta = ops.alloc_shared((C, K), tile)
             tc = ops.alloc_shared((C, K), tile)
             A_f = ops.alloc_fragment((C, C), ACC)
+            Y_f = ops.alloc_fragment((C, C), ACC)
+            Ab_f = ops.alloc_fragment((C, C), ACC)
             Akk = ops.alloc_shared((C, C), ACC)
             Xs = ops.alloc_shared((C, C), ACC)
             Ts = ops.alloc_shared((C, C), ACC)
@@ -74,8 +76,6 @@ def kda_bwd_solve(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
             dv_f = ops.alloc_fragment((C, BV), ACC)
             dT_f = ops.alloc_fragment((C, C), ACC)
             dA_f = ops.alloc_fragment((C, C), ACC)
-            db_w = ops.alloc_fragment((C, C), ACC)
-            db_f = ops.alloc_fragment((C,), ACC)
 
             bos = chunk_bos[ic]
             L = chunk_len[ic]
@@ -151,20 +151,24 @@ def kda_bwd_solve(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
 
             # ---- dbeta (column factor of T), Abar = -X^T (dT diag(beta)) X^T, P = scale dAqk
             for r, s in ops.Parallel(C, C):
-                db_w[r, s] = dT_f[r, s] * Xs[r, s]
+                Akk[r, s] = dT_f[r, s] * Xs[r, s]
                 Ts[r, s] = dT_f[r, s] * bs[s]
-            ops.colsum(db_w, db_f)
-            for r in ops.Parallel(C):
-                if r < L:
-                    dbeta[bos + r, hv] = db_f[r]
-            T.clear(A_f)
-            T.gemm(Xs, Ts, A_f, transpose_A=True)
-            T.copy(A_f, Akk)
-            T.clear(A_f)
-            T.gemm(Akk, Xs, A_f, transpose_B=True)
+            for s in ops.Parallel(C):   # column sums, one column per thread (consecutive banks)
+                run[0] = 0.0
+                for r in T.serial(C):
+                    run[0] = run[0] + Akk[r, s]
+                if s < L:
+                    dbeta[bos + s, hv] = run[0]
+            T.clear(Y_f)
+            T.gemm(Xs, Ts, Y_f, transpose_A=True)
+            T.copy(Y_f, Akk)
+            T.clear(Ab_f)
+            T.gemm(Akk, Xs, Ab_f, transpose_B=True)
             for r, s in ops.Parallel(C, C):
                 if r < L:
-                    dAkk[bos + r, hv, s] = T.if_then_else(s < r, -A_f[r, s], 0.0)
+                    dAkk[bos + r, hv, s] = T.if_then_else(s < r, -Ab_f[r, s], 0.0)
+            for r, s in ops.Parallel(C, C):   # a separate loop: the two fragments have different layouts
+                if r < L:
                     dAqk[bos + r, hv, s] = T.if_then_else(s <= r, scale * dA_f[r, s], 0.0)
 
     return kda_bwd_solve

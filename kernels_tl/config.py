@@ -53,7 +53,7 @@ class BackwardConfig:
     recompute; the ``bwd_*`` keys the backward stages' blocks and thread counts (clipped to K, V)."""
 
     intra_threads: int = 256
-    diag_gemm: bool = True
+    diag_gemm: bool = False       # exact diagonal tiles: the recomputed forward is causal bit for bit
     states_BV: int = 32
     bwd_state_BV: int = 32
     bwd_solve_BV: int = 32
