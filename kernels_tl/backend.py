@@ -13,6 +13,7 @@ import torch
 
 from ..dispatch import Backend, KDACall, register_backend
 from . import chunk_intra, chunk_state, fused_recurrent
+from .chunk_bwd import chunk_kda_bwd
 from .chunk_fwd import chunk_kda_fwd
 from .config import chunk_config, decode_config
 from .target import TL_DTYPES
@@ -64,6 +65,16 @@ def run(call: KDACall, config: dict):
         call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens, call.A_log, call.dt_bias,
         call.opts, output_final_state=call.output_final_state, ssm_state_indices=call.ssm_state_indices,
         num_accepted_tokens=call.num_accepted_tokens, inplace_final_state=call.inplace_final_state, config=config)
+
+
+def run_backward(call: KDACall, config: dict, do, dht):
+    """Gradients of a ``chunk`` call with the TileLang backward (:mod:`.chunk_bwd`): ``do`` is the gradient of
+    the output, ``dht`` that of the final state or None; ``config`` a :class:`config.BackwardConfig` as a dict.
+    Returns ``(dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias)``, None for inputs that are None."""
+    if call.op != "chunk":
+        raise ValueError(f"the TileLang backward covers chunk calls only, got op={call.op!r}")
+    return chunk_kda_bwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens,
+                         call.A_log, call.dt_bias, call.opts, do, dht, config)
 
 
 def default_config(call: KDACall) -> dict:
