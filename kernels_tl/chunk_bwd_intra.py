@@ -177,7 +177,7 @@ def kda_bwd_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
                 hc = Hc[r, c]
                 wk[r, c] = kn * gk
                 Gk[r, c] = bs[r] * gk + hc
-                Hc[r, c] = qn * Gq[r, c] + bs[r] * kn * gk - kn * hc
+                dG[r, c] = qn * Gq[r, c] + bs[r] * kn * gk - kn * hc   # to shared: frees Hc's registers
             ops.rowsum(wk, db_f)
             for r in ops.Parallel(C):
                 if r < L:
@@ -215,7 +215,7 @@ def kda_bwd_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
                 xq = scale * Xq[r, c]
                 Gq[r, c] = Gq[r, c] + xq * eg
                 Gk[r, c] = Gk[r, c] + Xk[r, c] * ec - Xe[r, c] * eg
-                dG[r, c] = Hc[r, c] + xq * qn * eg - Xk[r, c] * kn * ec - Xe[r, c] * kn * eg
+                dG[r, c] = dG[r, c] + xq * qn * eg - Xk[r, c] * kn * ec - Xe[r, c] * kn * eg
                 wk[r, c] = Xk[r, c] * kn * ec
             ops.colsum(wk, dgc)
             for r, c in ops.Parallel(C, BK):
@@ -228,7 +228,7 @@ def kda_bwd_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
                 run[0] = T.exp(Gs[C - 1, c]) * hdh[c] + dgc[c]   # d(gc)
                 run[1] = 0.0
                 run[2] = 0.0
-                for rr in unroll(C):
+                for rr in T.serial(C):   # not unrolled: the gate math would hold registers per row
                     r = C - 1 - rr
                     if r < L:
                         run[0] = run[0] + dG[r, c]

@@ -57,10 +57,10 @@ class BackwardConfig:
     states_BV: int = 32
     bwd_state_BV: int = 32
     bwd_solve_BV: int = 32
-    bwd_solve_threads: int = 128
+    bwd_solve_threads: int = 256
     bwd_intra_BK: int = 64
     bwd_intra_BV: int = 32
-    bwd_intra_threads: int = 128
+    bwd_intra_threads: int = 256
     bwd_prologue_BT: int = 32
 
     def __post_init__(self):
