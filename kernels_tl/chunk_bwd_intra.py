@@ -105,8 +105,10 @@ def kda_bwd_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
             Xe = ops.alloc_fragment((C, BK), ACC)
             hd_f = ops.alloc_fragment((BK, BV), ACC)
             hd_r = ops.alloc_fragment((BK,), ACC)
-            hdh = ops.alloc_shared((BK,), ACC)
+            hdh = ops.alloc_fragment((BK,), ACC)   # a fragment: replicated threads each add to their own copy
             dgc = ops.alloc_fragment((BK,), ACC)
+            hdh_s = ops.alloc_shared((BK,), ACC)
+            dgc_s = ops.alloc_shared((BK,), ACC)
             dG = ops.alloc_shared((C, BK), ACC)
 
             bos = chunk_bos[ic]
@@ -187,8 +189,7 @@ def kda_bwd_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
             T.clear(Xq)
             T.clear(Xk)
             T.clear(Xe)
-            for c in ops.Parallel(BK):
-                hdh[c] = 0.0
+            T.clear(hdh)
             for iv in T.serial(V // BV):
                 v0 = iv * BV
                 for c, j in ops.Parallel(BK, BV):
@@ -218,6 +219,11 @@ def kda_bwd_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
                 dG[r, c] = dG[r, c] + xq * qn * eg - Xk[r, c] * kn * ec - Xe[r, c] * kn * eg
                 wk[r, c] = Xk[r, c] * kn * ec
             ops.colsum(wk, dgc)
+            # to shared with plain stores (replicas write equal values); the two fragments' layouts differ
+            for c in ops.Parallel(BK):
+                hdh_s[c] = hdh[c]
+            for c in ops.Parallel(BK):
+                dgc_s[c] = dgc[c]
             for r, c in ops.Parallel(C, BK):
                 if r < L:
                     dq[bos + r, hv, k0 + c] = Gq[r, c]
@@ -225,7 +231,7 @@ def kda_bwd_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
 
             # ---- 3. gc is Gamma at the last valid row; reverse cumulative sum; the gate's backward
             for c in ops.Parallel(BK):
-                run[0] = T.exp(Gs[C - 1, c]) * hdh[c] + dgc[c]   # d(gc)
+                run[0] = T.exp(Gs[C - 1, c]) * hdh_s[c] + dgc_s[c]   # d(gc)
                 run[1] = 0.0
                 run[2] = 0.0
                 for rr in T.serial(C):   # not unrolled: the gate math would hold registers per row
