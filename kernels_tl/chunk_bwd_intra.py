@@ -92,8 +92,7 @@ def kda_bwd_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
             Gk = ops.alloc_fragment((C, BK), ACC)
             Hc = ops.alloc_fragment((C, BK), ACC)
             Hi = ops.alloc_fragment((C, BK), ACC)
-            wk = ops.alloc_fragment((C, BK), ACC)
-            db_f = ops.alloc_fragment((C,), ACC)
+            Ws = ops.alloc_shared((C, BK + 1), ACC)   # row/column sums (padded: conflict-free rows)
             run = T.alloc_local((4,), ACC)
             h_s = ops.alloc_shared((BK, BV), tile)
             dh_s = ops.alloc_shared((BK, BV), tile)
@@ -106,9 +105,7 @@ def kda_bwd_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
             hd_f = ops.alloc_fragment((BK, BV), ACC)
             hd_r = ops.alloc_fragment((BK,), ACC)
             hdh = ops.alloc_fragment((BK,), ACC)   # a fragment: replicated threads each add to their own copy
-            dgc = ops.alloc_fragment((BK,), ACC)
             hdh_s = ops.alloc_shared((BK,), ACC)
-            dgc_s = ops.alloc_shared((BK,), ACC)
             dG = ops.alloc_shared((C, BK), ACC)
 
             bos = chunk_bos[ic]
@@ -177,13 +174,15 @@ def kda_bwd_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
                 kn = T.cast(ks[r, c], ACC) * rk[r]
                 gk = Gk[r, c]
                 hc = Hc[r, c]
-                wk[r, c] = kn * gk
+                Ws[r, c] = kn * gk
                 Gk[r, c] = bs[r] * gk + hc
                 dG[r, c] = qn * Gq[r, c] + bs[r] * kn * gk - kn * hc   # to shared: frees Hc's registers
-            ops.rowsum(wk, db_f)
-            for r in ops.Parallel(C):
+            for r in ops.Parallel(C):   # sums over a gemm accumulator's layout do not lower for TF32: shared
+                run[0] = 0.0
+                for c in T.serial(BK):
+                    run[0] = run[0] + Ws[r, c]
                 if r < L:
-                    dbeta_part[kb, bos + r, hv] = db_f[r]
+                    dbeta_part[kb, bos + r, hv] = run[0]
 
             # ---- 2. inter-chunk terms, one value block at a time
             T.clear(Xq)
@@ -217,13 +216,9 @@ def kda_bwd_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
                 Gq[r, c] = Gq[r, c] + xq * eg
                 Gk[r, c] = Gk[r, c] + Xk[r, c] * ec - Xe[r, c] * eg
                 dG[r, c] = dG[r, c] + xq * qn * eg - Xk[r, c] * kn * ec - Xe[r, c] * kn * eg
-                wk[r, c] = Xk[r, c] * kn * ec
-            ops.colsum(wk, dgc)
-            # to shared with plain stores (replicas write equal values); the two fragments' layouts differ
-            for c in ops.Parallel(BK):
+                Ws[r, c] = Xk[r, c] * kn * ec
+            for c in ops.Parallel(BK):   # to shared with plain stores (replicated threads write equal values)
                 hdh_s[c] = hdh[c]
-            for c in ops.Parallel(BK):
-                dgc_s[c] = dgc[c]
             for r, c in ops.Parallel(C, BK):
                 if r < L:
                     dq[bos + r, hv, k0 + c] = Gq[r, c]
@@ -231,7 +226,9 @@ def kda_bwd_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
 
             # ---- 3. gc is Gamma at the last valid row; reverse cumulative sum; the gate's backward
             for c in ops.Parallel(BK):
-                run[0] = T.exp(Gs[C - 1, c]) * hdh_s[c] + dgc_s[c]   # d(gc)
+                run[0] = T.exp(Gs[C - 1, c]) * hdh_s[c]   # d(gc): exp(gc) rowsum(h * dhn) + sum_r d(kg) kg
+                for r in T.serial(C):
+                    run[0] = run[0] + Ws[r, c]
                 run[1] = 0.0
                 run[2] = 0.0
                 for rr in T.serial(C):   # not unrolled: the gate math would hold registers per row

@@ -49,6 +49,8 @@ PROGRAMS = {
                                                                 block_V=32), False),
     "bwd_intra_bf16_safe": (kda_bwd_intra, (128, 128, 64), dict(dtype="bfloat16", scale=128 ** -0.5, prologue=SAFE,
                                                                block_K=64, block_V=32, threads=256), True),
+    "bwd_intra_fp32_log": (kda_bwd_intra, (128, 128, 64), dict(dtype="float32", scale=0.125, prologue=PLAIN,
+                                                              threads=256), True),
     "bwd_intra_fp16_log_c32": (kda_bwd_intra, (64, 64, 32), dict(dtype="float16", scale=0.125, prologue=PLAIN,
                                                                 block_K=32, block_V=32), False),
     "bwd_prologue_bf16": (kda_bwd_prologue, (128,), dict(dtype="bfloat16", num_k_blocks=2, prologue=SAFE), True),
