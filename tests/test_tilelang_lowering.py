@@ -38,7 +38,7 @@ PROGRAMS = {
                            dict(dtype="bfloat16", scale=128 ** -0.5, prologue=PLAIN, has_h0=True, store_final=True,
                                 block_V=64), True),
     # the backward's programs
-    "bwd_states_bf16": (kda_bwd_states, (128, 128, 64), dict(dtype="bfloat16", has_h0=True, block_V=32), True),
+    "bwd_states_bf16": (kda_bwd_states, (128, 128, 64), dict(dtype="bfloat16", has_h0=True, block_V=32), False),
     "bwd_state_bf16": (kda_bwd_state, (128, 128, 64), dict(dtype="bfloat16", scale=128 ** -0.5, has_dht=True,
                                                           store_dh0=True, block_V=32), True),
     "bwd_state_fp16_vfirst_c32": (kda_bwd_state, (64, 64, 32), dict(dtype="float16", has_dht=True, store_dh0=True,
@@ -53,7 +53,7 @@ PROGRAMS = {
                                                               threads=256), True),
     "bwd_intra_fp16_log_c32": (kda_bwd_intra, (64, 64, 32), dict(dtype="float16", scale=0.125, prologue=PLAIN,
                                                                 block_K=32, block_V=32), False),
-    "bwd_prologue_bf16": (kda_bwd_prologue, (128,), dict(dtype="bfloat16", num_k_blocks=2, prologue=SAFE), True),
+    "bwd_prologue_bf16": (kda_bwd_prologue, (128,), dict(dtype="bfloat16", num_k_blocks=2, prologue=SAFE), False),
 }
 
 
