@@ -72,16 +72,19 @@ def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
     BK = min(cfg.bwd_intra_BK, K)
     NKB = K // BK
 
-    dq_h = torch.zeros(TT, HV, K, **f32)
-    dk_h = torch.zeros(TT, HV, K, **f32)
-    dv = torch.zeros(TT, HV, V, **f32)
-    dg = torch.zeros(TT, HV, K, dtype=gf.dtype, device=device)
-    dbeta_solve = torch.zeros(TT, HV, **f32)
-    dbeta_part = torch.zeros(NKB, TT, HV, **f32)
+    # every token row of these is written by the kernels (each token lies in exactly one chunk)
+    dq_h = torch.empty(TT, HV, K, **f32)
+    dk_h = torch.empty(TT, HV, K, **f32)
+    dv = torch.empty(TT, HV, V, **f32)
+    dg = torch.empty(TT, HV, K, dtype=gf.dtype, device=device)
+    dbeta_solve = torch.empty(TT, HV, **f32)
+    dbeta_part = torch.empty(NKB, TT, HV, **f32)
     NG = NC if opts.use_gate_in_kernel else 0
-    dA_part, ddt_part = torch.zeros(NG, HV, K, **f32), torch.zeros(NG, HV, K, **f32)
+    dA_part, ddt_part = torch.empty(NG, HV, K, **f32), torch.empty(NG, HV, K, **f32)
     h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
     dh0 = torch.zeros(N if h0 is not None else 0, *state_shape, **f32)
+    if h0 is not None and dht is not None and not NC:  # only empty sequences: the state passes through
+        dh0.copy_(dht)
 
     if NC:
         # 0. the forward's intermediates
@@ -92,14 +95,14 @@ def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
                                block_V=min(cfg.bwd_state_BV, V))
         dht_f = dht.to(torch.float32).contiguous() if dht is not None else torch.empty(0, *state_shape, **f32)
         dhn = qf.new_empty(NC, HV, K, V)
-        dvn = torch.zeros(TP, HV, V, **f32)
+        dvn = torch.empty(TP, HV, V, **f32)       # rows past a chunk's end are never read (masked on load)
         state(fwd.qg, fwd.kg, fwd.w, fwd.aqk, fwd.gc, dof, table.chunk_bos, table.chunk_len, table.seq_first,
               table.seq_chunks, dht_f, dhn, dvn, dh0)
         # 2. through W, U and the inverse
         solve = compile_kernel(kda_bwd_solve, target, K, V, C, **task, block_V=min(cfg.bwd_solve_BV, V),
                                threads=cfg.bwd_solve_threads)
-        d_akk = torch.zeros(TP, HV, C, **f32)
-        d_aqk = torch.zeros(TP, HV, C, **f32)
+        d_akk = torch.empty(TP, HV, C, **f32)
+        d_aqk = torch.empty(TP, HV, C, **f32)
         solve(kf, vf, gf, bf, a_log, bias, table.chunk_bos, table.chunk_len, dof, fwd.v_new, dvn, fwd.h, dv, d_akk,
               d_aqk, dbeta_solve)
         # 3. dq, dk, dg

@@ -111,10 +111,10 @@ def recompute_forward(flat, a_log, bias, h0, table, opts, prologue: Prologue, ta
                            threads=cfg.intra_threads, diag_gemm=cfg.diag_gemm)
     TP = TT + C
     f32 = dict(dtype=torch.float32, device=q.device)
-    # padding rows are zeroed: later stages mask them, but a NaN of uninitialised memory would survive 0 * NaN
-    fwd = Forward(w=q.new_zeros(TP, HV, K), u=q.new_zeros(TP, HV, V), qg=q.new_zeros(TP, HV, K),
-                  kg=q.new_zeros(TP, HV, K), aqk=q.new_zeros(TP, HV, C), gc=torch.empty(table.num_chunks, HV, K, **f32),
-                  h=q.new_empty(table.num_chunks, HV, K, V), v_new=q.new_zeros(TP, HV, V))
+    # rows past the last token stay uninitialised: every stage masks rows past a chunk's end by selection
+    fwd = Forward(w=q.new_empty(TP, HV, K), u=q.new_empty(TP, HV, V), qg=q.new_empty(TP, HV, K),
+                  kg=q.new_empty(TP, HV, K), aqk=q.new_empty(TP, HV, C), gc=torch.empty(table.num_chunks, HV, K, **f32),
+                  h=q.new_empty(table.num_chunks, HV, K, V), v_new=q.new_empty(TP, HV, V))
     intra(q, k, v, g, beta, a_log, bias, table.chunk_bos, table.chunk_len, fwd.w, fwd.u, fwd.qg, fwd.kg, fwd.aqk,
           fwd.gc)
     has_h0 = h0 is not None

@@ -115,6 +115,17 @@ def test_tilelang_bwd_causal():
             assert torch.equal(x, y), f"d{n} changed"
 
 
+def test_tilelang_bwd_only_empty_sequences():
+    """No tokens at all: the initial state's gradient is the final state's cotangent, the rest is empty."""
+    q, k = torch.randn(1, 0, 1, 32), torch.randn(1, 0, 1, 32)
+    v, g, beta = torch.randn(1, 0, 2, 32), -torch.rand(1, 0, 2, 32), torch.rand(1, 0, 2)
+    h0, dht = torch.randn(2, 2, 32, 32), torch.randn(2, 2, 32, 32)
+    cu = torch.tensor([0, 0, 0])
+    opts = case_inputs(CASES["fp32_ragged_gva"])[1]
+    dq, dk, dv, dg, dbeta, dh0, _, _ = chunk_kda_bwd(q, k, v, g, beta, h0, cu, None, None, opts, torch.zeros_like(v), dht)
+    assert torch.equal(dh0, dht) and dq.shape == q.shape and dv.shape == v.shape and dbeta.shape == beta.shape
+
+
 def test_tilelang_bwd_rejects_bad_input():
     low, _, opts, do, dht = low_inputs(CASES["fp32_ragged_gva"])
     with pytest.raises(ValueError, match="do must have"):
