@@ -74,6 +74,36 @@ class DecodeConfig:
                              f"column), got {self.decode_threads} and {self.decode_BV}")
 
 
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Config of the chunkwise backward (kernels_tl/chunk_bwd.py).  ``intra_threads``: the intra kernel that
+    recomputes the forward's intermediates (chunk_intra.py); ``states_BV`` the value block of the state recompute;
+    the ``bwd_*`` keys the backward stages' blocks and thread counts (clipped to K, V)."""
+
+    intra_threads: int = 256
+    states_BV: int = 32
+    bwd_state_BV: int = 32
+    bwd_solve_BV: int = 32
+    bwd_solve_threads: int = 256
+    bwd_intra_BK: int = 64
+    bwd_intra_BV: int = 32
+    bwd_intra_threads: int = 256
+    bwd_prologue_BT: int = 32
+
+    def __post_init__(self):
+        _one_of("intra_threads", self.intra_threads, (128, 256))
+        for name in ("states_BV", "bwd_state_BV", "bwd_solve_BV", "bwd_intra_BK", "bwd_intra_BV"):
+            _one_of(name, getattr(self, name), (16, 32, 64, 128))
+        for name in ("bwd_solve_threads", "bwd_intra_threads"):
+            _one_of(name, getattr(self, name), (128, 256))
+        _one_of("bwd_prologue_BT", self.bwd_prologue_BT, (16, 32, 64))
+
+
+def backward_config(config: dict | None = None) -> BackwardConfig:
+    """The :class:`BackwardConfig` of ``config`` (missing fields at their defaults)."""
+    return _from_dict(BackwardConfig, config or {})
+
+
 def chunk_config(config: dict | None = None) -> ChunkConfig:
     """The :class:`ChunkConfig` of ``config`` (missing fields at their defaults)."""
     return _from_dict(ChunkConfig, config or {})

@@ -7,6 +7,12 @@ import pytest
 pytest.importorskip("tilelang")
 
 from kda_compile.kernels_tl.chunk_fused import kda_fused  # noqa: E402
+from kda_compile.kernels_tl.chunk_bwd_intra import kda_bwd_intra  # noqa: E402
+from kda_compile.kernels_tl.chunk_bwd_prologue import kda_bwd_prologue  # noqa: E402
+from kda_compile.kernels_tl.chunk_bwd_recompute import kda_bwd_states  # noqa: E402
+from kda_compile.kernels_tl.chunk_bwd_solve import kda_bwd_solve  # noqa: E402
+from kda_compile.kernels_tl.chunk_bwd_state import kda_bwd_state  # noqa: E402
+from kda_compile.kernels_tl.chunk_intra import kda_intra  # noqa: E402
 from kda_compile.kernels_tl.fused_recurrent import kda_decode, kda_decode_columns  # noqa: E402
 from kda_compile.kernels_tl.gate import Prologue  # noqa: E402
 from kda_compile.kernels_tl.segment_scan import kda_segment_fixup, kda_segment_scan  # noqa: E402
@@ -35,6 +41,25 @@ PROGRAMS = {
     "decode_column_bf16": (kda_decode_columns, (128, 128),
                            dict(dtype="bfloat16", scale=128 ** -0.5, prologue=PLAIN, has_h0=True, store_final=True,
                                 block_V=64), True),
+    # the backward's programs (the intra stage as a kernel of its own: the recompute)
+    "bwd_recompute_intra_bf16": (kda_intra, (128, 128, 64),
+                                 dict(dtype="bfloat16", scale=128 ** -0.5, prologue=PLAIN, threads=256), False),
+    "bwd_states_bf16": (kda_bwd_states, (128, 128, 64), dict(dtype="bfloat16", has_h0=True, block_V=32), False),
+    "bwd_state_bf16": (kda_bwd_state, (128, 128, 64), dict(dtype="bfloat16", scale=128 ** -0.5, has_dht=True,
+                                                          store_dh0=True, block_V=32), True),
+    "bwd_state_fp16_vfirst_c32": (kda_bwd_state, (64, 64, 32), dict(dtype="float16", has_dht=True, store_dh0=True,
+                                                                   state_v_first=True, block_V=32), False),
+    "bwd_solve_bf16_safe": (kda_bwd_solve, (128, 128, 64), dict(dtype="bfloat16", scale=128 ** -0.5, prologue=SAFE,
+                                                               block_V=32, threads=256), True),
+    "bwd_solve_fp32_log_c32": (kda_bwd_solve, (64, 64, 32), dict(dtype="float32", scale=0.125, prologue=PLAIN,
+                                                                block_V=32), False),
+    "bwd_intra_bf16_safe": (kda_bwd_intra, (128, 128, 64), dict(dtype="bfloat16", scale=128 ** -0.5, prologue=SAFE,
+                                                               block_K=64, block_V=32, threads=256), True),
+    "bwd_intra_fp32_log": (kda_bwd_intra, (128, 128, 64), dict(dtype="float32", scale=0.125, prologue=PLAIN,
+                                                              threads=256), True),
+    "bwd_intra_fp16_log_c32": (kda_bwd_intra, (64, 64, 32), dict(dtype="float16", scale=0.125, prologue=PLAIN,
+                                                                block_K=32, block_V=32), False),
+    "bwd_prologue_bf16": (kda_bwd_prologue, (128,), dict(dtype="bfloat16", num_k_blocks=2, prologue=SAFE), False),
 }
 
 
