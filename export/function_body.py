@@ -1,4 +1,4 @@
-"""Body of ``kda_compile::KDA`` as a model-local ONNX function: the chunkwise algorithm of design.md section 1.
+"""Body of ``kda_compile::KDA`` as a model-local ONNX function: the chunkwise algorithm of docs/algorithm.md.
 
 Standard ONNX ops only, so any runtime can run the op; a runtime with a native kernel for our domain overrides
 the function.  Layout of the computation:
@@ -10,7 +10,7 @@ the function.  Layout of the computation:
 2. one ``Loop`` over the NT chunks, carrying the state ``S [B, HV, K, V]``; per chunk only MatMuls and
    element-wise ops:  ``A_qk``/``A_kk`` from the pairwise decays ``D_rs = exp(Gamma_r - Gamma_s)`` (s <= r,
    so every exponent is <= 0), the unit lower-triangular inverse ``(I + A_kk)^-1`` by recursive block doubling
-   (below), then ``W, U, V_new, O, S_next`` exactly as in design.md.
+   (below), then ``W, U, V_new, O, S_next`` exactly as in docs/algorithm.md.
 
 Triangular inverse without a solver op: with ``D_b`` the block-diagonal part of ``L = I + A_kk`` for blocks of
 size b and ``E_b`` the part that ``D_2b`` adds (the lower-left b x b block inside each 2b block),

@@ -2,7 +2,7 @@
 
 ONNX opset 27's ``LinearAttention`` with ``update_rule="gated_delta"`` and a per-key decay input computes
 ``S_t = exp(g_t) S_{t-1} + beta_t k_t (v_t - exp(g_t) S_{t-1}^T k_t)^T``, ``o_t = scale S_t^T q_t`` -- the KDA
-recurrence of design.md section 1 -- and onnxruntime >= 1.32 runs it natively.  Its grouping goes the other way
+recurrence of docs/algorithm.md -- and onnxruntime >= 1.32 runs it natively.  Its grouping goes the other way
 from ours (query heads a multiple of key/value heads), so the body folds the value heads into the batch axis
 (``[B, T, HV, d] -> [B * HV, T, d]``, one head each) after repeating q/k to HV heads; no head counts need to be
 known when the function is built.

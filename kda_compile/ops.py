@@ -2,8 +2,8 @@
 
 The ops are what ``torch.compile`` sees: opaque nodes with fake (meta) implementations, so a model traces
 with ``fullgraph=True``; dispatch to a backend happens inside, at run time.  Autograd goes through
-``kda_compile::kda_bwd``, itself an op (backward through the PyTorch reference for now), so compiled
-training graphs stay whole too.
+``kda_compile::kda_bwd``, itself an op that dispatches to a backend's backward kernels
+(:func:`kda_compile.dispatch.choose_backward`), so compiled training graphs stay whole too.
 
     chunk_kda_fwd          (o, final_state)        chunk form, differentiable
     chunk_kda_fwd_states   (o, final_state, h)     chunk form + state entering each chunk (inference only)

@@ -1,4 +1,4 @@
-"""PyTorch reference of the chunkwise KDA backward (docs/algorithm_backward.md), explicit formulas, no autograd.
+"""PyTorch reference of the chunkwise KDA backward (docs/algorithm.md, "The chunkwise backward"), explicit formulas, no autograd.
 
 :func:`kda_chunkwise_bwd` is the backward of :func:`kda_compile.reference.kda_chunkwise` on prepared inputs
 (prologues applied, q/k repeated to the value heads, padded ``[N, Tp, HV, ...]``): it recomputes the state

@@ -1,4 +1,4 @@
-"""The TileLang chunkwise backward, host side: the stages of docs/algorithm_backward.md in order.
+"""The TileLang chunkwise backward, host side: the stages of docs/algorithm.md, "The chunkwise backward" in order.
 
     0. recompute  (chunk_bwd_recompute.py: ``kda_intra``, ``kda_bwd_states``)  w, u, qg, kg, aqk, gc, h, V_new
     1. state      (chunk_bwd_state.py, ``kda_bwd_state``)      reverse recurrence: dh leaving each chunk, dV_new, dh0

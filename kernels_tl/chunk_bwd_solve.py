@@ -1,5 +1,5 @@
 """Stage 2 of the TileLang backward: through W = T ke, U = T v and the triangular inverse
-(docs/algorithm_backward.md, sections 2-3).
+(docs/algorithm.md, "The chunkwise backward", sections 2-3).
 
 One program per (chunk, value head).  It rebuilds A_kk from k, g, beta (never stored) with the causal
 first-row factoring of the backward: row block i (rows 16 i ..) against the columns s < f = 16 i is one

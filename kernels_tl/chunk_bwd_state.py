@@ -1,4 +1,4 @@
-"""Stage 1 of the TileLang backward: the reverse state recurrence (docs/algorithm_backward.md, section 1).
+"""Stage 1 of the TileLang backward: the reverse state recurrence (docs/algorithm.md, "The chunkwise backward", section 1).
 
 One program per (value-column block, value head, sequence) walks the sequence's chunks from the last to the
 first, holding its ``[K, block_V]`` slice of the float32 state gradient in registers (the V columns never mix):

@@ -16,7 +16,7 @@ import tilelang.language as T
 from .gate import G_FLOOR, Prologue, beta_value, inv_norm, log_decay
 
 ACC = "float32"
-BLOCK = 16  # rows per block of the causal first-row factoring (docs/algorithm_backward.md, section 7)
+BLOCK = 16  # rows per block of the causal first-row factoring (docs/algorithm.md, "The chunkwise backward", section 7)
 
 
 @T.macro

@@ -1,4 +1,4 @@
-"""Host side of the Triton chunkwise backward (docs/algorithm_backward.md): the stages in order.
+"""Host side of the Triton chunkwise backward (docs/algorithm.md, "The chunkwise backward"): the stages in order.
 
 Same conventions as the forward (chunk_fwd.py): a flat token axis ``[TT = B*T, heads, dim]``, one chunk table
 for ragged T and cu_seqlens.  Nothing is stored by the forward; the backward recomputes it:

@@ -1,4 +1,4 @@
-"""Stage 3 of the Triton backward: dq, dk and the gate gradient of every chunk (docs/algorithm_backward.md,
+"""Stage 3 of the Triton backward: dq, dk and the gate gradient of every chunk (docs/algorithm.md, "The chunkwise backward",
 sections 2, 4, 5 and the gate of 6).
 
 One program per (K block, chunk, value head); the K channels never mix here, except in beta's row term,

@@ -1,4 +1,4 @@
-"""Stage 4 of the Triton backward: the q/k and beta prologues (docs/algorithm_backward.md, section 6).
+"""Stage 4 of the Triton backward: the q/k and beta prologues (docs/algorithm.md, "The chunkwise backward", section 6).
 
 One program per (token block, key head):
 

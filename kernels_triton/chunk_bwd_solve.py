@@ -1,4 +1,4 @@
-"""Stage 2 of the Triton backward: through W = T ke, U = T v and the triangular inverse (docs/algorithm_backward.md,
+"""Stage 2 of the Triton backward: through W = T ke, U = T v and the triangular inverse (docs/algorithm.md, "The chunkwise backward",
 sections 2-3).
 
 One program per (chunk, value head).  X = (I + A_kk)^-1 is recomputed from the forward's A_kk with the forward's

@@ -1,4 +1,4 @@
-"""Stage 1 of the Triton backward: the reverse state recurrence (docs/algorithm_backward.md, section 1).
+"""Stage 1 of the Triton backward: the reverse state recurrence (docs/algorithm.md, "The chunkwise backward", section 1).
 
 One program per (V block, sequence, value head) walks the chunks of its sequence from the last to the first,
 keeping its ``[K, BV]`` slice of the float32 state gradient in registers (the V columns never mix):

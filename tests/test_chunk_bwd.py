@@ -114,7 +114,7 @@ def test_reference_bwd_gradcheck(gate):
 
 # ------------------------------------------------------------------------------ autograd through chunk_kda
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "tilelang"])
 def test_autograd_through_chunk_kda_on_each_backend(backend):
     """loss.backward() through the public op with backend= forced: the custom op kda_bwd dispatches to that
     backend's backward, whose gradients match autograd through the float64 reference."""
@@ -124,9 +124,11 @@ def test_autograd_through_chunk_kda_on_each_backend(backend):
     if backend == "triton" and (importlib.util.find_spec("triton") is None or
                                 (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1")):
         pytest.skip("Triton needs a GPU or its interpreter (conftest turns it on without a GPU)")
+    if backend == "tilelang" and importlib.util.find_spec("tilelang") is None:
+        pytest.skip("tilelang is not installed")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(3)
-    B, T, H, HV, K, V = 1, 70, 1, 2, 16, 16
+    B, T, H, HV, K, V = 1, 70, 1, 2, 32, 32
     base = dict(q=torch.randn(B, T, H, K, generator=gen), k=torch.randn(B, T, H, K, generator=gen),
                 v=torch.randn(B, T, HV, V, generator=gen), g=torch.randn(B, T, HV, K, generator=gen),
                 beta=torch.randn(B, T, HV, generator=gen), initial_state=torch.randn(B, HV, K, V, generator=gen) * 0.3,
@@ -147,4 +149,6 @@ def test_autograd_through_chunk_kda_on_each_backend(backend):
         err = ((got[n] - ref[n]).norm() / ref[n].norm()).item()
         assert err < (3e-3 if device == "cuda" else 1e-4), f"d{n}: rel err {err:.3g}"
     leaves = {n: x.to(device, torch.float32) for n, x in base.items()}
-    assert explain(**leaves, **flags, op="chunk_backward", backend=backend).backend.name == backend
+    # the TileLang backward's CUDA build has not run on a GPU yet: there the dispatch falls back, saying why
+    expected = "triton" if backend == "tilelang" and device == "cuda" else backend
+    assert explain(**leaves, **flags, op="chunk_backward", backend=backend).backend.name == expected

@@ -1,4 +1,4 @@
-"""ONNX export of the hybrid model (issue 7): prefill.onnx / decode.onnx pass onnx.checker, hold one
+"""ONNX export of the hybrid model: prefill.onnx / decode.onnx pass onnx.checker, hold one
 kda_compile::KDA node per KDA layer, run unmodified in onnxruntime and match PyTorch in float32 (prefill, then
 16 decode steps from the prefill cache), with both function bodies; the runner names wrong inputs; the CLI
 and the demo step work.  Exports are slow, so each body is exported once per module."""
@@ -15,7 +15,7 @@ from kda_compile.export.__main__ import main as cli_main
 from kda_compile.export.parity import compare, max_rel_err
 from kda_compile.model import KDA, HybridCache, HybridConfig, HybridModel
 
-TOL = 1e-4  # issue 7: max relative error in float32
+TOL = 1e-4  # max relative error in float32
 
 
 @pytest.fixture(scope="module")

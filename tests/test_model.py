@@ -30,7 +30,7 @@ def tokens(B, T, vocab=128):
 def kda_layer_by_hand(layer, x, conv_state=None, state=None, live=False):
     """The KDA layer written out token by token in float64, without kda_compile's reference or ops:
     projections, causal conv as an explicit window sum, SiLU, L2 norm, gate, sigmoid beta, the delta-rule
-    recurrence of design.md section 1, gated RMSNorm, output projection.  ``live``: keep autograd to the
+    recurrence of docs/algorithm.md, gated RMSNorm, output projection.  ``live``: keep autograd to the
     layer's (float64) parameters."""
     P = {n: (t if live else t.detach()).double() for n, t in layer.named_parameters()}
     x = x.double()
