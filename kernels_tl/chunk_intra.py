@@ -26,7 +26,8 @@ inverse and ``k exp(Gamma)`` before the W product, so 0 * NaN cannot leak into e
 
 import tilelang.language as T
 
-from .gate import G_FLOOR, Prologue, beta_value, finite_or_zero, log_decay, row_inv_norms
+from .fused_intra import chunk_gamma, exact_diagonal_entry
+from .gate import Prologue, beta_value, finite_or_zero, row_inv_norms
 from .target import ops_for
 
 ACC = "float32"
@@ -92,15 +93,8 @@ def kda_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
             for r, c in ops.Parallel(C, K):
                 qs[r, c] = T.if_then_else(r < L, T.cast(q[bos + r, h, c], tile), zero)
                 ks[r, c] = T.if_then_else(r < L, T.cast(k[bos + r, h, c], tile), zero)
-                Gs[r, c] = T.if_then_else(
-                    r < L, log_decay(p, T.cast(g[bos + r, hv, c], ACC), A_log[hv], dt_bias[hv, c]), 0.0)
-                Gs[r, c] = T.if_then_else(Gs[r, c] < G_FLOOR, G_FLOOR, Gs[r, c])  # -inf -> G_FLOOR, NaN stays
-            # ---- cumulative decay: one column per thread, running sum in a register
-            for c in ops.Parallel(K):
-                run[0] = 0.0
-                for r in unroll(C):
-                    run[0] = run[0] + Gs[r, c]
-                    Gs[r, c] = run[0]
+            # ---- Gamma: the gate, floored, summed down the chunk
+            chunk_gamma(ops, p, unroll, g, A_log, dt_bias, bos, L, hv, Gs, run)
             # ---- L2-norm factors (row reductions: a serial loop per row would hit one shared bank) and beta
             if p.l2norm:
                 row_inv_norms(ops, qs, sq_f, nq_f, rq)
@@ -137,14 +131,7 @@ def kda_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
             for r, s0 in ops.Parallel(C, block):
                 s = (r // block) * block + s0
                 if s <= r:
-                    run[0] = 0.0
-                    run[1] = 0.0
-                    for c in T.serial(K):
-                        kd_rs = T.cast(ks[s, c], ACC) * T.exp(Gs[r, c] - Gs[s, c])
-                        run[0] = run[0] + T.cast(ks[r, c], ACC) * kd_rs
-                        run[1] = run[1] + T.cast(qs[r, c], ACC) * kd_rs
-                    Akk[r, s] = run[0]
-                    Aqs[r, s] = run[1]
+                    exact_diagonal_entry(ks, qs, Gs, run, Akk, Aqs, r, s)
             # ---- norms, beta, scale and causal masks
             for r, s in ops.Parallel(C, C):
                 Akk[r, s] = T.if_then_else(s < r, finite_or_zero(Akk[r, s] * bs[r] * rk[r] * rk[s]), 0.0)

@@ -33,6 +33,38 @@ def factor_shift(p: Prologue):
     return SPAN / 2, True
 
 
+
+@T.macro
+def exact_diagonal_entry(ks, qs, Gs, run, Akk, Aqk, r, s):
+    """Entry (r, s), s <= r, of a diagonal 16x16 tile of A_kk and A_qk (no row factors, no scale), element-wise
+    over the channels: ``sum_c x_r[c] exp(Gamma_r[c] - Gamma_s[c]) k_s[c]`` for x = k, q, every exponent <= 0.
+    ``run``: two float32 registers of scratch."""
+    run[0] = 0.0
+    run[1] = 0.0
+    for c in T.serial(ks.shape[1]):
+        kd = T.cast(ks[s, c], "float32") * T.exp(Gs[r, c] - Gs[s, c])
+        run[0] = run[0] + T.cast(ks[r, c], "float32") * kd
+        run[1] = run[1] + T.cast(qs[r, c], "float32") * kd
+    Akk[r, s] = run[0]
+    Aqk[r, s] = run[1]
+
+@T.macro
+def chunk_gamma(ops, p: Prologue, unroll, g, A_log, dt_bias, bos, L, hv, Gs, run):
+    """``Gs [C, K]`` = Gamma of rows ``bos .. bos + L`` of value head ``hv``: the log decay (the gate applied when
+    the prologue asks; floored at G_FLOOR, so -inf keeps its meaning and NaN stays NaN; 0 for rows >= L) summed
+    down the chunk, one column per thread with the running sum in the register ``run [1]``."""
+    C, K = Gs.shape
+    for r, c in ops.Parallel(C, K):
+        Gs[r, c] = T.if_then_else(r < L, log_decay(p, T.cast(g[bos + r, hv, c], ACC), A_log[hv], dt_bias[hv, c]),
+                                  0.0)
+        Gs[r, c] = T.if_then_else(Gs[r, c] < G_FLOOR, G_FLOOR, Gs[r, c])
+    for c in ops.Parallel(K):
+        run[0] = 0.0
+        for r in unroll(C):
+            run[0] = run[0] + Gs[r, c]
+            Gs[r, c] = run[0]
+
+
 @T.macro
 def load_chunk(ops, p: Prologue, unroll, dtype: str, q, k, g, beta, A_log, dt_bias, bos, L, h, hv, qs, ks, Gs, bs,
                run, sq, nrm, rq, rk):
@@ -44,17 +76,9 @@ def load_chunk(ops, p: Prologue, unroll, dtype: str, q, k, g, beta, A_log, dt_bi
     for r, c in ops.Parallel(C, K):
         qs[r, c] = T.if_then_else(r < L, T.cast(q[bos + r, h, c], tile), T.cast(0, tile))
         ks[r, c] = T.if_then_else(r < L, T.cast(k[bos + r, h, c], tile), T.cast(0, tile))
-        Gs[r, c] = T.if_then_else(r < L, log_decay(p, T.cast(g[bos + r, hv, c], ACC), A_log[hv], dt_bias[hv, c]),
-                                  0.0)
-        Gs[r, c] = T.if_then_else(Gs[r, c] < G_FLOOR, G_FLOOR, Gs[r, c])  # -inf -> G_FLOOR, NaN stays
     for r in ops.Parallel(C):
         bs[r] = T.if_then_else(r < L, beta_value(p, T.cast(beta[bos + r, hv], ACC)), 0.0)
-    # cumulative decay: one column per thread, running sum in a register
-    for c in ops.Parallel(K):
-        run[0] = 0.0
-        for r in unroll(C):
-            run[0] = run[0] + Gs[r, c]
-            Gs[r, c] = run[0]
+    chunk_gamma(ops, p, unroll, g, A_log, dt_bias, bos, L, hv, Gs, run)
     if p.l2norm:
         _normalise_rows(ops, dtype, qs, sq, nrm, rq)
         _normalise_rows(ops, dtype, ks, sq, nrm, rk)
@@ -129,14 +153,7 @@ def a_products(ops, qs, ks, Gs, bs, exact, d: float, check: bool, scale: float, 
             if exact[r] != 0:
                 s = (r // BLOCK) * BLOCK + s0
                 if s <= r:
-                    run[0] = 0.0
-                    run[1] = 0.0
-                    for c in T.serial(K):
-                        kd = T.cast(ks[s, c], ACC) * T.exp(Gs[r, c] - Gs[s, c])
-                        run[0] = run[0] + T.cast(ks[r, c], ACC) * kd
-                        run[1] = run[1] + T.cast(qs[r, c], ACC) * kd
-                    Akk[r, s] = run[0]
-                    aqk[r, s] = run[1]
+                    exact_diagonal_entry(ks, qs, Gs, run, Akk, aqk, r, s)
     # causal masks, beta and scale, by selection (an entry above the diagonal may be inf or NaN)
     for r, s in ops.Parallel(C, C):
         Akk[r, s] = T.if_then_else(s < r, finite_or_zero(Akk[r, s] * bs[r]), 0.0)
