@@ -17,6 +17,7 @@ summary onto the rank that produced it.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -25,6 +26,10 @@ import torch.distributed.nn.functional as dist_fn
 
 from .api import chunk_kda
 from .cp_context import KDAContext, Segment, build_cp_context, shard, unshard  # noqa: F401  (re-exported)
+
+# Pass 1 runs as one chunk_kda call with the value K columns wider when K + V is at most this (the widest
+# head dim the GPU kernels take), else as two calls of widths V and K.
+WIDE_PASS1_MAX = 128
 
 __all__ = ["KDAContext", "build_cp_context", "chunk_kda_cp", "shard", "unshard", "gather_with_backward"]
 
@@ -126,7 +131,7 @@ def chunk_kda_cp(q, k, v, g, beta, scale=None, initial_state=None, output_final_
                  use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False,
                  allow_neg_eigval=False, safe_gate=False, lower_bound=None, disable_recompute=False,
                  state_v_first=False, cu_seqlens=None, *, cp_context: KDAContext, chunk_size=64, A_log=None,
-                 dt_bias=None, backend=None):
+                 dt_bias=None, backend=None, pass1_wide=None):
     """``chunk_kda`` on this rank's tokens of a sequence (or varlen pack) split over ``cp_context``'s ranks.
 
     Arguments as :func:`kda_compile.chunk_kda` (flash-linear-attention's keywords), with ``q, k, v, g, beta``
@@ -136,6 +141,8 @@ def chunk_kda_cp(q, k, v, g, beta, scale=None, initial_state=None, output_final_
     ``(o [1, T_local, HV, V], final_state [N, HV, K, V] or None)``; the final state of every sequence is
     returned on every rank (use it in a loss on one rank only, or its gradient counts once per rank).
     Every rank must call this, and in a training step backpropagate through ``o`` or the final state.
+    ``pass1_wide`` forces pass 1 into one call with the value widened to V + K (True) or two calls (False);
+    by default one call when ``K + V <= WIDE_PASS1_MAX``.
     """
     _check_cp(q, v, cp_context, initial_state, cu_seqlens, state_v_first)
     ctx = cp_context
@@ -145,18 +152,23 @@ def chunk_kda_cp(q, k, v, g, beta, scale=None, initial_state=None, output_final_
     state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
 
     # 1. pass 1: local outputs | scaled effective queries, summaries [C | M]
-    v_wide = torch.cat([v, v.new_zeros(*v.shape[:3], K)], -1)
     start = _pass1_state(ctx, initial_state, HV, K, V, state_dtype, q.device)
-    local_cu = ctx.cu_seqlens_cpu.to(q.device)
-    o_wide, summary = chunk_kda(q, k, v_wide, g, beta, scale=scale, initial_state=start, output_final_state=True,
-                                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-                                use_gate_in_kernel=use_gate_in_kernel,
-                                use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
-                                allow_neg_eigval=allow_neg_eigval, safe_gate=safe_gate, lower_bound=lower_bound,
-                                disable_recompute=disable_recompute, cu_seqlens=local_cu,
-                                cu_seqlens_cpu=ctx.cu_seqlens_cpu, chunk_size=chunk_size, A_log=A_log,
-                                dt_bias=dt_bias, backend=backend)
-    o_local, q_eff = o_wide[..., :V], o_wide[..., V:]
+    run = functools.partial(
+        chunk_kda, q, k, g=g, beta=beta, scale=scale, output_final_state=True,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
+        use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
+        safe_gate=safe_gate, lower_bound=lower_bound, disable_recompute=disable_recompute,
+        cu_seqlens=ctx.cu_seqlens_cpu.to(q.device), cu_seqlens_cpu=ctx.cu_seqlens_cpu, chunk_size=chunk_size,
+        A_log=A_log, dt_bias=dt_bias, backend=backend)
+    zeros = v.new_zeros(*v.shape[:3], K)
+    wide = K + V <= WIDE_PASS1_MAX if pass1_wide is None else bool(pass1_wide)
+    if wide:
+        o_wide, summary = run(v=torch.cat([v, zeros], -1), initial_state=start)
+        o_local, q_eff = o_wide[..., :V], o_wide[..., V:]
+    else:  # two calls of the usual widths (the kernels' head dims), the intra-chunk work done twice
+        o_local, C = run(v=v, initial_state=start[..., :V].contiguous())
+        q_eff, M = run(v=zeros, initial_state=start[..., V:].contiguous())
+        summary = torch.cat([C, M], -1)
 
     # 2. one collective: every rank's summaries, padded to the same number of slots
     pad = ctx.max_segments_per_rank - summary.shape[0]

@@ -24,6 +24,8 @@ CASES = {
         dict(name="one sequence, fp32, gate in kernel", offsets=[0, 150], dtype=torch.float32,
              gate_in_kernel=True, **KDA),
         dict(name="varlen straddling, fp64", offsets=[0, 37, 40, 130, 131, 200], dtype=torch.float64, **KDA),
+        dict(name="varlen, fp32, pass 1 in two calls", offsets=[0, 37, 40, 130, 131, 200], dtype=torch.float32,
+             pass1_wide=False, **KDA),
         dict(name="varlen head+tail, fp32, state V-first", offsets=[0, 70, 200], dtype=torch.float32,
              layout="head_tail", state_v_first=True, unshard=True, **KDA),
         dict(name="conv halo", offsets=[0, 5, 60, 100], conv_size=4, seed=1),
