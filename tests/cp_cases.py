@@ -40,6 +40,10 @@ def global_inputs(offsets, H, HV, K, V, seed, gate_in_kernel):
     return x, params, weights
 
 
+def _to(tensors: dict, device) -> dict:
+    return {key: t.to(device) for key, t in tensors.items()}
+
+
 def _single_process(x, params, w, cu, opts, dtype):
     """The whole pack in one process, in ``dtype``: outputs and gradients by name (global tensors)."""
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -63,12 +67,14 @@ def run_kda_case(case, rank, world):
     if v_first:
         x["initial_state"] = x["initial_state"].transpose(-1, -2).contiguous()
         w["final"] = w["final"].transpose(-1, -2).contiguous()
-    cu = torch.tensor(offsets, dtype=torch.long)
+    device = case.get("device", "cpu")
+    x, params, w = _to(x, device), _to(params, device), _to(w, device)
+    cu = torch.tensor(offsets, dtype=torch.long, device=device)
     ref = _single_process(x, params, w, cu, opts, dtype)
     ref64 = _single_process(x, params, w, cu, opts, torch.float64) if dtype != torch.float64 else None
     # context parallel
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    ctx = build_cp_context(cu, layout=case.get("layout", "contiguous"), rank_pieces=case.get("pieces"))
+    ctx = build_cp_context(cu.cpu(), layout=case.get("layout", "contiguous"), rank_pieces=case.get("pieces"))
     cp_in = {key: shard(t.to(dtype), ctx).requires_grad_() for key, t in x.items() if key != "initial_state"}
     cp_in["initial_state"] = x["initial_state"].to(state_dtype).requires_grad_()
     cp_par = {key: t.to(dtype).requires_grad_() for key, t in params.items()}
@@ -95,7 +101,7 @@ def run_kda_case(case, rank, world):
     # the output reassembled from every rank equals the single-process output (checks shard/unshard too)
     if case.get("unshard"):
         sizes = [sum(b - a for a, b in ps) for ps in ctx.rank_pieces]   # gloo gathers equal sizes: pad
-        padded = torch.zeros(1, max(sizes), *o.shape[2:], dtype=o.dtype)
+        padded = o.new_zeros(1, max(sizes), *o.shape[2:])
         padded[:, :o.shape[1]] = o.detach()
         gathered = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(gathered, padded)
@@ -118,9 +124,10 @@ def run_conv_case(case, rank, world):
     """The halo exchange: a convolution of each local piece with its halo equals the global convolution."""
     offsets, width = case["offsets"], case["conv_size"]
     gen = torch.Generator().manual_seed(case["seed"])
-    x = torch.randn(1, offsets[-1], 3, generator=gen, dtype=torch.float64)
-    weight = torch.randn(3, width, generator=gen, dtype=torch.float64)
-    w = torch.randn(1, offsets[-1], 3, generator=gen, dtype=torch.float64)
+    device = case.get("device", "cpu")
+    x, weight, w = (t.to(device) for t in (torch.randn(1, offsets[-1], 3, generator=gen, dtype=torch.float64),
+                                           torch.randn(3, width, generator=gen, dtype=torch.float64),
+                                           torch.randn(1, offsets[-1], 3, generator=gen, dtype=torch.float64)))
     x_ref = x.clone().requires_grad_()
     y_ref = causal_conv(x_ref, weight, offsets)
     (y_ref * w).sum().backward()
@@ -144,12 +151,17 @@ def run_conv_case(case, rank, world):
     return {"conv": (rel_err(y, shard(y_ref, ctx)),), "dx_conv": (rel_err(x_loc.grad, shard(x_ref.grad, ctx)),)}
 
 
-def worker(rank, world, port, cases, results):
-    """Entry point of one spawned gloo process; puts ``(rank, {case name: errors})`` or ``(rank, traceback)``."""
+def worker(rank, world, port, cases, results, backend="gloo"):
+    """Entry point of one spawned process (``backend`` "gloo" on CPU, "nccl" on GPU ``rank``); puts
+    ``(rank, {case name: errors})`` or ``(rank, traceback)``."""
     try:
         torch.set_num_threads(1)
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            cases = [dict(case, device=f"cuda:{rank}") for case in cases]
+        else:
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=60))
         out = {}
         for case in cases:

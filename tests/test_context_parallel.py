@@ -49,12 +49,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_group(world: int, cases: list) -> dict:
-    """Spawn ``world`` gloo processes that run ``cases``; every rank's errors, or the first failure."""
+def _run_group(world: int, cases: list, backend: str = "gloo") -> dict:
+    """Spawn ``world`` processes that run ``cases``; every rank's errors, or the first failure."""
     spawn = mp.get_context("spawn")
     results = spawn.Queue()
     port = _free_port()
-    procs = [spawn.Process(target=cp_cases.worker, args=(r, world, port, cases, results), daemon=True)
+    procs = [spawn.Process(target=cp_cases.worker, args=(r, world, port, cases, results, backend), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
@@ -85,20 +85,33 @@ def _within_tolerance(errors: tuple, dtype) -> bool:
     return len(errors) == 3 and errors[1] <= 2.0 * errors[2]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_context_parallel_matches_single_process(world):
-    collected = _run_group(world, CASES[world])
+def _check_group(world: int, backend: str) -> None:
+    collected = _run_group(world, CASES[world], backend)
     rows, bad = [], []
     for case in CASES[world]:
         dtype = case.get("dtype", torch.float64)
         for rank in range(world):
             for metric, errors in collected[rank][case["name"]].items():
-                rows.append(f"W={world} {case['name']:42s} rank {rank} {metric:16s} "
+                rows.append(f"{backend} W={world} {case['name']:42s} rank {rank} {metric:16s} "
                             + " ".join(f"{e:.2e}" for e in errors))
                 if not _within_tolerance(errors, dtype):
                     bad.append(rows[-1])
     print("\nerrors: vs single process [, CP vs float64, single float32 vs float64]\n" + "\n".join(rows))
     assert not bad, "above tolerance:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_context_parallel_matches_single_process(world):
+    _check_group(world, "gloo")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [2, 4])
+def test_context_parallel_nccl(world):
+    """The same cases with NCCL, one process per GPU (float32 on the GPU backends the dispatch picks)."""
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs, found {torch.cuda.device_count()}")
+    _check_group(world, "nccl")
 
 
 # ------------------------------------------------------------------------ the layout, without processes
