@@ -130,7 +130,7 @@ def _incoming_states(ctx, summaries, V, initial_state, dtype, HV, K, device):
 def chunk_kda_cp(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                  use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False,
                  allow_neg_eigval=False, safe_gate=False, lower_bound=None, disable_recompute=False,
-                 state_v_first=False, cu_seqlens=None, *, cp_context: KDAContext, chunk_size=64, A_log=None,
+                 state_v_first=False, cu_seqlens=None, cu_seqlens_cpu=None, *, cp_context: KDAContext, chunk_size=64, A_log=None,
                  dt_bias=None, backend=None, pass1_wide=None):
     """``chunk_kda`` on this rank's tokens of a sequence (or varlen pack) split over ``cp_context``'s ranks.
 
@@ -144,7 +144,8 @@ def chunk_kda_cp(q, k, v, g, beta, scale=None, initial_state=None, output_final_
     ``pass1_wide`` forces pass 1 into one call with the value widened to V + K (True) or two calls (False);
     by default one call when ``K + V <= WIDE_PASS1_MAX``.
     """
-    _check_cp(q, v, cp_context, initial_state, cu_seqlens, state_v_first)
+    _check_cp(q, v, cp_context, initial_state, cu_seqlens if cu_seqlens is not None else cu_seqlens_cpu,
+              state_v_first)
     ctx = cp_context
     HV, K, V = v.shape[2], q.shape[3], v.shape[3]
     if initial_state is not None and state_v_first:
