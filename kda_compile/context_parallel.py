@@ -94,8 +94,7 @@ def _pass1_state(ctx, initial_state, HV, K, V, dtype, device):
     eye = torch.eye(K, dtype=dtype, device=device).expand(HV, K, K)
     rows = []
     for s in ctx.local_segments:
-        first = ctx.sequence_segments(s.seq)[0] is s
-        if first and initial_state is not None:
+        if ctx.starts_sequence(s) and initial_state is not None:
             start = initial_state[s.seq].to(dtype)
         else:
             start = torch.zeros(HV, K, V, dtype=dtype, device=device)

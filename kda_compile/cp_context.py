@@ -12,6 +12,7 @@ metadata is exchanged.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -96,15 +97,17 @@ class KDAContext:
     @cached_property
     def segments(self) -> tuple:
         """All segments of all ranks, in global sequence order."""
-        found = []
+        found, offsets = [], self.seq_offsets
         for rank, pieces in enumerate(self.rank_pieces):
             local, slot = 0, 0
             for start, end in pieces:
-                for n in range(self.num_global_seqs):
-                    lo, hi = max(start, self.seq_offsets[n]), min(end, self.seq_offsets[n + 1])
+                n = bisect.bisect_right(offsets, start) - 1      # the sequence holding token `start`
+                while n < self.num_global_seqs and offsets[n] < end:
+                    lo, hi = max(start, offsets[n]), min(end, offsets[n + 1])
                     if lo < hi:
                         found.append(Segment(n, lo, hi, rank, slot, local + lo - start))
                         slot += 1
+                    n += 1
                 local += end - start
         return tuple(sorted(found, key=lambda s: s.start))
 
@@ -117,9 +120,20 @@ class KDAContext:
     def max_segments_per_rank(self) -> int:
         return max(sum(1 for s in self.segments if s.rank == r) for r in range(self.world_size))
 
+    @cached_property
+    def _segments_by_seq(self) -> tuple:
+        grouped = [[] for _ in range(self.num_global_seqs)]
+        for s in self.segments:
+            grouped[s.seq].append(s)
+        return tuple(tuple(g) for g in grouped)
+
     def sequence_segments(self, n: int) -> tuple:
         """The segments of global sequence n, in order."""
-        return tuple(s for s in self.segments if s.seq == n)
+        return self._segments_by_seq[n]
+
+    def starts_sequence(self, segment: Segment) -> bool:
+        """Whether ``segment`` holds the first token of its sequence."""
+        return segment.start == self.seq_offsets[segment.seq]
 
     @cached_property
     def cu_seqlens_cpu(self) -> torch.Tensor:

@@ -23,7 +23,8 @@ CASES = {
     2: [
         dict(name="one sequence, fp32, gate in kernel", offsets=[0, 150], dtype=torch.float32,
              gate_in_kernel=True, **KDA),
-        dict(name="varlen straddling, fp64", offsets=[0, 37, 40, 130, 131, 200], dtype=torch.float64, **KDA),
+        dict(name="varlen straddling, empty sequences, fp64", offsets=[0, 37, 40, 40, 100, 100, 130, 131, 200],
+             dtype=torch.float64, **KDA),
         dict(name="varlen, fp32, pass 1 in two calls", offsets=[0, 37, 40, 130, 131, 200], dtype=torch.float32,
              pass1_wide=False, **KDA),
         dict(name="varlen head+tail, fp32, state V-first", offsets=[0, 70, 200], dtype=torch.float32,
@@ -122,6 +123,10 @@ def test_context_segments_and_local_offsets():
     assert [(s.seq, s.start, s.end) for s in ctx.local_segments] == [(2, 100, 130), (3, 130, 131), (4, 131, 200)]
     assert ctx.cu_seqlens.tolist() == [0, 30, 31, 100]
     assert [len(ctx.sequence_segments(n)) for n in range(5)] == [1, 1, 2, 1, 1]
+    assert [ctx.starts_sequence(s) for s in ctx.local_segments] == [False, True, True]
+    empty = build_cp_context(torch.tensor([0, 0, 4, 4, 10]), rank=1, world_size=2)
+    assert [(s.seq, s.start, s.end, s.local_start) for s in empty.local_segments] == [(3, 5, 10, 0)]
+    assert empty.sequence_segments(0) == () and empty.sequence_segments(2) == ()
     ht = build_cp_context(total_tokens=203, layout="head_tail", rank=0, world_size=4)
     assert ht.local_pieces == ((0, 26), (178, 203))
     assert ht.summary_bytes(heads=16, key_dim=128, value_dim=128) == 2 * 16 * 128 * 256 * 4
