@@ -129,8 +129,8 @@ def _incoming_states(ctx, summaries, V, initial_state, dtype, HV, K, device):
 def chunk_kda_cp(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                  use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False,
                  allow_neg_eigval=False, safe_gate=False, lower_bound=None, disable_recompute=False,
-                 state_v_first=False, cu_seqlens=None, cu_seqlens_cpu=None, *, cp_context: KDAContext, chunk_size=64, A_log=None,
-                 dt_bias=None, backend=None, pass1_wide=None):
+                 state_v_first=False, cu_seqlens=None, cu_seqlens_cpu=None, *, cp_context: KDAContext,
+                 chunk_size=64, A_log=None, dt_bias=None, backend=None, pass1_wide=None):
     """``chunk_kda`` on this rank's tokens of a sequence (or varlen pack) split over ``cp_context``'s ranks.
 
     Arguments as :func:`kda_compile.chunk_kda` (flash-linear-attention's keywords), with ``q, k, v, g, beta``
