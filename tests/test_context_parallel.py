@@ -1,5 +1,6 @@
 """Context-parallel chunk_kda over torch.distributed: 2 and 4 gloo processes on 127.0.0.1 against the
-single-process chunk_kda (float32: 1e-6 relative; float64: 1e-12; bfloat16: as close to float64), for outputs, final states, gradients
+single-process chunk_kda (float32: 1e-6 relative; float64: 1e-12; bfloat16: as close to float64 as the
+single process), for outputs, final states, gradients
 (inputs, initial state, gate parameters), varlen packs straddling ranks, the head + tail layout, arbitrary
 piece assignments and the convolution halo.  The cases themselves are in tests/cp_cases.py."""
 from __future__ import annotations
