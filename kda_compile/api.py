@@ -65,11 +65,22 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     Returns ``(o [B, T, HV, V], final_state or None)``, or ``(o, final_state, h)`` with
     ``return_intermediate_states`` (inference only; ``h`` is the state entering each chunk).
     ``backend`` forces ``"tilelang"``, ``"triton"`` or ``"reference"``; ``disable_recompute`` is accepted
-    for compatibility and has no effect on the reference backward.  FLA's context-parallel / graph keywords
-    (``cp_context``, ``use_graph``, ``max_num_seqs``) are accepted at FLA's defaults only; FLA's deprecated
+    for compatibility.  ``cp_context`` (:func:`kda_compile.context_parallel.build_cp_context`) splits one
+    sequence or pack over the ranks of a process group (:func:`kda_compile.context_parallel.chunk_kda_cp`); FLA's
+    graph keywords (``use_graph``, ``max_num_seqs``) are accepted at FLA's defaults only; FLA's deprecated
     ``transpose_state_layout`` means ``state_v_first`` (with a DeprecationWarning).
     """
     state_v_first = legacy_state_layout(kwargs, state_v_first)
+    if kwargs.get("cp_context") is not None:  # one sequence (or pack) split over ranks: context_parallel.py
+        if return_intermediate_states:
+            raise ValueError("return_intermediate_states is not supported with cp_context")
+        from .context_parallel import chunk_kda_cp
+        cp_context = kwargs.pop("cp_context")
+        reject_unknown_keywords(kwargs, "chunk_kda")
+        return chunk_kda_cp(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+                            use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval, safe_gate, lower_bound,
+                            disable_recompute, state_v_first, cu_seqlens, cu_seqlens_cpu, cp_context=cp_context,
+                            chunk_size=chunk_size, A_log=A_log, dt_bias=dt_bias, backend=backend)
     reject_unknown_keywords(kwargs, "chunk_kda")
     _, opts = _check(q, k, v, g, beta, initial_state=initial_state, cu_seqlens=cu_seqlens,
                      cu_seqlens_cpu=cu_seqlens_cpu, A_log=A_log, dt_bias=dt_bias, scale=scale,

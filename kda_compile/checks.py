@@ -79,8 +79,8 @@ def reject_unknown_keywords(kwargs: dict, function: str) -> None:
             if _is_default(value, FLA_ONLY_KEYWORDS[key]):
                 continue
             raise ValueError(f"{function}: `{key}` (flash-linear-attention context parallel / graph mode) is "
-                             f"not supported by kda_compile; leave it at its default "
-                             f"({key}={FLA_ONLY_KEYWORDS[key]!r}) or remove it")
+                             f"not supported here; leave it at its default ({key}={FLA_ONLY_KEYWORDS[key]!r}) or "
+                             f"remove it (chunk_kda takes cp_context: kda_compile.context_parallel)")
         raise TypeError(f"{function}() got an unexpected keyword argument '{key}'")
 
 

@@ -53,7 +53,7 @@ BAD = [
      ValueError, "lower_bound"),
     ("safe gate out of range", dict(A_log=torch.zeros(H)),
      dict(use_gate_in_kernel=True, safe_gate=True, lower_bound=-7.0), ValueError, "[-5, 0)"),
-    ("FLA-only keyword", {}, dict(cp_context=object()), ValueError, "cp_context"),
+    ("cp_context of the wrong type", {}, dict(cp_context=object()), TypeError, "cp_context must be a KDAContext"),
     ("FLA graph mode", {}, dict(use_graph=True), ValueError, "use_graph"),
     ("FLA max_num_seqs", {}, dict(max_num_seqs=4), ValueError, "max_num_seqs"),
     ("unknown keyword", {}, dict(not_an_argument=1), TypeError, "not_an_argument"),
@@ -69,11 +69,12 @@ def test_bad_input_chunk(desc, override, extra, error, text):
     assert text in str(info.value), f"message {str(info.value)!r} lacks {text!r}"
 
 
-@pytest.mark.parametrize("desc,override,extra,error,text",
-                         [b for b in BAD if b[0] not in ("chunk size", "safe gate without bound",
-                                                        "safe gate out of range")],
-                         ids=[b[0] for b in BAD if b[0] not in ("chunk size", "safe gate without bound",
-                                                               "safe gate out of range")])
+CHUNK_ONLY = ("chunk size", "safe gate without bound", "safe gate out of range", "cp_context of the wrong type")
+RECURRENT_BAD = [b for b in BAD if b[0] not in CHUNK_ONLY] + [
+    ("FLA context parallel", {}, dict(cp_context=object()), ValueError, "cp_context")]
+
+
+@pytest.mark.parametrize("desc,override,extra,error,text", RECURRENT_BAD, ids=[b[0] for b in RECURRENT_BAD])
 def test_bad_input_recurrent(desc, override, extra, error, text):
     with pytest.raises(error) as info:
         call(fused_recurrent_kda, base(**override), **extra)
