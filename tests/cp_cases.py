@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from kda_compile import chunk_kda
+import kda_compile
 from kda_compile.context_parallel import build_cp_context, chunk_kda_cp, shard, unshard
 from kda_compile.cp_conv import exchange_conv_halo
 
@@ -78,7 +79,10 @@ def run_kda_case(case, rank, world):
     cp_in = {key: shard(t.to(dtype), ctx).requires_grad_() for key, t in x.items() if key != "initial_state"}
     cp_in["initial_state"] = x["initial_state"].to(state_dtype).requires_grad_()
     cp_par = {key: t.to(dtype).requires_grad_() for key, t in params.items()}
-    o, s = chunk_kda_cp(**cp_in, **cp_par, cp_context=ctx, pass1_wide=case.get("pass1_wide"), **opts)
+    if case.get("public_api"):  # FLA's spelling: chunk_kda(..., cp_context=ctx)
+        o, s = kda_compile.chunk_kda(**cp_in, **cp_par, cp_context=ctx, **opts)
+    else:
+        o, s = chunk_kda_cp(**cp_in, **cp_par, cp_context=ctx, pass1_wide=case.get("pass1_wide"), **opts)
     loss = (o * shard(w["o"].to(dtype), ctx)).sum() + ((s * w["final"].to(dtype)).sum() if rank == 0 else 0)
     loss.backward()
     # shared leaves (replicated on every rank): their gradient is the sum over ranks, as DDP would reduce it

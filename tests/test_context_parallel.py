@@ -31,6 +31,8 @@ CASES = {
         dict(name="varlen head+tail, fp32, state V-first", offsets=[0, 70, 200], dtype=torch.float32,
              layout="head_tail", state_v_first=True, unshard=True, **KDA),
         dict(name="varlen straddling, bf16", offsets=[0, 37, 40, 130, 131, 200], dtype=torch.bfloat16, **KDA),
+        dict(name="through chunk_kda(cp_context=...), fp64", offsets=[0, 37, 40, 200], dtype=torch.float64,
+             public_api=True, **KDA),
         dict(name="conv halo", offsets=[0, 5, 60, 100], conv_size=4, seed=1),
     ],
     4: [
