@@ -200,6 +200,7 @@ def choose(call: KDACall, backend: str | None = None) -> Choice:
     rejected: dict[str, str] = dict(_UNAVAILABLE)
     found = tuning_table.lookup(call)
     record, source = found if found else (None, None)
+    unfit = tuning_table.unfit_backends(call)  # never picked unless named with backend=
     if backend:
         chosen = get_backend(backend)
         why_not = (chosen.supports_forced or chosen.supports)(call)
@@ -212,7 +213,7 @@ def choose(call: KDACall, backend: str | None = None) -> Choice:
         if preferred not in _REGISTRY:
             rejected[preferred] = f"named by {ENV_BACKEND} but not registered"
         else:
-            why_not = _REGISTRY[preferred].supports(call)
+            why_not = unfit.get(preferred) or _REGISTRY[preferred].supports(call)
             if why_not is None:
                 chosen = _REGISTRY[preferred]
                 return Choice(call.op, chosen, _tuned_config(record, chosen, call), f"{ENV_BACKEND}={preferred}",
@@ -221,7 +222,8 @@ def choose(call: KDACall, backend: str | None = None) -> Choice:
 
     if record is not None:
         name = record.get("backend")
-        why_not = _REGISTRY[name].supports(call) if name in _REGISTRY else "not registered in this process"
+        why_not = unfit.get(name) or (_REGISTRY[name].supports(call) if name in _REGISTRY
+                                      else "not registered in this process")
         if why_not is None:
             bad = config_error(_REGISTRY[name], call.op, record.get("config", {}))
             why_not = f"its tuned config is not valid in this version ({bad})" if bad else None
@@ -233,7 +235,7 @@ def choose(call: KDACall, backend: str | None = None) -> Choice:
 
     for name in _ORDER:
         candidate = _REGISTRY[name]
-        why_not = candidate.supports(call)
+        why_not = unfit.get(name) or candidate.supports(call)
         if why_not is None:
             reason = "first backend in default order that supports the call"
             if record is None:
