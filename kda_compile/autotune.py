@@ -334,7 +334,9 @@ def main(argv=None) -> int:
     parser.add_argument("--bucket", action="append", default=[],
                         help="tune only this bucket key (repeatable), e.g. chunk/bf16/K128V128/T8k/dense/log/l2n/p0")
     parser.add_argument("--backends", default=None, help="only these backends (default: all registered)")
-    parser.add_argument("--budget", type=float, default=None, help="stop after this many seconds (resumable)")
+    parser.add_argument("--budget", type=float, default=300.0,
+                        help="stop after this many seconds, keeping the best found; a rerun resumes "
+                             "(default 300; 0: no limit)")
     parser.add_argument("--max-configs", type=int, default=None, help="try at most this many configs per backend")
     parser.add_argument("--force", action="store_true", help="re-measure buckets already in the table")
     parser.add_argument("--output", default=None, help="write this table file instead of the user's cache")
@@ -378,7 +380,8 @@ def main(argv=None) -> int:
         return 0
     print(f"tuning {len(shapes)} bucket(s) on {device} with backends "
           f"{_csv(args.backends) if args.backends else dispatch.backends()}", file=sys.stderr)
-    finished = tune(shapes, device, backends=_csv(args.backends) if args.backends else None, budget_s=args.budget,
+    finished = tune(shapes, device, backends=_csv(args.backends) if args.backends else None,
+                    budget_s=args.budget or None,
                     force=args.force, output=output, seed=args.seed, max_configs=args.max_configs)
     print(f"done: {len(finished)} bucket(s) tuned", file=sys.stderr)
     return 0

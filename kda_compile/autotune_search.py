@@ -27,12 +27,25 @@ def stage_of(config: dict) -> frozenset:
 
 
 def stages(configs: list[dict]) -> list[list[dict]]:
-    """``configs`` grouped by :func:`stage_of`, stages in order of first appearance (the default ``{}`` dropped)."""
+    """The moves of each stage, stages in order of first appearance (:func:`stage_of`; the default ``{}``
+    dropped).  A stage whose configs are the full product of their knobs' values (e.g. V block x warps x
+    stages) is searched one knob at a time: its moves are ``{knob: value}``; any other stage (coupled knobs,
+    such as a layout and its thread count) moves by whole configs."""
     groups: dict[frozenset, list[dict]] = {}
     for config in configs:
         if config:
             groups.setdefault(stage_of(config), []).append(config)
-    return list(groups.values())
+    out = []
+    for group in groups.values():
+        knobs = list(dict.fromkeys(key for config in group for key in config))
+        values = {knob: list(dict.fromkeys(c.get(knob) for c in group)) for knob in knobs}
+        product = 1
+        for vals in values.values():
+            product *= len(vals)
+        full = len(knobs) > 1 and all(set(c) == set(knobs) for c in group) and \
+            len({tuple(sorted(c.items(), key=str)) for c in group}) == product
+        out.append([{knob: value} for knob in knobs for value in values[knob]] if full else group)
+    return out
 
 
 def _label(backend: str, config: dict) -> str:

@@ -6,11 +6,13 @@ check.  For every call the dispatch picks, in order of precedence:
 1. an explicit ``backend=`` argument (an error if that backend cannot run the call),
 2. the ``KDA_COMPILE_BACKEND`` environment variable (a preference: falls back, with the reason, if it cannot),
 3. the table ``python -m kda_compile.autotune`` measured on this GPU (:mod:`kda_compile.tuning_table`),
-4. a table we measured and ship for this GPU model (``kda_compile/tables/``),
+4. a table we measured and ship for this GPU model, else one of the same compute capability, marked borrowed
+   (``kda_compile/tables/``),
 5. the default order, :data:`DEFAULT_ORDER` (fastest measured first; the reference last, it runs everything).
    It is fixed here, not by which module happened to be imported first.
 
-A forced or preferred backend still takes its kernel config from the tables when they measured it.
+A forced or preferred backend still takes its kernel config from the tables when they measured it.  A backend the
+autotune found outside the dtype's tolerance is never picked for that dtype unless named with ``backend=``.
 
 Each kernel package has a ``backend`` module that registers its backend through :func:`register_backend` when it
 is imported (on first use of the dispatch); a package that cannot import records the import error, and

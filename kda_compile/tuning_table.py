@@ -15,7 +15,15 @@ advisory lock, merging with what another process wrote meanwhile.  A corrupted f
 other library versions, gives one warning and is ignored (dispatch falls back), never a crash.
 
 Tables we measured ship in the package (``kda_compile/tables/*.json``); they apply to the same GPU model and
-compute capability whatever the library versions, below a table the user tuned.
+compute capability whatever the library versions, below a table the user tuned.  A GPU model without a shipped
+table borrows one of the same compute capability (one measured with the same SM count first), and the dispatch's
+reason says it is borrowed.
+
+Entries are read through :func:`normalize_entries`: keys of the older 5-part form map to the bucket they were
+measured in, and within one sequence class every entry is held to the class anchor's backend and bit-changing
+knobs (batch invariance).  A record also carries the tuner's progress (``timed``, ``done``), the default's time
+(``default``), backends dropped as too slow (``dropped``) and backends outside the dtype's tolerance (``unfit``:
+never picked for that dtype, :func:`unfit_backends`).
 """
 from __future__ import annotations
 

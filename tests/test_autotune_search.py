@@ -30,6 +30,18 @@ SPACE = [{"a_x": 2}, {"b_y": 2}, {"a_x": 3}, {"b_y": 3}, {"b_y": 4}]
 def test_stages_group_by_knob_prefix_in_order():
     groups = stages([{}, {"state_BV": 16, "state_warps": 8}, {"o_BK": 64}, {"state_BV": 32, "state_warps": 4}])
     assert groups == [[{"state_BV": 16, "state_warps": 8}, {"state_BV": 32, "state_warps": 4}], [{"o_BK": 64}]]
+    # a full product (3 x 2 x 2 = 12 configs) is searched knob by knob: 3 + 2 + 2 moves
+    product = [{"state_BV": bv, "state_warps": w, "state_stages": s} for bv in (16, 32, 64) for w in (4, 8)
+               for s in (2, 3)]
+    assert stages(product) == [[{"state_BV": 16}, {"state_BV": 32}, {"state_BV": 64}, {"state_warps": 4},
+                                {"state_warps": 8}, {"state_stages": 2}, {"state_stages": 3}]]
+
+
+def test_triton_chunk_space_is_small_enough_for_the_time_budget():
+    """The Triton forward's space, searched stage by stage and knob by knob: a few dozen timings per bucket."""
+    from kda_compile.kernels_triton import chunk_fwd
+    moves = sum(len(stage) for stage in stages(chunk_fwd.get_configs()))
+    assert 10 <= moves <= 24, moves
 
 
 def test_search_is_greedy_per_stage_not_the_product():
