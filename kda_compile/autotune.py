@@ -295,7 +295,10 @@ def explain_table(shapes: list[TuneShape], device: str, log=print) -> None:
     for shape in shapes:
         call = make_call(shape.bucket, shape.N, min(shape.T, 256), shape.H, shape.HV, device, 0)
         if shape.bucket.op == "chunk" and shape.T > 256:  # classify by the real length, build small tensors
-            call.problem = Problem(**{**call.problem.__dict__, "T": shape.T})
+            varlen = shape.bucket.layout == "varlen"
+            call.problem = Problem(**{**call.problem.__dict__, "T": shape.N * shape.T if varlen else shape.T})
+            if varlen:  # offsets as on the GPU (not readable without a sync): classed by the packed length
+                call.cu_seqlens = call.cu_seqlens.to("meta")
         log(f"{shape.bucket.key}:")
         log("  " + str(dispatch.choose(call)).replace("\n", "\n  "))
         found = tuning_table.lookup(call)

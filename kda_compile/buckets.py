@@ -21,16 +21,18 @@ parallelism  sequences x value heads against the GPU's SM count: ``p0`` (fewer t
              4x), ``p4`` (more); ``any`` for an entry measured without the class (older tables)
 ===========  =======================================================================================
 
-Batch invariance.  A sequence must give the same bits alone, in a batch and in a varlen pack.  The layout and
-the parallelism class depend on the batch, not on the sequence, so they may only select knobs that leave the
-bits unchanged (warps, pipelining stages, V blocking: :data:`BIT_NEUTRAL`).  The backend and every other knob
-(K blocking, precision, the inverse's diagonal method, the TileLang segment length: :data:`BIT_CHANGING`) are
-chosen per *sequence class*, :attr:`Bucket.sequence_key` (op, dtype, dims, length, gate, flags); the tuner and
-the table loader enforce it.
+Batch invariance.  A sequence must give the same bits alone, in a batch and in a varlen pack.  The layout, the
+parallelism class and, for a pack, the length class depend on the batch, not on the sequence, so they may only
+select knobs that leave the bits unchanged (warps, pipelining stages, V blocking: :data:`BIT_NEUTRAL`).  The
+backend and every other knob (K blocking, precision, the inverse's diagonal method, the TileLang segment length:
+:data:`BIT_CHANGING`) are chosen per *sequence class*, :attr:`Bucket.sequence_key` (op, dtype, dims, gate,
+prologue flags); the tuner and the table loader enforce it.  The length is left out of the sequence class on
+purpose: a pack holds sequences of several length classes and is run with one config, so only knobs that are
+equal across length classes keep every sequence's bits whatever pack it is in.
 
-Varlen packs are classed by their longest sequence when the offsets can be read without a device sync (CPU
-``cu_seqlens``); otherwise by the packed length T, an upper bound, which can put a pack of short sequences in a
-longer length class than its sequences alone (documented fallback: pass CPU offsets to keep the class exact).
+Varlen packs are classed (for the bit-neutral knobs) by their longest sequence when the offsets can be read
+without a device sync (CPU ``cu_seqlens``); otherwise by the packed length T, an upper bound (the fallback: the
+common case of GPU offsets; the default varlen bucket is tuned at that class).
 """
 from __future__ import annotations
 
@@ -101,7 +103,7 @@ class Bucket:
     @property
     def sequence_key(self) -> str:
         """The per-sequence class: backend and bit-changing knobs are shared by all buckets with this key."""
-        return f"{self.op}/{self.dtype}/K{self.K}V{self.V}/{self.length}/{self.gate}/{self.flags}"
+        return f"{self.op}/{self.dtype}/K{self.K}V{self.V}/{self.gate}/{self.flags}"
 
     def any_parallelism(self) -> "Bucket":
         return replace(self, parallelism="any")
@@ -207,8 +209,10 @@ class TuneShape:
 
 def tune_shape(op: str, dtype: str, D: int, N: int, T: int, H: int, layout: str = "dense", gate: str = "log",
                flags: str = "l2n", sms: int = 1) -> TuneShape:
-    """The :class:`TuneShape` of N sequences of T tokens, with the bucket :func:`bucket_of` gives such a call."""
-    bucket = Bucket(op, dtype, D, D, length_class(op, T), layout, gate, flags, parallelism_class(N, H, sms))
+    """The :class:`TuneShape` of N sequences of T tokens, with the bucket :func:`bucket_of` gives such a call
+    (a varlen pack of them with its offsets on the GPU: classed by the packed length N·T)."""
+    length = length_class(op, N * T if layout == "varlen" else T)
+    bucket = Bucket(op, dtype, D, D, length, layout, gate, flags, parallelism_class(N, H, sms))
     return TuneShape(bucket, N, T, H, H)
 
 
@@ -239,6 +243,10 @@ def default_tune_shapes(device: str, dtypes=("bf16",), dims=(128,), ops=("chunk"
                 if "chunk" in ops:
                     first += [shape("chunk", 1, 32768, 16), shape("chunk", 4, 4096, 16, "varlen")]
                     rest += [shape("chunk", 16, 1024, 16), shape("chunk", 8, 4096, 32)]
-    order = {"chunk/T8k/dense": 0, "recurrent/t1/dense": 1, "chunk/Tlong/dense": 2, "chunk/T8k/varlen": 3}
-    first.sort(key=lambda s: order.get(f"{s.bucket.op}/{s.bucket.length}/{s.bucket.layout}", 9))  # stable
+    def rank(s: TuneShape) -> int:
+        b = s.bucket
+        if b.layout == "varlen":
+            return 3
+        return {"chunk/T8k": 0, "recurrent/t1": 1, "chunk/Tlong": 2}.get(f"{b.op}/{b.length}", 9)
+    first.sort(key=rank)  # stable
     return first + rest

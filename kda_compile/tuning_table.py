@@ -200,6 +200,9 @@ def normalize_entries(entries: dict) -> tuple[dict, list[str]]:
             del out[key]
             continue
         fixed = dict(record)
+        missing = {n: r for n, r in anchor.get("per_backend", {}).items() if n not in record.get("per_backend", {})}
+        if missing:  # a forced backend must run the class's bit-changing knobs here too
+            fixed["per_backend"] = {**record.get("per_backend", {}), **missing}
         for name, mine in [(None, record)] + list(record.get("per_backend", {}).items()):
             backend = name or record["backend"]
             theirs = anchor if name is None else anchor.get("per_backend", {}).get(name)

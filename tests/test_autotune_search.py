@@ -143,7 +143,7 @@ def test_default_buckets_most_used_first(monkeypatch):
     shapes = buckets.default_tune_shapes("cuda", dtypes=("bf16",), dims=(128,))
     kinds = [f"{s.bucket.op}/{s.bucket.length}/{s.bucket.layout}" for s in shapes]
     assert kinds[:8] == ["chunk/T8k/dense"] * 2 + ["recurrent/t1/dense"] * 2 + ["chunk/Tlong/dense"] * 2 + \
-        ["chunk/T8k/varlen"] * 2
+        ["chunk/Tlong/varlen"] * 2   # 4 x 4096 tokens, offsets on the GPU: classed by the packed T
     assert {s.bucket.gate for s in shapes} == {"log", "safe"}
     b8 = [s for s in shapes if (s.N, s.T, s.H) == (8, 4096, 32)]
     b2 = [s for s in shapes if (s.N, s.T, s.H) == (2, 8192, 16)]
@@ -237,11 +237,14 @@ def test_backend_outside_the_dtype_tolerance_is_never_chosen(knobs):
     found = autotune.tune([shape], "cpu", backends=["knobs", "reference"], log=lambda *a: None)
     record = found[shape.bucket.key]
     assert "knobs" in record["unfit"] and record["backend"] == "reference"
-    args = make_inputs(B=1, T=1500, H=1, K=8, V=8, dtype=torch.float16)   # another fp16 bucket (T8k)
+    args = make_inputs(B=1, T=1500, H=1, K=8, V=8, dtype=torch.float16)
     q, k, v, g, beta = (args.pop(n) for n in ("q", "k", "v", "g", "beta"))
-    choice = explain(q, k, v, g, beta, **args)
-    assert choice.backend.name == "reference"
+    # an fp16 bucket of another sequence class, with no entry: the default order would put knobs first
+    choice = explain(q, k, v, g, beta, use_qk_l2norm_in_kernel=True, **args)
+    assert choice.backend.name == "reference" and "default order" in choice.reason
     assert "misses the fp16 tolerance" in choice.rejected["knobs"]
+    assert explain(q.float(), k.float(), v.float(), g.float(), beta.float(), use_qk_l2norm_in_kernel=True,
+                   **args).backend.name == "knobs"   # fine for fp32
     assert autotune.TOLERANCE["fp16"] >= 1e-2
 
 
