@@ -265,7 +265,8 @@ def tune(shapes: list[TuneShape], device: str, backends: list[str] | None = None
     if out_of_time:
         log(f"time budget of {budget_s:.0f} s used up: best configs so far kept in {path}; run again to resume")
     log("gains over the default config (" + str(path) + "):")
-    for line in gain_lines(finished):
+    entries = table()
+    for line in gain_lines({s.bucket.key: entries[s.bucket.key] for s in shapes if s.bucket.key in entries}):
         log("  " + line)
     return finished
 

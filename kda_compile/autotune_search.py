@@ -81,15 +81,17 @@ class BucketSearch:
 
     # ------------------------------------------------------------------------------------------ the record
     def record(self) -> dict | None:
-        good = [(ms, name, cfg) for name, cfg, ms, _ in self.timed if ms is not None]
+        # the winner comes from the backend the sequence class fixed (others are timed for the gain only)
+        good = [(ms, name, cfg) for name, cfg, ms, _ in self.timed
+                if ms is not None and (self.fixed is None or name == self.fixed[0])]
         if not good:
             return None
         ms, backend, config = min(good, key=lambda t: t[0])
         per_backend = {}
         for t_ms, name, cfg in sorted(good, key=lambda t: t[0]):
             per_backend.setdefault(name, {"config": cfg, "time_ms": t_ms})
-        defaults = {name: (cfg, t) for name, cfg, t, _ in self.timed if t is not None and
-                    cfg == self._start(next(c for c in self.candidates if c.name == name))}
+        plain = {c.name: c.default for c in self.candidates}   # what the dispatch runs without a table
+        defaults = {name: (cfg, t) for name, cfg, t, _ in self.timed if t is not None and cfg == plain.get(name)}
         untuned = self.untuned if self.untuned in defaults else min(defaults, key=lambda n: defaults[n][1],
                                                                    default=None)
         record = {"backend": backend, "config": config, "time_ms": ms, "bucket": self.key,
@@ -151,6 +153,9 @@ class BucketSearch:
                     if ms > DROP_RATIO * best:
                         self.dropped[name] = f"default {ms:.3f} ms > {DROP_RATIO}x the best default {best:.3f} ms"
                         self.log(f"{self.key}: dropped {name}: {self.dropped[name]}")
+            untuned = next((c for c in self.candidates if c.name == self.untuned), None)
+            if untuned is not None:  # the gain is measured against what the dispatch runs without a table
+                self._time(untuned.name, dict(untuned.default), counts)
             for cand in cands:
                 if cand.name not in defaults or cand.name in self.dropped:
                     continue

@@ -213,6 +213,7 @@ def test_parallelism_classes_differ_only_in_bit_neutral_knobs(knobs):
     assert a["config"] == {"order": 3, "state_BV": 32}
     assert b["config"] == {"order": 3, "state_BV": 16}   # its own neutral knob, the class's bit-changing one
     assert a["anchor"] and not b["anchor"]
+    assert b["default"] == {"backend": "knobs", "config": {}, "time_ms": 5.0}   # the untuned dispatch's config
     assert any("fixed by its sequence class" in line for line in lines)
     # a table edited (or tuned by an older version) to break the rule is repaired when loaded
     entries = {alone.bucket.key: a, batch.bucket.key: dict(b, config={"order": 2, "state_BV": 16}),
@@ -304,3 +305,13 @@ def test_a_call_that_runs_elsewhere_never_imports_tilelang():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_a_fixed_bucket_never_takes_another_backend():
+    def measure(name, config):
+        return (1.0 if name == "other" else 3.0), None
+
+    cands = [Candidate("mine", {}, [{"state_BV": 16}]), Candidate("other", {}, [])]
+    record = BucketSearch("k", cands, measure, fixed=("mine", {}), untuned="other", log=lambda *a: None).run()
+    assert record["backend"] == "mine" and set(record["per_backend"]) == {"mine"}
+    assert record["default"]["backend"] == "other" and not record["anchor"]
