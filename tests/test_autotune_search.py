@@ -315,3 +315,35 @@ def test_a_fixed_bucket_never_takes_another_backend():
     record = BucketSearch("k", cands, measure, fixed=("mine", {}), untuned="other", log=lambda *a: None).run()
     assert record["backend"] == "mine" and set(record["per_backend"]) == {"mine"}
     assert record["default"]["backend"] == "other" and not record["anchor"]
+
+
+# ------------------------------------------------------------------------------------------- on a GPU
+
+@pytest.mark.gpu
+def test_tuned_dispatch_keeps_batch_invariance_on_cuda(tmp_path, monkeypatch):
+    """Tune a single sequence and a batch of 8 (other parallelism classes, maybe other bit-neutral knobs) and a
+    varlen pack with the real backends, then check one sequence gives the same bits alone, in the batch and in
+    the pack; and that the tuned table says what tuning gained."""
+    from kda_compile import chunk_kda
+    from kda_compile.buckets import tune_shape
+    monkeypatch.setenv("KDA_COMPILE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("KDA_COMPILE_BACKEND", raising=False)
+    tuning_table.invalidate()
+    T, H, D = 2048, 4, 128
+    shapes = [tune_shape("chunk", "bf16", D, N, T, H, sms=buckets.sm_count("cuda")) for N in (1, 8)]
+    lines = []
+    found = autotune.tune(shapes, "cuda", max_configs=6, log=lines.append)
+    assert len(found) == 2 and any("(" in line and "x)" in line for line in lines)
+    one, eight = (found[s.bucket.key] for s in shapes)
+    assert one["backend"] == eight["backend"]
+    assert buckets.bit_changing_part(one["backend"], one["config"]) == \
+        buckets.bit_changing_part(eight["backend"], eight["config"])
+    args = make_inputs(B=8, T=T, H=H, K=D, V=D, dtype=torch.bfloat16, device="cuda", seed=1)
+    q, k, v, g, beta, h0 = (args[n] for n in ("q", "k", "v", "g", "beta", "initial_state"))
+    batch, _ = chunk_kda(q, k, v, g, beta, initial_state=h0, use_qk_l2norm_in_kernel=True)
+    alone, _ = chunk_kda(q[:1], k[:1], v[:1], g[:1], beta[:1], initial_state=h0[:1], use_qk_l2norm_in_kernel=True)
+    flat = [x.reshape(1, 8 * T, *x.shape[2:]) for x in (q, k, v, g, beta)]
+    cu = torch.arange(0, 8 * T + 1, T, device="cuda", dtype=torch.int32)
+    pack, _ = chunk_kda(*flat, initial_state=h0, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+    assert torch.equal(batch[:1], alone) and torch.equal(pack[:, :T], alone)
+    tuning_table.invalidate()
