@@ -289,8 +289,24 @@ def _tables(device) -> tuple:
         _notes[user_source], _notes[source] = user_notes, shipped_notes
         for note in user_notes:
             _warn_once(user_source + note, f"kda_compile: {user_source}: {note}")
-        _cache[key] = ((user, user_source), (shipped, source) if name else ({}, None))
+        _cache[key] = tuple(_indexed(entries, src) for entries, src in
+                            ((user, user_source), (shipped, source) if name else ({}, None)))
     return _cache[key]
+
+
+def _indexed(entries: dict, source: str | None) -> tuple:
+    """(entries, source, {sequence key: its keys, anchor first}, {(op, dtype): {backend: reason}}), so a
+    lookup parses no keys."""
+    from .buckets import Bucket
+    classes: dict[str, list[str]] = {}
+    unfit: dict[tuple, dict[str, str]] = {}
+    for key in sorted(entries, key=lambda k: (not entries[k].get("anchor"), k)):
+        bucket = Bucket.parse(key)
+        classes.setdefault(bucket.sequence_key, []).append(key)
+        for name, why in entries[key].get("unfit", {}).items():
+            unfit.setdefault((bucket.op, bucket.dtype), {}).setdefault(
+                name, f"misses the {bucket.dtype} tolerance ({source}, {key}: {why})")
+    return entries, source, classes, unfit
 
 
 def table_notes() -> dict[str, list[str]]:
@@ -305,11 +321,10 @@ def lookup(call) -> tuple[dict, str] | None:
     One table answers for a whole sequence class (the user's when it has an entry of the class, else the
     shipped one), so every bucket of the class runs the same backend and bit-changing knobs: the bucket's own
     entry, else the class entry of any parallelism, else the class's anchor (another layout or parallelism)."""
-    from .buckets import Bucket, bucket_of
+    from .buckets import bucket_of
     bucket = bucket_of(call)
-    for entries, source in _tables(call.problem.device):
-        same_class = sorted((k for k in entries if Bucket.parse(k).sequence_key == bucket.sequence_key),
-                            key=lambda k: (not entries[k].get("anchor"), k))
+    for entries, source, classes, _ in _tables(call.problem.device):
+        same_class = classes.get(bucket.sequence_key)
         if not same_class:
             continue
         for key in (bucket.key, bucket.any_parallelism().key):
@@ -322,13 +337,10 @@ def lookup(call) -> tuple[dict, str] | None:
 def unfit_backends(call) -> dict[str, str]:
     """Backends the tables found outside the tolerance of ``call``'s dtype (any bucket of that op and dtype):
     {backend: reason}.  The dispatch never picks them for that dtype."""
-    from .buckets import DTYPE_NAMES, Bucket
-    dtype = DTYPE_NAMES.get(call.problem.dtype)
+    from .buckets import DTYPE_NAMES
+    wanted = (call.op, DTYPE_NAMES.get(call.problem.dtype))
     out: dict[str, str] = {}
-    for entries, source in _tables(call.problem.device):
-        for key, record in entries.items():
-            bucket = Bucket.parse(key)
-            if bucket.op == call.op and bucket.dtype == dtype:
-                for name, why in record.get("unfit", {}).items():
-                    out.setdefault(name, f"misses the {dtype} tolerance ({source}, {key}: {why})")
+    for _, _, _, unfit in _tables(call.problem.device):
+        for name, why in unfit.get(wanted, {}).items():
+            out.setdefault(name, why)
     return out
