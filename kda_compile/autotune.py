@@ -1,14 +1,15 @@
 """``python -m kda_compile.autotune``: measure, per shape bucket, the fastest correct backend and kernel config
 on this machine and persist it for the dispatch (:mod:`kda_compile.dispatch` reads it).
 
-For each bucket (:mod:`kda_compile.buckets`) and each registered backend that supports it, every candidate
-config is first run on a small ragged problem (with initial state, and varlen for varlen buckets) and checked
-against the float64 reference; a config that is wrong or crashes is recorded as rejected and never timed.
-A backend that cannot run the bucket at all (no GPU, other head dims) is recorded as skipped, with its
-reason, and is not counted as rejected.
-Survivors are timed at the bucket's representative shape (median; ``triton.testing.do_bench`` on a GPU), and
-the winner is written to the tuned table (:mod:`kda_compile.tuning_table`) as soon as its bucket finishes, so
-an interrupted run resumes where it stopped.
+Buckets (:mod:`kda_compile.buckets`) are tuned most used first.  In each, every backend's default config is
+checked and timed first; a backend whose default misses the dtype's tolerance is recorded as unfit for that dtype
+(the dispatch never picks it), one whose default is more than 1.5x the best default is dropped; the others are
+searched one stage at a time around the current best (:mod:`kda_compile.autotune_search`).  Every config is
+first run on a small ragged problem (initial state, varlen for varlen buckets) against the float64 reference and
+only timed when correct; a wrong or crashing config is recorded as rejected.  The table is written after every
+timed config (best so far, atomically), with the timings, so a run stopped by ``--budget`` keeps its results
+and a rerun resumes where it stopped.  Bit-changing knobs and the backend are fixed per sequence class by the
+class's first tuned bucket (batch invariance).  The end of a run prints each bucket's gain over the default.
 """
 from __future__ import annotations
 
@@ -16,49 +17,27 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from . import dispatch, tuning_table
-from .buckets import NAME_DTYPES, Bucket, TuneShape, default_tune_shapes
+from .autotune_search import BucketSearch, Candidate, OutOfTime
+from .buckets import GATES, NAME_DTYPES, Bucket, TuneShape, bit_changing_part, default_tune_shapes, sm_count
 from .checks import Problem
 from .reference import KDAOptions, kda_reference
 
-TOLERANCE = {"fp64": 1e-8, "fp32": 2e-3, "fp16": 2e-2, "bf16": 2e-2}  # fp32 may use tf32 tensor cores
-
-
-@dataclass
-class BucketResult:
-    """What tuning one bucket found."""
-
-    bucket: Bucket
-    shape: TuneShape
-    timings: list = field(default_factory=list)   # (ms, backend, config)
-    rejected: dict = field(default_factory=dict)  # "backend config" -> why it was wrong or crashed
-    skipped: dict = field(default_factory=dict)   # backend -> why it cannot run this bucket here
-
-    def record(self) -> dict | None:
-        if not self.timings:
-            return None
-        ms, backend, config = min(self.timings, key=lambda t: t[0])
-        per_backend = {}
-        for t_ms, name, cfg in sorted(self.timings, key=lambda t: t[0]):
-            per_backend.setdefault(name, {"config": cfg, "time_ms": t_ms})
-        s = self.shape
-        return {"backend": backend, "config": config, "time_ms": ms, "bucket": self.bucket.key,
-                "shape": f"N{s.N} T{s.T} H{s.H} HV{s.HV}", "per_backend": per_backend,
-                "candidates": len(self.timings) + len(self.rejected), "rejected": self.rejected,
-                "skipped": self.skipped}
+# Relative error allowed per input dtype: the GPU tolerances of the tests (tests/test_chunk.py GPU_TOL; float32
+# products may run as TF32 where PyTorch allows it).  A backend whose default misses it is unfit for that dtype.
+TOLERANCE = {"fp64": 1e-8, "fp32": 3e-3, "fp16": 1e-2, "bf16": 3e-2}
 
 
 # ----------------------------------------------------------------------------------------- problem setup
 
 def make_call(bucket: Bucket, N: int, T: int, H: int, HV: int, device: str, seed: int,
               with_state: bool = True, ragged: bool = False) -> dispatch.KDACall:
-    """A KDACall of the bucket's op/dtype/dims with fresh random inputs (log-space gate, q/k L2 norm in
-    kernel).  ``ragged`` makes varlen sequences of unequal lengths."""
+    """A KDACall of the bucket's op/dtype/dims/gate/prologues with fresh random inputs.  ``ragged`` makes
+    varlen sequences of unequal lengths."""
     gen = torch.Generator().manual_seed(seed)
     dtype = NAME_DTYPES[bucket.dtype]
     K, V = bucket.K, bucket.V
@@ -76,17 +55,25 @@ def make_call(bucket: Bucket, N: int, T: int, H: int, HV: int, device: str, seed
     def rand(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float32)
 
+    flags = set(bucket.flags.split("+"))
     q, k, v = rand(B, total, H, K), rand(B, total, H, K), rand(B, total, HV, V)
-    g = torch.nn.functional.logsigmoid(rand(B, total, HV, K) + 3.0)
-    beta = torch.rand(B, total, HV, generator=gen)
+    if "l2n" not in flags:
+        k = k / K ** 0.5
+    in_kernel = bucket.gate != "log"
+    g = rand(B, total, HV, K) if in_kernel else torch.nn.functional.logsigmoid(rand(B, total, HV, K) + 3.0)
+    beta = rand(B, total, HV) if "bsig" in flags else torch.rand(B, total, HV, generator=gen)
     q, k, v, g, beta = (x.to(device=device, dtype=dtype) for x in (q, k, v, g, beta))
-    state = (rand(N, HV, K, V) * 0.1).to(device=device, dtype=torch.float64 if dtype == torch.float64
-                                          else torch.float32) if with_state else None
+    fp = torch.float64 if dtype == torch.float64 else torch.float32
+    state = (rand(N, HV, K, V) * 0.1).to(device=device, dtype=fp) if with_state else None
+    A_log = (rand(HV) * 0.5).to(device=device, dtype=fp) if in_kernel else None
+    dt_bias = (rand(HV * K) * 0.5).to(device=device, dtype=fp) if in_kernel else None
     problem = Problem(B=B, T=total, H=H, HV=HV, K=K, V=V, N=N, varlen=varlen, dtype=dtype,
                       device=torch.device(device))
-    opts = KDAOptions(scale=K ** -0.5, use_qk_l2norm_in_kernel=True)
-    return dispatch.KDACall(bucket.op, problem, opts, q, k, v, g, beta, state, cu_seqlens,
-                            output_final_state=True)
+    opts = KDAOptions(scale=K ** -0.5, use_qk_l2norm_in_kernel="l2n" in flags, use_gate_in_kernel=in_kernel,
+                      use_beta_sigmoid_in_kernel="bsig" in flags, allow_neg_eigval="neg" in flags,
+                      lower_bound=-5.0 if bucket.gate == "safe" else None)
+    return dispatch.KDACall(bucket.op, problem, opts, q, k, v, g, beta, state, cu_seqlens, A_log=A_log,
+                            dt_bias=dt_bias, output_final_state=True)
 
 
 def check_config(backend: dispatch.Backend, config: dict, call: dispatch.KDACall, tolerance: float) -> str | None:
@@ -98,8 +85,9 @@ def check_config(backend: dispatch.Backend, config: dict, call: dispatch.KDACall
     except Exception as exc:  # a crashing config is rejected, not fatal
         return f"crashed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     tensors = [x.double() if x is not None and x.is_floating_point() else x
-               for x in (call.q, call.k, call.v, call.g, call.beta, call.initial_state)]
-    ref_o, ref_state = kda_reference(*tensors, cu_seqlens=call.cu_seqlens, opts=call.opts,
+               for x in (call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.A_log, call.dt_bias)]
+    q, k, v, g, beta, state0, A_log, dt_bias = tensors
+    ref_o, ref_state = kda_reference(q, k, v, g, beta, state0, call.cu_seqlens, A_log, dt_bias, opts=call.opts,
                                      algorithm="recurrent" if call.op == "recurrent" else "chunk")
     for name, got, want in (("output", o, ref_o), ("final state", state, ref_state)):
         if got is None:
@@ -168,22 +156,28 @@ def progress(total: int, stream=None):
 
 # ---------------------------------------------------------------------------------------------- tuning
 
-def _candidates(backend: dispatch.Backend, call: dispatch.KDACall) -> list[dict]:
-    """The backend's search space with its default config first (so a short --max-configs or time budget
-    still measures the config the dispatch would otherwise use), without duplicates."""
-    default = backend.default_config(call)
-    out = [default]
-    for config in backend.configs(call):
-        if config not in out:
-            out.append(config)
-    return out
+def _anchor(entries: dict, bucket: Bucket) -> tuple | None:
+    """(backend, bit-changing knobs) fixed for ``bucket`` by an entry of its sequence class, or None."""
+    for key in sorted(entries, key=lambda k: (not entries[k].get("anchor"), k)):
+        other = Bucket.parse(key)
+        if key != bucket.key and other.sequence_key == bucket.sequence_key and "backend" in entries[key]:
+            record = entries[key]
+            return record["backend"], bit_changing_part(record["backend"], record.get("config", {}))
+    return None
+
+
+def _untuned_backend(call: dispatch.KDACall, names: list[str]) -> str | None:
+    """The backend the dispatch would run without a table (first of the default order that supports it)."""
+    return next((n for n in dispatch.backends() if n in names and dispatch.get_backend(n).supports(call) is None),
+                None)
 
 
 def tune(shapes: list[TuneShape], device: str, backends: list[str] | None = None, budget_s: float | None = None,
          force: bool = False, output=None, seed: int = 0, max_configs: int | None = None,
          log=print) -> dict:
-    """Tune ``shapes``; returns {bucket key: winner record}.  Finished buckets are written to the table
-    (``output`` path or the user's table) right away; buckets already there are skipped unless ``force``."""
+    """Tune ``shapes`` in order; returns {bucket key: record} of the buckets that have a record.  The table
+    (``output`` path or the user's table) is written after every timed config; finished buckets are skipped
+    unless ``force``, unfinished ones resume with the timings already recorded."""
     names = [b for b in dispatch.backends() if backends is None or b in backends]
     if backends:
         unknown = sorted(set(backends) - set(dispatch.backends()))
@@ -191,88 +185,135 @@ def tune(shapes: list[TuneShape], device: str, backends: list[str] | None = None
             raise ValueError(f"--backends: {unknown} not registered here (registered: {dispatch.backends()})")
     identity = tuning_table.machine_identity(device)
     path = output or tuning_table.table_path(identity)
-    existing = tuning_table._read(path) if path.exists() else None
-    done = existing["entries"] if existing and existing["identity"] == identity else {}
+    sms = sm_count(device)
 
-    plan = []  # (shape, backend, [configs])
+    def table() -> dict:
+        existing = tuning_table._read(path) if path.exists() else None
+        entries = existing["entries"] if existing and existing["identity"] == identity else {}
+        return tuning_table.normalize_entries(entries)[0]
+
+    plan = []  # (shape, [Candidate], skipped)
+    total = 0
     for shape in shapes:
-        if shape.bucket.key in done and not force:
+        entry = table().get(shape.bucket.key)
+        if entry and entry.get("done", True) and not force:
             log(f"skip {shape.bucket.key}: already in {path} (use --force to re-measure)")
             continue
         call = make_call(shape.bucket, shape.N, shape.T, shape.H, shape.HV, device, seed)
+        cands, skipped = [], {}
         for name in names:
             backend = dispatch.get_backend(name)
             why_not = backend.supports(call)
-            configs = _candidates(backend, call) if why_not is None else []
-            plan.append((shape, backend, configs[:max_configs] if max_configs else configs, why_not))
-    total = sum(max(1, len(configs)) for _, _, configs, _ in plan)
+            if why_not is not None:
+                skipped[name] = why_not
+                continue
+            default = backend.default_config(call)
+            space = [c for c in backend.configs(call) if c and {**default, **c} != default]
+            cands.append(Candidate(name, default, space))
+            total += 1 + len(space) if max_configs is None else min(max_configs, 1 + len(space))
+        total += len(skipped)
+        plan.append((shape, cands, skipped, _untuned_backend(call, names)))
     step, close_progress = progress(total)
     started = time.perf_counter()
-    results: dict[str, BucketResult] = {}
     finished: dict[str, dict] = {}
     out_of_time = False
 
-    for index, (shape, backend, configs, why_not) in enumerate(plan):
+    for shape, cands, skipped, untuned in plan:
         key = shape.bucket.key
-        result = results.setdefault(key, BucketResult(shape.bucket, shape))
-        if why_not is not None:
-            result.skipped[backend.name] = why_not
-            step(f"{key} {backend.name}: skipped: {why_not}")
-        for number, config in enumerate(configs):
+        for name, why in skipped.items():
+            step(f"{key} {name}: skipped: {why}")
+        timing_call = make_call(shape.bucket, shape.N, shape.T, shape.H, shape.HV, device, seed)
+        small = make_call(shape.bucket, 2, 2 * 64 + 37 if shape.bucket.op == "chunk" else
+                          (1 if shape.bucket.length == "t1" else 3), shape.H, shape.HV, device, seed + 1, ragged=True)
+
+        def measure(name: str, config: dict) -> tuple:
             if budget_s is not None and time.perf_counter() - started > budget_s:
-                out_of_time = True
-                break
-            label = f"{backend.name} {config}"
-            small = make_call(shape.bucket, 2, 2 * 64 + 37 if shape.bucket.op == "chunk" else
-                              (1 if shape.bucket.length == "t1" else 3), shape.H, shape.HV, device, seed + 1,
-                              ragged=True)
+                raise OutOfTime
+            backend = dispatch.get_backend(name)
             reason = check_config(backend, config, small, TOLERANCE[shape.bucket.dtype])
             if reason:
-                result.rejected[label] = reason
-                step(f"{key} {backend.name} config {number + 1}/{len(configs)}: rejected ({reason[:60]})")
-                continue
+                return None, reason
             try:
-                call = make_call(shape.bucket, shape.N, shape.T, shape.H, shape.HV, device, seed)
-                ms = time_config(backend, config, call)
+                return time_config(backend, config, timing_call), None
             except Exception as exc:
-                result.rejected[label] = f"crashed while timing: {type(exc).__name__}: {exc}"[:300]
-                step(f"{key} {backend.name} config {number + 1}/{len(configs)}: crashed")
-                continue
-            result.timings.append((ms, backend.name, config))
-            step(f"{key} {backend.name} config {number + 1}/{len(configs)}: {ms:.3f} ms")
-        if out_of_time:
+                return None, f"crashed while timing: {type(exc).__name__}: {exc}"[:300]
+
+        entries = table()
+        prior = None if force else entries.get(key)
+        fixed = _anchor(entries, shape.bucket)
+        if fixed is not None:
+            log(f"{key}: backend {fixed[0]} and bit-changing knobs {fixed[1]} fixed by its sequence class "
+                f"(batch invariance); searching the bit-neutral knobs only")
+        s = shape
+        search = BucketSearch(
+            key, cands, measure, log=log, step=step, fixed=fixed, untuned=untuned, prior=prior,
+            max_configs=max_configs,
+            save=lambda record: tuning_table.write_entries({key: record}, identity, path, sm_count=sms),
+            extra={"shape": f"N{s.N} T{s.T} H{s.H} HV{s.HV}", "skipped": skipped})
+        record = search.run()
+        if record is not None:
+            finished[key] = record
+        if not search.done:
+            out_of_time = True
             break
-        last_of_bucket = index + 1 == len(plan) or plan[index + 1][0].bucket.key != key
-        if last_of_bucket:
-            record = result.record()
-            if record:
-                tuning_table.write_entries({key: record}, identity, path)
-                finished[key] = record
-                skipped = "".join(f", {name} skipped: {why}" for name, why in result.skipped.items())
-                log(f"{key}: {record['backend']} {record['config']} {record['time_ms']:.3f} ms "
-                    f"({record['candidates']} candidates, {len(record['rejected'])} rejected{skipped}) -> {path}")
-            else:
-                log(f"{key}: no correct candidate; rejected: {result.rejected}; skipped: {result.skipped}")
+        if record is None:
+            log(f"{key}: no correct candidate; skipped: {skipped}")
+        else:
+            log(f"{key}: {record['backend']} {record['config']} {record['time_ms']:.3f} ms "
+                f"({record['candidates']} timed or checked, {len(record['rejected'])} rejected) -> {path}")
     close_progress()
     if out_of_time:
-        log(f"time budget of {budget_s:.0f} s used up: {len(finished)} bucket(s) finished and kept in {path}; "
-            f"run again to resume")
+        log(f"time budget of {budget_s:.0f} s used up: best configs so far kept in {path}; run again to resume")
+    log("gains over the default config (" + str(path) + "):")
+    entries = table()
+    for line in gain_lines({s.bucket.key: entries[s.bucket.key] for s in shapes if s.bucket.key in entries}):
+        log("  " + line)
     return finished
+
+
+def gain_lines(entries: dict) -> list[str]:
+    """Per bucket: the default's time, the tuned time and their ratio (what tuning gained)."""
+    lines = []
+    for key, record in entries.items():
+        default = record.get("default")
+        tuned = f"{record['backend']} {record.get('config', {})} {record['time_ms']:.3f} ms"
+        if default and default.get("time_ms"):
+            lines.append(f"{key}: default {default['backend']} {default['time_ms']:.3f} ms -> tuned {tuned} "
+                         f"({default['time_ms'] / record['time_ms']:.2f}x)" + ("" if record.get("done", True)
+                                                                              else ", unfinished"))
+        else:
+            lines.append(f"{key}: tuned {tuned} (no default time recorded)")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------- CLI
 
 def explain_table(shapes: list[TuneShape], device: str, log=print) -> None:
-    """What dispatch would pick for each bucket's representative shape, and why."""
+    """What dispatch would pick for each bucket's representative shape, why, and what tuning gained."""
     identity = tuning_table.machine_identity(device)
     log(f"machine: {identity}")
     log(f"tuned table: {tuning_table.table_path(identity)}")
     for shape in shapes:
         call = make_call(shape.bucket, shape.N, min(shape.T, 256), shape.H, shape.HV, device, 0)
         if shape.bucket.op == "chunk" and shape.T > 256:  # classify by the real length, build small tensors
-            call.problem = Problem(**{**call.problem.__dict__, "T": shape.T})
+            varlen = shape.bucket.layout == "varlen"
+            call.problem = Problem(**{**call.problem.__dict__, "T": shape.N * shape.T if varlen else shape.T})
+            if varlen:  # offsets as on the GPU (not readable without a sync): classed by the packed length
+                call.cu_seqlens = call.cu_seqlens.to("meta")
         log(f"{shape.bucket.key}:")
         log("  " + str(dispatch.choose(call)).replace("\n", "\n  "))
+        found = tuning_table.lookup(call)
+        if found:
+            log("  gain: " + gain_lines({shape.bucket.key: found[0]})[0].split(": ", 1)[1])
+    for source, notes in tuning_table.table_notes().items():
+        for note in notes:
+            log(f"note ({source}): {note}")
+
+
+def _shape_of(bucket: Bucket, device: str) -> TuneShape:
+    """A small representative shape for a bucket named with --bucket (its parallelism class as given)."""
+    T = {"T1k": 1024, "T8k": 4096, "Tlong": 16384, "t1": 1, "tfew": 4}[bucket.length]
+    return TuneShape(bucket, 2, T if device.startswith("cuda") or bucket.op != "chunk" else 100, 4, 4)
 
 
 def _csv(text: str) -> list[str]:
@@ -293,10 +334,13 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", default="chunk,recurrent", help="ops to tune (default: chunk,recurrent)")
     parser.add_argument("--dtypes", default="bf16", help="input dtypes: bf16,fp16,fp32,fp64 (default: bf16)")
     parser.add_argument("--dims", default="128", help="head dims K=V to tune (default: 128)")
+    parser.add_argument("--gates", default="log,safe", help=f"gate modes of {GATES} (default: log,safe)")
     parser.add_argument("--bucket", action="append", default=[],
-                        help="tune only this bucket key (repeatable), e.g. chunk/bf16/K128V128/T8k/dense")
+                        help="tune only this bucket key (repeatable), e.g. chunk/bf16/K128V128/T8k/dense/log/l2n/p0")
     parser.add_argument("--backends", default=None, help="only these backends (default: all registered)")
-    parser.add_argument("--budget", type=float, default=None, help="stop after this many seconds (resumable)")
+    parser.add_argument("--budget", type=float, default=300.0,
+                        help="stop after this many seconds, keeping the best found; a rerun resumes "
+                             "(default 300; 0: no limit)")
     parser.add_argument("--max-configs", type=int, default=None, help="try at most this many configs per backend")
     parser.add_argument("--force", action="store_true", help="re-measure buckets already in the table")
     parser.add_argument("--output", default=None, help="write this table file instead of the user's cache")
@@ -315,14 +359,18 @@ def main(argv=None) -> int:
     for op in ops:
         if op not in dispatch.OPS:
             parser.error(f"--ops: {op!r} is not one of {list(dispatch.OPS)}")
-    shapes = default_tune_shapes(device, dtypes=dtypes, dims=dims, ops=ops)
+    gates = _csv(args.gates)
+    for gate in gates:
+        if gate not in GATES:
+            parser.error(f"--gates: {gate!r} is not one of {list(GATES)}")
+    shapes = default_tune_shapes(device, dtypes=dtypes, dims=dims, ops=ops, gates=gates)
     if args.bucket:
         try:
             wanted = [Bucket.parse(key) for key in args.bucket]
         except ValueError as exc:
             parser.error(f"--bucket: {exc}")
         by_key = {s.bucket.key: s for s in shapes}
-        shapes = [by_key.get(b.key) or TuneShape(b, 2, 1024 if b.op == "chunk" else 1, 4, 4) for b in wanted]
+        shapes = [by_key.get(b.key) or _shape_of(b, device) for b in wanted]
     from pathlib import Path
     output = Path(args.output) if args.output else None
 
@@ -336,7 +384,8 @@ def main(argv=None) -> int:
         return 0
     print(f"tuning {len(shapes)} bucket(s) on {device} with backends "
           f"{_csv(args.backends) if args.backends else dispatch.backends()}", file=sys.stderr)
-    finished = tune(shapes, device, backends=_csv(args.backends) if args.backends else None, budget_s=args.budget,
+    finished = tune(shapes, device, backends=_csv(args.backends) if args.backends else None,
+                    budget_s=args.budget or None,
                     force=args.force, output=output, seed=args.seed, max_configs=args.max_configs)
     print(f"done: {len(finished)} bucket(s) tuned", file=sys.stderr)
     return 0

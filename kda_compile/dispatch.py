@@ -6,11 +6,13 @@ check.  For every call the dispatch picks, in order of precedence:
 1. an explicit ``backend=`` argument (an error if that backend cannot run the call),
 2. the ``KDA_COMPILE_BACKEND`` environment variable (a preference: falls back, with the reason, if it cannot),
 3. the table ``python -m kda_compile.autotune`` measured on this GPU (:mod:`kda_compile.tuning_table`),
-4. a table we measured and ship for this GPU model (``kda_compile/tables/``),
+4. a table we measured and ship for this GPU model, else one of the same compute capability, marked borrowed
+   (``kda_compile/tables/``),
 5. the default order, :data:`DEFAULT_ORDER` (fastest measured first; the reference last, it runs everything).
    It is fixed here, not by which module happened to be imported first.
 
-A forced or preferred backend still takes its kernel config from the tables when they measured it.
+A forced or preferred backend still takes its kernel config from the tables when they measured it.  A backend the
+autotune found outside the dtype's tolerance is never picked for that dtype unless named with ``backend=``.
 
 Each kernel package has a ``backend`` module that registers its backend through :func:`register_backend` when it
 is imported (on first use of the dispatch); a package that cannot import records the import error, and
@@ -200,6 +202,7 @@ def choose(call: KDACall, backend: str | None = None) -> Choice:
     rejected: dict[str, str] = dict(_UNAVAILABLE)
     found = tuning_table.lookup(call)
     record, source = found if found else (None, None)
+    unfit = tuning_table.unfit_backends(call)  # never picked unless named with backend=
     if backend:
         chosen = get_backend(backend)
         why_not = (chosen.supports_forced or chosen.supports)(call)
@@ -212,7 +215,7 @@ def choose(call: KDACall, backend: str | None = None) -> Choice:
         if preferred not in _REGISTRY:
             rejected[preferred] = f"named by {ENV_BACKEND} but not registered"
         else:
-            why_not = _REGISTRY[preferred].supports(call)
+            why_not = unfit.get(preferred) or _REGISTRY[preferred].supports(call)
             if why_not is None:
                 chosen = _REGISTRY[preferred]
                 return Choice(call.op, chosen, _tuned_config(record, chosen, call), f"{ENV_BACKEND}={preferred}",
@@ -221,7 +224,8 @@ def choose(call: KDACall, backend: str | None = None) -> Choice:
 
     if record is not None:
         name = record.get("backend")
-        why_not = _REGISTRY[name].supports(call) if name in _REGISTRY else "not registered in this process"
+        why_not = unfit.get(name) or (_REGISTRY[name].supports(call) if name in _REGISTRY
+                                      else "not registered in this process")
         if why_not is None:
             bad = config_error(_REGISTRY[name], call.op, record.get("config", {}))
             why_not = f"its tuned config is not valid in this version ({bad})" if bad else None
@@ -233,7 +237,7 @@ def choose(call: KDACall, backend: str | None = None) -> Choice:
 
     for name in _ORDER:
         candidate = _REGISTRY[name]
-        why_not = candidate.supports(call)
+        why_not = unfit.get(name) or candidate.supports(call)
         if why_not is None:
             reason = "first backend in default order that supports the call"
             if record is None:

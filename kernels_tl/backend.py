@@ -7,14 +7,26 @@ a GPU, not for speed, so in the default order the reference stays the CPU path.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from ..dispatch import Backend, KDACall, register_backend
-from . import config as chunk_configs, fused_recurrent
-from .chunk_bwd import chunk_kda_bwd
-from .chunk_fwd import chunk_kda_fwd
+from . import config as chunk_configs
 from .config import chunk_config, decode_config
-from .target import TL_DTYPES
+
+# TileLang itself is imported on the first run or search-space query, not here: a process whose calls go to
+# another backend never pays for it (cold start).  A missing TileLang still fails this import, so the dispatch
+# records why the backend is unavailable.
+if importlib.util.find_spec("tilelang") is None:
+    raise ImportError("No module named 'tilelang'")
+TL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)   # the dtypes target.TL_DTYPES compiles
+
+
+def _kernels():
+    """The kernel modules (imports TileLang on first use)."""
+    from . import chunk_bwd, chunk_fwd, fused_recurrent
+    return chunk_fwd, chunk_bwd, fused_recurrent
 
 HEAD_DIMS = (32, 64, 128)
 MIN_CAPABILITY = (8, 0)  # T.gemm lowers to mma on sm_80 too; measured and tested on sm_90 only
@@ -56,8 +68,9 @@ def supports(call: KDACall) -> str | None:
 
 def run(call: KDACall, config: dict):
     """Run ``call`` with the TileLang kernels; returns ``(o, final_state or None)``."""
+    chunk_fwd, _, fused_recurrent = _kernels()
     if call.op == "chunk":
-        return chunk_kda_fwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens,
+        return chunk_fwd.chunk_kda_fwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens,
                              call.A_log, call.dt_bias, call.opts, call.output_final_state, config)
     return fused_recurrent.fused_recurrent_kda_fwd(
         call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens, call.A_log, call.dt_bias,
@@ -79,7 +92,7 @@ def run_backward(call: KDACall, config: dict, do, dht):
     Returns ``(dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias)``, None for inputs that are None."""
     if call.op != "chunk":
         raise ValueError(f"the TileLang backward covers chunk calls only, got op={call.op!r}")
-    return chunk_kda_bwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens,
+    return _kernels()[1].chunk_kda_bwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens,
                          call.A_log, call.dt_bias, call.opts, do, dht, config)
 
 
@@ -94,13 +107,14 @@ def default_config(call: KDACall) -> dict:
 def configs(call: KDACall) -> list[dict]:
     """Search space for the autotuner: the fused forward's ``config.get_configs()``, or the decode space."""
     if call.op == "recurrent":
-        return fused_recurrent.get_configs()
+        return _kernels()[2].get_configs()
     return chunk_configs.get_configs()
 
 
 def run_states(call: KDACall, config: dict):
     """Chunk ``call`` plus the state entering each chunk (unsplit): ``(o, final_state, h)``."""
-    return chunk_kda_fwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens, call.A_log,
+    return _kernels()[0].chunk_kda_fwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state,
+                                       call.cu_seqlens, call.A_log,
                          call.dt_bias, call.opts, True, config, return_states=True)
 
 
