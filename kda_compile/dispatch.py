@@ -18,6 +18,7 @@ is imported (on first use of the dispatch); a package that cannot import records
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from . import tuning_table
+from . import decision_cache, tuning_table
 from .checks import Problem
 from .reference import KDAOptions
 
@@ -55,9 +56,9 @@ class KDACall:
     A_log: torch.Tensor | None = None
     dt_bias: torch.Tensor | None = None
     output_final_state: bool = False
-    ssm_state_indices: torch.Tensor | None = None   # recurrent only: state slots in a pool
+    ssm_state_indices: torch.Tensor | None = None   # state slots in a pool (chunk: 1-D only)
     num_accepted_tokens: torch.Tensor | None = None  # recurrent only: speculative decoding
-    inplace_final_state: bool = False                # recurrent only: write the state back into the pool
+    inplace_final_state: bool = False                # write the final state back into the pool
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,9 @@ class Backend:
     # ``supports_backward(call)`` says why it cannot (None: it can).  None: no backward here.
     run_backward: Callable | None = None
     supports_backward: Callable[[KDACall], str | None] = field(default=lambda call: None)
+    # Chunk calls with a state pool (``ssm_state_indices``, ``inplace_final_state``): True when ``run`` reads
+    # the initial states from the pool slots (and writes the final states back in place).
+    chunk_state_pool: bool = False
 
 
 @dataclass
@@ -113,6 +117,23 @@ _ORDER: list[str] = []            # default preference, fastest first
 _UNAVAILABLE: dict[str, str] = {}  # backend name -> why it did not register
 _ANCHORS: dict[str, str] = {}      # backend name -> the backend it is preferred over (register_backend(before=))
 _plugins_loaded = False
+_DECISIONS = decision_cache.DECISIONS   # cleared whenever the registry changes
+
+
+def _with_chunk_pool_check(backend: Backend) -> Backend:
+    """Chunk calls with a state pool (``ssm_state_indices``) go only to backends that declare
+    ``chunk_state_pool``; for the others ``supports`` gives the reason, so the dispatch falls back."""
+    if backend.chunk_state_pool:
+        return backend
+
+    def no_pool(check):
+        def supports(call: KDACall) -> str | None:
+            if call.op == "chunk" and call.ssm_state_indices is not None:
+                return "chunk calls with a state pool (ssm_state_indices) are not implemented by this backend"
+            return check(call)
+        return supports
+    return dataclasses.replace(backend, supports=no_pool(backend.supports),
+                               supports_forced=no_pool(backend.supports_forced or backend.supports))
 
 
 def _rank(name: str) -> float:
@@ -124,8 +145,9 @@ def _rank(name: str) -> float:
 def register_backend(backend: Backend, *, before: str | None = None) -> None:
     """Add (or replace) a backend.  Its place in the default order is :data:`DEFAULT_ORDER`'s; a backend not
     listed there goes just before the reference, or just before ``before`` when given."""
-    _REGISTRY[backend.name] = backend
+    _REGISTRY[backend.name] = _with_chunk_pool_check(backend)
     _UNAVAILABLE.pop(backend.name, None)
+    _DECISIONS.clear()
     if before is not None:
         _ANCHORS[backend.name] = before
     _ORDER[:] = sorted(_REGISTRY, key=_rank)
@@ -135,6 +157,7 @@ def unregister_backend(name: str) -> None:
     """Remove a backend (tests, or a plugin that finds at run time that it cannot work)."""
     _REGISTRY.pop(name, None)
     _ANCHORS.pop(name, None)
+    _DECISIONS.clear()
     if name in _ORDER:
         _ORDER.remove(name)
 
@@ -143,6 +166,7 @@ def mark_unavailable(name: str, reason: str) -> None:
     """Record why a backend did not register (shown by explain)."""
     if name not in _REGISTRY:
         _UNAVAILABLE[name] = reason
+        _DECISIONS.clear()
 
 
 def _load_plugins() -> None:
@@ -195,8 +219,13 @@ def _tuned_config(record: dict | None, backend: Backend, call: KDACall) -> dict:
 
 
 def choose(call: KDACall, backend: str | None = None) -> Choice:
-    """Pick backend and config for ``call`` (see the module docstring for the precedence)."""
+    """Pick backend and config for ``call`` (see the module docstring for the precedence).  The decision is
+    cached per :func:`decision_key` (see :mod:`kda_compile.decision_cache`)."""
     _load_plugins()
+    return decision_cache.cached(call, backend, _choose)
+
+
+def _choose(call: KDACall, backend: str | None = None) -> Choice:
     rejected: dict[str, str] = dict(_UNAVAILABLE)
     found = tuning_table.lookup(call)
     record, source = found if found else (None, None)
