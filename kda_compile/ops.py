@@ -7,6 +7,7 @@ with ``fullgraph=True``; dispatch to a backend happens inside, at run time.  Aut
 
     chunk_kda_fwd          (o, final_state)        chunk form, differentiable
     chunk_kda_fwd_states   (o, final_state, h)     chunk form + state entering each chunk (inference only)
+    chunk_kda_pooled       (o, final_state)        chunk form, states in a pool (inference only, may mutate it)
     recurrent_kda_fwd      (o, final_state)        token recurrence (decode), differentiable without a pool
     recurrent_kda_inplace  o                       token recurrence writing the new state into the pool
     kda_bwd                gradients of all tensor inputs
@@ -101,6 +102,35 @@ def _(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
     state = _state_shape(q, v, N, opts.state_v_first)
     h = q.new_empty((B, NT, *state[1:]), dtype=k.dtype)
     return torch.empty_like(v), q.new_empty(state, dtype=compute_dtype(q.dtype)), h
+
+
+# ------------------------------------------------------------------------------- chunk fwd, state pool
+
+@torch.library.custom_op(
+    "kda_compile::chunk_kda_pooled", mutates_args=("initial_state",),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor(a!)? initial_state, Tensor? cu_seqlens, "
+           f"Tensor? A_log, Tensor? dt_bias, Tensor? ssm_state_indices, {_OPTIONS}, bool output_final_state, "
+           "bool inplace_final_state, str backend) -> (Tensor, Tensor)")
+def chunk_kda_pooled(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices, *rest):
+    """Chunk form with the initial states read from pool slots (and, in place, the final states written back)."""
+    opts, (output_final_state, inplace_final_state, backend) = _options(rest)
+    pooled = ssm_state_indices is not None
+    call = dispatch.KDACall("chunk", _problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state,
+                            cu_seqlens, A_log, dt_bias, output_final_state=True,
+                            ssm_state_indices=ssm_state_indices, inplace_final_state=inplace_final_state and pooled)
+    o, final = dispatch.run(call, backend or None)
+    if inplace_final_state and not pooled:  # a plain [N, ...] state updated in place: any backend
+        initial_state.copy_(final)
+    return o, (final if output_final_state and not inplace_final_state and final is not None else _no_state(q))
+
+
+@chunk_kda_pooled.register_fake
+def _(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices, *rest):
+    opts, (output_final_state, inplace_final_state, _backend) = _options(rest)
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    final = (q.new_empty(_state_shape(q, v, N, opts.state_v_first), dtype=compute_dtype(q.dtype))
+             if output_final_state and not inplace_final_state else _no_state(q))
+    return torch.empty_like(v, memory_format=torch.contiguous_format), final
 
 
 # ------------------------------------------------------------------------------------------- recurrent
