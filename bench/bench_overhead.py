@@ -5,11 +5,12 @@ only), so the time is the API's checks, option handling, the custom-op entry and
 Each case runs under ``torch.inference_mode()`` and with grad enabled (inputs that require grad, so the
 autograd wrapper of the op is on the path too).  Tiny tensors; CPU always, CUDA when present.
 
-With ``--decode-model`` it also times the hybrid model's decode step (one token per sequence, cache
-updated in place) under a CUDA graph, at B = 1 and B = 64, against the same model with full attention
-everywhere: tokens per second (CUDA only).
+With ``--decode-model`` it also times the hybrid model's decode step (one token per sequence against a
+cache of ``--context`` tokens) replayed from a CUDA graph and called eagerly, at B = 1 and B = 64, against
+the same model with full attention everywhere: tokens per second (on the CPU: eager only, as a smoke test).
 
-    python bench/bench_overhead.py [--reps 2000] [--device cpu,cuda] [--decode-model]
+    python bench/bench_overhead.py [--reps 2000] [--device cpu,cuda] [--decode-model [--context 1024]]
+    python bench/bench_overhead.py --device cpu --reps 200 --decode-model --tiny-model --context 16
 """
 from __future__ import annotations
 
@@ -117,53 +118,54 @@ def measure_overhead(devices: list[str], reps: int) -> list[list]:
 
 # ------------------------------------------------------------------------------ model decode under graphs
 
-def decode_tokens_per_s(full_attention: bool, B: int, reps: int = 200) -> float:
-    """Tokens/s of the tiny hybrid model's decode step replayed from a CUDA graph (the cache updated in
-    place through the graph's static buffers)."""
-    from kda_compile.model import HybridCache, HybridConfig, HybridModel
-    config = HybridConfig.tiny()
-    if full_attention:
-        config = config.full_attention()
-    model = HybridModel(config).cuda().to(torch.bfloat16).eval()
+def decode_tokens_per_s(config, B: int, context: int, device: str, graph: bool, reps: int = 100) -> float:
+    """Tokens/s of one decode step (B tokens against a cache of ``context`` tokens), replayed from a CUDA
+    graph captured around ``forward_cached`` (``graph``), or called eagerly.  The step is functional, so each
+    replay repeats the same work."""
+    from kda_compile.model import HybridModel
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = HybridModel(config).to(device=device, dtype=dtype).eval()
     with torch.inference_mode():
-        prompt = torch.randint(0, config.vocab_size, (B, 16), device="cuda")
-        _, cache = model.forward_cached(prompt, HybridCache.empty(config, B, device="cuda", dtype=torch.bfloat16))
-        token = torch.randint(0, config.vocab_size, (B, 1), device="cuda")
-        step = decode_step(model, cache)
-        step(token)  # warm-up outside the graph (compiles kernels)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step(token)
-        graph.replay()
-        torch.cuda.synchronize()
+        prompt = torch.randint(0, config.vocab_size, (B, context), device=device)
+        _, cache = model.forward_cached(prompt, None)
+        token = torch.randint(0, config.vocab_size, (B, 1), device=device)
+        step = lambda: model.forward_cached(token, cache)  # noqa: E731
+        for _ in range(3):  # warm-up: compiles the kernels, fills the dispatch cache
+            step()
+        if graph:
+            torch.cuda.synchronize()
+            captured = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(captured):
+                step()
+            step = captured.replay
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(reps):
-            graph.replay()
-        torch.cuda.synchronize()
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
     return B * reps / (time.perf_counter() - start)
 
 
-def decode_step(model, cache):
-    """One decode step of ``model`` that writes its new cache back into ``cache``'s tensors (static
-    buffers, as a CUDA graph needs)."""
-    static = cache.flatten()
-
-    def step(token):
-        logits, new = model.forward_cached(token, cache)
-        for old, fresh in zip(static, new.flatten()):
-            if old.shape == fresh.shape:
-                old.copy_(fresh)
-        return logits
-    return step
-
-
-def measure_model(reps: int) -> list[list]:
+def measure_model(device: str, tiny: bool, context: int) -> list[list]:
+    """Decode tokens/s of the hybrid model and of the same model with full attention, B = 1 and 64."""
+    from kda_compile.model import HybridConfig
+    if tiny:
+        config = HybridConfig.tiny()
+    else:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_model import BENCH_CONFIG as config
+    modes = ("graph", "eager") if device == "cuda" else ("eager",)
     rows = []
     for B in (1, 64):
-        kda = decode_tokens_per_s(False, B)
-        full = decode_tokens_per_s(True, B)
-        rows.append([B, f"{kda:.0f}", f"{full:.0f}", f"{kda / full:.2f}"])
+        for mode in modes:
+            kda = decode_tokens_per_s(config, B, context, device, mode == "graph")
+            full = decode_tokens_per_s(config.full_attention(), B, context, device, mode == "graph")
+            rows.append([B, context, mode, f"{kda:.0f}", f"{full:.0f}", f"{kda / full:.2f}"])
+            print(f"  decode B{B} {mode}: hybrid {kda:.0f} tok/s, full attention {full:.0f} tok/s", file=sys.stderr)
     return rows
 
 
@@ -191,7 +193,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=2000, help="calls per timing round")
     ap.add_argument("--device", default=None, help="cpu, cuda or cpu,cuda (default: cpu, and cuda when present)")
-    ap.add_argument("--decode-model", action="store_true", help="also time the model's decode step in a CUDA graph")
+    ap.add_argument("--decode-model", action="store_true",
+                    help="also time the model's decode step (CUDA graph and eager on CUDA; eager on the CPU)")
+    ap.add_argument("--context", type=int, default=1024, help="cached tokens before the decode step")
+    ap.add_argument("--tiny-model", action="store_true", help="HybridConfig.tiny() instead of the bench model")
     args = ap.parse_args(argv)
     devices = args.device.split(",") if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     register_stub()
@@ -199,11 +204,11 @@ def main(argv=None) -> int:
     print("Per-call host time (µs, median of 5 rounds), backend: a no-op stub that only allocates the outputs\n")
     print(table(["device", "call", "mode", "µs / call"], measure_overhead(devices, args.reps)))
     if args.decode_model:
-        if not torch.cuda.is_available():
-            print("\n--decode-model skipped: needs CUDA")
-        else:
-            print("\nTiny hybrid model, decode step replayed from a CUDA graph (tokens/s)\n")
-            print(table(["B", "KDA hybrid", "full attention", "ratio"], measure_model(args.reps)))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "HybridConfig.tiny()" if args.tiny_model else "bench_model.BENCH_CONFIG"
+        print(f"\nDecode step of the model ({name}), tokens/s, hybrid KDA/MLA against full attention\n")
+        print(table(["B", "context", "mode", "KDA hybrid", "full attention", "ratio"],
+                    measure_model(device, args.tiny_model, args.context)))
     return 0
 
 
