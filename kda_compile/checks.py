@@ -323,7 +323,7 @@ def check_chunk_pool(problem: Problem, initial_state, ssm_state_indices, inplace
                      return_intermediate_states: bool = False, cu_seqlens=None) -> None:
     """The state-pool arguments of ``chunk_kda``: 1-D ``ssm_state_indices [N]`` (one slot per sequence), and
     ``inplace_final_state`` (which needs the pool, or a state, to write to)."""
-    if ssm_state_indices is not None and isinstance(ssm_state_indices, torch.Tensor) and ssm_state_indices.dim() != 1:
+    if isinstance(ssm_state_indices, torch.Tensor) and ssm_state_indices.dim() != 1:
         raise ValueError(f"chunk_kda takes ssm_state_indices of shape [N] = [{problem.N}] (one slot per sequence; "
                          f"per-token slots are fused_recurrent_kda's), got {_shape(ssm_state_indices)}")
     if return_intermediate_states:

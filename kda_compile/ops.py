@@ -110,8 +110,8 @@ def chunk_kda_fwd_states_fake(q, k, v, g, beta, initial_state, cu_seqlens, A_log
 
 # ------------------------------------------------------------------------------- chunk fwd, state pool
 
-CHUNK_POOLED = ("(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor(a!)? initial_state, Tensor? cu_seqlens, "
-                f"Tensor? A_log, Tensor? dt_bias, Tensor? ssm_state_indices, {_OPTIONS}, bool output_final_state, "
+CHUNK_POOLED = ("(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor(a!)? initial_state, "
+                f"Tensor? cu_seqlens, Tensor? A_log, Tensor? dt_bias, Tensor? ssm_state_indices, {_OPTIONS}, bool output_final_state, "
                 "bool inplace_final_state, str backend) -> (Tensor, Tensor)")
 
 
@@ -161,7 +161,8 @@ def recurrent_kda_fwd_fake(q, k, v, g, beta, initial_state, cu_seqlens, A_log, d
 
 
 RECURRENT_INPLACE = ("(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor(a!) initial_state, "
-                     f"Tensor? cu_seqlens, Tensor? A_log, Tensor? dt_bias, {_SERVING}, {_OPTIONS}, str backend) -> Tensor")
+                     f"Tensor? cu_seqlens, Tensor? A_log, Tensor? dt_bias, {_SERVING}, {_OPTIONS}, "
+                     "str backend) -> Tensor")
 
 
 def recurrent_kda_inplace(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices,

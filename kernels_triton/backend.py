@@ -3,10 +3,10 @@
 ``supports(call)`` returns None or the reason this backend cannot run the call (dispatch then falls back):
 dtypes bfloat16/float16/float32; head dims powers of two (16..128 for the chunk form, 16..256 for decode); a
 float32 state (contiguous when updated in place); CUDA tensors.  Chunk calls take a state pool
-(``ssm_state_indices``): the states are gathered before the kernels and scattered back after them.  On the CPU, Triton's interpreter
-(``TRITON_INTERPRET=1`` set before the kernels are defined) runs the same kernels when the backend is named
-explicitly (``backend="triton"``): that is for checking the kernels without a GPU, not for speed, so the
-default order keeps the reference as the CPU path.
+(``ssm_state_indices``): the states are gathered before the kernels and scattered back after them.  On the
+CPU, Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels are defined) runs the same kernels when
+the backend is named explicitly (``backend="triton"``): that is for checking the kernels without a GPU, not for
+speed, so the default order keeps the reference as the CPU path.
 """
 from __future__ import annotations
 
