@@ -90,6 +90,9 @@ class Backend:
     # Chunk calls with a state pool (``ssm_state_indices``, ``inplace_final_state``): True when ``run`` reads
     # the initial states from the pool slots (and writes the final states back in place).
     chunk_state_pool: bool = False
+    # Pooled calls: True when a negative slot (padding) skips its sequence.  Without it the default dispatch
+    # does not send pooled calls here (a backend named explicitly still runs them: no negative slots then).
+    padding_slots: bool = False
 
 
 @dataclass
@@ -122,18 +125,23 @@ _DECISIONS = decision_cache.DECISIONS   # cleared whenever the registry changes
 
 def _with_chunk_pool_check(backend: Backend) -> Backend:
     """Chunk calls with a state pool (``ssm_state_indices``) go only to backends that declare
-    ``chunk_state_pool``; for the others ``supports`` gives the reason, so the dispatch falls back."""
-    if backend.chunk_state_pool:
+    ``chunk_state_pool``, and by default pooled calls only to those that declare ``padding_slots``; for the
+    others ``supports`` gives the reason, so the dispatch falls back."""
+    if backend.chunk_state_pool and backend.padding_slots:
         return backend
 
-    def no_pool(check):
+    def checked(check, default_order: bool):
         def supports(call: KDACall) -> str | None:
-            if call.op == "chunk" and call.ssm_state_indices is not None:
-                return "chunk calls with a state pool (ssm_state_indices) are not implemented by this backend"
+            if call.ssm_state_indices is not None:
+                if call.op == "chunk" and not backend.chunk_state_pool:
+                    return "chunk calls with a state pool (ssm_state_indices) are not implemented by this backend"
+                if default_order and not backend.padding_slots:
+                    return ("negative (padding) slots in ssm_state_indices are not skipped by this backend; it runs "
+                            "pooled calls only when named with backend=")
             return check(call)
         return supports
-    return dataclasses.replace(backend, supports=no_pool(backend.supports),
-                               supports_forced=no_pool(backend.supports_forced or backend.supports))
+    return dataclasses.replace(backend, supports=checked(backend.supports, True),
+                               supports_forced=checked(backend.supports_forced or backend.supports, False))
 
 
 def _rank(name: str) -> float:

@@ -133,6 +133,7 @@ REFERENCE = Backend(
     run_states=run_reference_states,
     run_backward=run_reference_backward,
     chunk_state_pool=True,
+    padding_slots=True,
     description="PyTorch reference (chunkwise form for chunk calls, token loop for recurrent calls); any device",
 )
 register_backend(REFERENCE)

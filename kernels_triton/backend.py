@@ -115,7 +115,7 @@ def run_backward(call: KDACall, config: dict, do, dht):
 
 TRITON_BACKEND = Backend(
     name="triton", supports=supports, supports_forced=supports_forced, run=run, run_states=run_states,
-    run_backward=run_backward, chunk_state_pool=True,
+    run_backward=run_backward, chunk_state_pool=True, padding_slots=True,
     default_config=default_config, configs=configs, check_config=check_config,
     description="Triton kernels: intra (Gamma, A, inverse, W/U), state recurrence, output; decode kernel with "
                 "state pool")

@@ -130,5 +130,11 @@ def test_backend_without_pool_support_falls_back_with_a_reason():
         assert "state pool" in choice.rejected["no_pool"]
         with pytest.raises(ValueError, match="state pool"):
             explain(**args, initial_state=pool, ssm_state_indices=torch.tensor([0, 1]), backend="no_pool")
+        # pooled decode: by default only backends that skip padding slots; named, it runs
+        decode = explain(**args, op="recurrent", initial_state=pool, ssm_state_indices=torch.tensor([0, 1]))
+        assert decode.backend.name == "reference" and "padding" in decode.rejected["no_pool"]
+        forced = explain(**args, op="recurrent", initial_state=pool, ssm_state_indices=torch.tensor([0, 1]),
+                         backend="no_pool")
+        assert forced.backend.name == "no_pool"
     finally:
         dispatch.unregister_backend("no_pool")
