@@ -55,11 +55,8 @@ def test_model_decode_under_reduce_overhead():
             assert rel_err(clogits, logits) < 1e-4, t
 
 
-@pytest.mark.parametrize("backend", ["triton", "tilelang"])
+@pytest.mark.parametrize("backend", ["triton"])   # the backends that skip padding slots (TileLang does not)
 def test_pooled_inplace_decode_in_a_captured_graph(backend):
-    from kda_compile import dispatch
-    if backend not in dispatch.backends():
-        pytest.skip(f"{backend} backend not available here")
     N, P, H, D = 8, 12, 4, 64
     torch.manual_seed(0)
     q, k, v = (torch.randn(N, 1, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
