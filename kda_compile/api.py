@@ -180,5 +180,7 @@ def explain(q, k, v, g, beta, op: str = "chunk", **kwargs) -> dispatch.Choice:
                             output_final_state=bool(a.get("output_final_state") or a.get("inplace_final_state")),
                             ssm_state_indices=a.get("ssm_state_indices"),
                             num_accepted_tokens=a.get("num_accepted_tokens"),
-                            inplace_final_state=bool(a.get("inplace_final_state")))
+                            # a chunk call updates a plain (unpooled) state after the kernels, on any backend
+                            inplace_final_state=bool(a.get("inplace_final_state")) and (
+                                op == "recurrent" or a.get("ssm_state_indices") is not None))
     return dispatch.choose(call, backend or None)
