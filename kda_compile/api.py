@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, ops  # noqa: F401  (ops registers the custom ops)
-from .checks import check_inputs, check_serving, legacy_state_layout, reject_unknown_keywords
+from .checks import check_chunk_pool, check_inputs, check_serving, legacy_state_layout, reject_unknown_keywords
 from .reference import KDAOptions
 
 
@@ -55,7 +55,8 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
               use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False,
               allow_neg_eigval=False, safe_gate=False, lower_bound=None, disable_recompute=False,
               return_intermediate_states=False, state_v_first=False, cu_seqlens=None, cu_seqlens_cpu=None, *,
-              chunk_size=64, A_log=None, dt_bias=None, backend=None, **kwargs):
+              chunk_size=64, A_log=None, dt_bias=None, ssm_state_indices=None, inplace_final_state=False,
+              backend=None, **kwargs):
     """Chunkwise KDA, the prefill/training path; same arguments and meaning as ``fla.ops.kda.chunk_kda``.
 
     Shapes: ``q, k [B, T, H, K]``, ``v [B, T, HV, V]`` (HV a multiple of H), ``g [B, T, HV, K]`` (log decay,
@@ -64,6 +65,11 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
 
     Returns ``(o [B, T, HV, V], final_state or None)``, or ``(o, final_state, h)`` with
     ``return_intermediate_states`` (inference only; ``h`` is the state entering each chunk).
+
+    Serving extras (inference only), for mixed prefill + decode packs: ``initial_state`` may be a pool
+    ``[P, HV, K, V]`` with ``ssm_state_indices [N]`` the slot of each sequence (negative: padding, the
+    sequence is skipped and its output is zeros); with ``inplace_final_state`` the final states are written
+    back to those slots and the returned state is None.  Each sequence's result equals a call on it alone.
     ``backend`` forces ``"tilelang"``, ``"triton"`` or ``"reference"``; ``disable_recompute`` is accepted
     for compatibility.  ``cp_context`` (:func:`kda_compile.context_parallel.build_cp_context`) splits one
     sequence or pack over the ranks of a process group (:func:`kda_compile.context_parallel.chunk_kda_cp`); FLA's
@@ -82,14 +88,25 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
                             disable_recompute, state_v_first, cu_seqlens, cu_seqlens_cpu, cp_context=cp_context,
                             chunk_size=chunk_size, A_log=A_log, dt_bias=dt_bias, backend=backend)
     reject_unknown_keywords(kwargs, "chunk_kda")
-    _, opts = _check(q, k, v, g, beta, initial_state=initial_state, cu_seqlens=cu_seqlens,
-                     cu_seqlens_cpu=cu_seqlens_cpu, A_log=A_log, dt_bias=dt_bias, scale=scale,
-                     use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
-                     use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
-                     safe_gate=safe_gate, lower_bound=lower_bound, chunk_size=chunk_size,
-                     state_v_first=state_v_first)
+    pooled = ssm_state_indices is not None
+    problem, opts = _check(q, k, v, g, beta, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                           cu_seqlens_cpu=cu_seqlens_cpu, A_log=A_log, dt_bias=dt_bias, scale=scale,
+                           use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
+                           use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
+                           safe_gate=safe_gate, lower_bound=lower_bound, chunk_size=chunk_size,
+                           state_v_first=state_v_first, state_is_pool=pooled)
     backend = _check_backend(backend)
     tensors = (q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias)
+    if pooled or inplace_final_state:
+        check_chunk_pool(problem, initial_state, ssm_state_indices, inplace_final_state, return_intermediate_states,
+                         cu_seqlens)
+        if _requires_grad(q, k, v, g, beta, initial_state, A_log, dt_bias):
+            raise ValueError("ssm_state_indices / inplace_final_state are for inference only: run under "
+                             "torch.inference_mode() or torch.no_grad()")
+        o, final = torch.ops.kda_compile.chunk_kda_pooled(*tensors, ssm_state_indices, *opts.as_op_args(),
+                                                          bool(output_final_state), bool(inplace_final_state),
+                                                          backend)
+        return o, (final if output_final_state and not inplace_final_state else None)
     if return_intermediate_states:
         if _requires_grad(q, k, v, g, beta, initial_state, A_log, dt_bias):
             raise ValueError("return_intermediate_states=True is for inference only: run under "
@@ -122,7 +139,7 @@ def fused_recurrent_kda(q, k, v, g, beta, A_log=None, dt_bias=None, scale=None, 
                            use_gate_in_kernel=use_gate_in_kernel,
                            use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
                            lower_bound=lower_bound, state_v_first=state_v_first, state_is_pool=pooled)
-    check_serving(problem, initial_state, ssm_state_indices, num_accepted_tokens, inplace_final_state)
+    check_serving(problem, initial_state, ssm_state_indices, num_accepted_tokens, inplace_final_state, cu_seqlens)
     backend = _check_backend(backend)
     tensors = (q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices, num_accepted_tokens)
     if inplace_final_state:
@@ -160,14 +177,21 @@ def explain(q, k, v, g, beta, op: str = "chunk", **kwargs) -> dispatch.Choice:
                            **{key: a[key] for key in checked if key in a})
     if op == "recurrent":
         check_serving(problem, a.get("initial_state"), a.get("ssm_state_indices"), a.get("num_accepted_tokens"),
-                      bool(a.get("inplace_final_state")))
+                      bool(a.get("inplace_final_state")), a.get("cu_seqlens"))
+    elif a.get("ssm_state_indices") is not None or a.get("inplace_final_state"):
+        check_chunk_pool(problem, a.get("initial_state"), a.get("ssm_state_indices"),
+                         bool(a.get("inplace_final_state")), bool(a.get("return_intermediate_states")),
+                         a.get("cu_seqlens"))
     if op == "chunk_backward":
         call = dispatch.KDACall("chunk", problem, opts, q, k, v, g, beta, a.get("initial_state"), a.get("cu_seqlens"),
                                 a.get("A_log"), a.get("dt_bias"), output_final_state=bool(a.get("output_final_state")))
         return dispatch.choose_backward(call, backend or None)
     call = dispatch.KDACall(op, problem, opts, q, k, v, g, beta, a.get("initial_state"), a.get("cu_seqlens"),
-                            a.get("A_log"), a.get("dt_bias"), output_final_state=bool(a.get("output_final_state")),
+                            a.get("A_log"), a.get("dt_bias"),
+                            output_final_state=bool(a.get("output_final_state") or a.get("inplace_final_state")),
                             ssm_state_indices=a.get("ssm_state_indices"),
                             num_accepted_tokens=a.get("num_accepted_tokens"),
-                            inplace_final_state=bool(a.get("inplace_final_state")))
+                            # a chunk call updates a plain (unpooled) state after the kernels, on any backend
+                            inplace_final_state=bool(a.get("inplace_final_state")) and (
+                                op == "recurrent" or a.get("ssm_state_indices") is not None))
     return dispatch.choose(call, backend or None)

@@ -247,12 +247,17 @@ def check_gate_values(g: torch.Tensor) -> None:
 
 
 def check_serving(problem: Problem, initial_state, ssm_state_indices, num_accepted_tokens,
-                  inplace_final_state: bool) -> None:
-    """The serving arguments of ``fused_recurrent_kda``: a state pool indexed by ``ssm_state_indices``
-    (``[N]`` or ``[N, S]``), speculative decoding (``num_accepted_tokens [N]``) and the in-place update.
-    Index values are checked when reading them is free (CPU tensors) or with :data:`DEBUG`."""
+                  inplace_final_state: bool, cu_seqlens=None) -> None:
+    """The serving arguments: a state pool indexed by ``ssm_state_indices`` (``[N]`` or ``[N, S]``),
+    speculative decoding (``num_accepted_tokens [N]``) and the in-place update.  A negative slot is padding
+    (that sequence is skipped).  Shapes, dtypes and the pool's layout are always checked; index values
+    (range, no slot written twice, accepted tokens within the tokens given) when reading them is free (CPU
+    tensors) or with :data:`DEBUG`."""
     if inplace_final_state and initial_state is None:
         raise ValueError("inplace_final_state=True needs initial_state (the state, or state pool, to update)")
+    if inplace_final_state and not initial_state.is_contiguous():
+        raise ValueError(f"inplace_final_state=True needs a contiguous initial_state (the state pool is updated in "
+                         f"place), got strides {tuple(initial_state.stride())} for shape {_shape(initial_state)}")
     if num_accepted_tokens is not None and ssm_state_indices is None:
         raise ValueError("num_accepted_tokens needs ssm_state_indices of shape [N, S] (speculative decoding)")
     if ssm_state_indices is None:
@@ -264,20 +269,64 @@ def check_serving(problem: Problem, initial_state, ssm_state_indices, num_accept
     if ssm_state_indices.dim() not in (1, 2) or ssm_state_indices.shape[0] != problem.N:
         raise ValueError(f"ssm_state_indices must have shape [N] or [N, S] with N={problem.N}, "
                          f"got {_shape(ssm_state_indices)}")
+    if ssm_state_indices.device != initial_state.device:
+        raise ValueError(f"ssm_state_indices is on {ssm_state_indices.device} but the pool (initial_state) is on "
+                         f"{initial_state.device}")
     if num_accepted_tokens is not None:
         if ssm_state_indices.dim() != 2:
             raise ValueError("num_accepted_tokens needs 2-D ssm_state_indices [N, S]")
         if (not isinstance(num_accepted_tokens, torch.Tensor) or num_accepted_tokens.dtype.is_floating_point
                 or tuple(num_accepted_tokens.shape) != (problem.N,)):
             raise ValueError(f"num_accepted_tokens must be an integer tensor of shape [N] = [{problem.N}]")
-    pool = initial_state.shape[0]
     if ssm_state_indices.numel() and (_values_are_free(ssm_state_indices) or _check_values()):
-        lo, hi = int(ssm_state_indices.min()), int(ssm_state_indices.max())
-        if lo < 0 or hi >= pool:
-            raise ValueError(f"ssm_state_indices must lie in [0, {pool}) (the pool size, initial_state.shape[0]), "
-                             f"got {lo}..{hi}")
+        check_slot_values(ssm_state_indices, initial_state.shape[0], inplace_final_state)
     if num_accepted_tokens is not None and num_accepted_tokens.numel() and (
             _values_are_free(num_accepted_tokens) or _check_values()):
-        lo, hi = int(num_accepted_tokens.min()), int(num_accepted_tokens.max())
-        if lo < 1 or hi > ssm_state_indices.shape[1]:
-            raise ValueError(f"num_accepted_tokens must lie in [1, {ssm_state_indices.shape[1]}], got {lo}..{hi}")
+        check_accepted_values(num_accepted_tokens, ssm_state_indices.shape[1], problem, cu_seqlens)
+
+
+def check_slot_values(slots: torch.Tensor, pool: int, written: bool) -> None:
+    """Pool slots lie in ``[0, pool)`` (negative: padding); with ``written`` no slot appears twice (two
+    sequences, or two tokens, would write one slot).  Reads the values: free on the CPU, a sync on a GPU."""
+    used = slots[slots >= 0]
+    if used.numel() == 0:
+        return
+    hi = int(used.max())
+    if hi >= pool:
+        raise ValueError(f"ssm_state_indices must lie in [0, {pool}) (the pool size, initial_state.shape[0]; "
+                         f"negative values mark padding), got a maximum of {hi}")
+    if written and torch.unique(used).numel() != used.numel():
+        values, counts = torch.unique(used, return_counts=True)
+        raise ValueError(f"ssm_state_indices repeats slot(s) {values[counts > 1].tolist()}: with "
+                         f"inplace_final_state=True two writes would go to one slot")
+
+
+def check_accepted_values(num_accepted_tokens, columns: int, problem: Problem, cu_seqlens=None) -> None:
+    """``num_accepted_tokens[n]`` lies in ``[1, S]`` (the index columns) and within sequence n's tokens."""
+    lo, hi = int(num_accepted_tokens.min()), int(num_accepted_tokens.max())
+    if lo < 1 or hi > columns:
+        raise ValueError(f"num_accepted_tokens must lie in [1, {columns}], got {lo}..{hi}")
+    if cu_seqlens is None:
+        lengths = torch.full_like(num_accepted_tokens, problem.T)
+    elif _values_are_free(cu_seqlens) or _check_values():
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(num_accepted_tokens.device)
+    else:
+        return
+    over = (num_accepted_tokens.to(lengths.dtype) > lengths).nonzero().flatten().tolist()
+    if over:
+        n = over[0]
+        raise ValueError(f"num_accepted_tokens[{n}] = {int(num_accepted_tokens[n])} is larger than the "
+                         f"{int(lengths[n])} tokens given for sequence {n}")
+
+
+def check_chunk_pool(problem: Problem, initial_state, ssm_state_indices, inplace_final_state: bool,
+                     return_intermediate_states: bool = False, cu_seqlens=None) -> None:
+    """The state-pool arguments of ``chunk_kda``: 1-D ``ssm_state_indices [N]`` (one slot per sequence), and
+    ``inplace_final_state`` (which needs the pool, or a state, to write to)."""
+    if isinstance(ssm_state_indices, torch.Tensor) and ssm_state_indices.dim() != 1:
+        raise ValueError(f"chunk_kda takes ssm_state_indices of shape [N] = [{problem.N}] (one slot per sequence; "
+                         f"per-token slots are fused_recurrent_kda's), got {_shape(ssm_state_indices)}")
+    if return_intermediate_states:
+        raise ValueError("return_intermediate_states=True cannot be combined with ssm_state_indices / "
+                         "inplace_final_state")
+    check_serving(problem, initial_state, ssm_state_indices, None, inplace_final_state, cu_seqlens)

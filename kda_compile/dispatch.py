@@ -20,6 +20,7 @@ is imported (on first use of the dispatch); a package that cannot import records
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from . import tuning_table
+from . import decision_cache, tuning_table
 from .checks import Problem
 from .reference import KDAOptions
 
@@ -57,9 +58,9 @@ class KDACall:
     A_log: torch.Tensor | None = None
     dt_bias: torch.Tensor | None = None
     output_final_state: bool = False
-    ssm_state_indices: torch.Tensor | None = None   # recurrent only: state slots in a pool
+    ssm_state_indices: torch.Tensor | None = None   # state slots in a pool (chunk: 1-D only)
     num_accepted_tokens: torch.Tensor | None = None  # recurrent only: speculative decoding
-    inplace_final_state: bool = False                # recurrent only: write the state back into the pool
+    inplace_final_state: bool = False                # write the final state back into the pool
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,12 @@ class Backend:
     # ``supports_backward(call)`` says why it cannot (None: it can).  None: no backward here.
     run_backward: Callable | None = None
     supports_backward: Callable[[KDACall], str | None] = field(default=lambda call: None)
+    # Chunk calls with a state pool (``ssm_state_indices``, ``inplace_final_state``): True when ``run`` reads
+    # the initial states from the pool slots (and writes the final states back in place).
+    chunk_state_pool: bool = False
+    # Pooled calls: True when a negative slot (padding) skips its sequence.  Without it the default dispatch
+    # does not send pooled calls here (a backend named explicitly still runs them: no negative slots then).
+    padding_slots: bool = False
 
 
 @dataclass
@@ -115,6 +122,28 @@ _ORDER: list[str] = []            # default preference, fastest first
 _UNAVAILABLE: dict[str, str] = {}  # backend name -> why it did not register
 _ANCHORS: dict[str, str] = {}      # backend name -> the backend it is preferred over (register_backend(before=))
 _plugins_loaded = False
+_DECISIONS = decision_cache.DECISIONS   # cleared whenever the registry changes
+
+
+def _with_chunk_pool_check(backend: Backend) -> Backend:
+    """Chunk calls with a state pool (``ssm_state_indices``) go only to backends that declare
+    ``chunk_state_pool``, and by default pooled calls only to those that declare ``padding_slots``; for the
+    others ``supports`` gives the reason, so the dispatch falls back."""
+    if backend.chunk_state_pool and backend.padding_slots:
+        return backend
+
+    def checked(check, default_order: bool):
+        def supports(call: KDACall) -> str | None:
+            if call.ssm_state_indices is not None:
+                if call.op == "chunk" and not backend.chunk_state_pool:
+                    return "chunk calls with a state pool (ssm_state_indices) are not implemented by this backend"
+                if default_order and not backend.padding_slots:
+                    return ("negative (padding) slots in ssm_state_indices are not skipped by this backend; it runs "
+                            "pooled calls only when named with backend=")
+            return check(call)
+        return supports
+    return dataclasses.replace(backend, supports=checked(backend.supports, True),
+                               supports_forced=checked(backend.supports_forced or backend.supports, False))
 
 
 def _rank(name: str) -> float:
@@ -126,8 +155,9 @@ def _rank(name: str) -> float:
 def register_backend(backend: Backend, *, before: str | None = None) -> None:
     """Add (or replace) a backend.  Its place in the default order is :data:`DEFAULT_ORDER`'s; a backend not
     listed there goes just before the reference, or just before ``before`` when given."""
-    _REGISTRY[backend.name] = backend
+    _REGISTRY[backend.name] = _with_chunk_pool_check(backend)
     _UNAVAILABLE.pop(backend.name, None)
+    _DECISIONS.clear()
     if before is not None:
         _ANCHORS[backend.name] = before
     _ORDER[:] = sorted(_REGISTRY, key=_rank)
@@ -137,6 +167,7 @@ def unregister_backend(name: str) -> None:
     """Remove a backend (tests, or a plugin that finds at run time that it cannot work)."""
     _REGISTRY.pop(name, None)
     _ANCHORS.pop(name, None)
+    _DECISIONS.clear()
     if name in _ORDER:
         _ORDER.remove(name)
 
@@ -145,6 +176,7 @@ def mark_unavailable(name: str, reason: str) -> None:
     """Record why a backend did not register (shown by explain)."""
     if name not in _REGISTRY:
         _UNAVAILABLE[name] = reason
+        _DECISIONS.clear()
 
 
 def _load_plugins() -> None:
@@ -197,8 +229,13 @@ def _tuned_config(record: dict | None, backend: Backend, call: KDACall) -> dict:
 
 
 def choose(call: KDACall, backend: str | None = None) -> Choice:
-    """Pick backend and config for ``call`` (see the module docstring for the precedence)."""
+    """Pick backend and config for ``call`` (see the module docstring for the precedence).  The decision is
+    cached per :func:`decision_key` (see :mod:`kda_compile.decision_cache`)."""
     _load_plugins()
+    return decision_cache.cached(call, backend, _choose)
+
+
+def _choose(call: KDACall, backend: str | None = None) -> Choice:
     rejected: dict[str, str] = dict(_UNAVAILABLE)
     found = tuning_table.lookup(call)
     record, source = found if found else (None, None)

@@ -7,9 +7,15 @@ with ``fullgraph=True``; dispatch to a backend happens inside, at run time.  Aut
 
     chunk_kda_fwd          (o, final_state)        chunk form, differentiable
     chunk_kda_fwd_states   (o, final_state, h)     chunk form + state entering each chunk (inference only)
+    chunk_kda_pooled       (o, final_state)        chunk form, states in a pool (inference only, may mutate it)
     recurrent_kda_fwd      (o, final_state)        token recurrence (decode), differentiable without a pool
     recurrent_kda_inplace  o                       token recurrence writing the new state into the pool
     kda_bwd                gradients of all tensor inputs
+
+The ops are defined with ``torch.library.Library`` (schema, kernel, fake) and, for the two differentiable ones,
+an autograd kernel written here (:func:`_differentiable`), rather than with ``torch.library.custom_op``: its
+generic argument handling cost about 100 µs per call with grad enabled or a pool written in place
+(bench/bench_overhead.py).  Mutating ops bump their state argument's version counter.
 
 A tensor output that the caller did not ask for (the final state) is returned with 0 elements, since custom
 ops cannot return None; :mod:`kda_compile.api` maps it back to None.
@@ -17,6 +23,7 @@ ops cannot return None; :mod:`kda_compile.api` maps it back to None.
 from __future__ import annotations
 
 import torch
+from torch import _C
 
 from . import dispatch
 from .checks import Problem
@@ -57,9 +64,9 @@ def _no_state(q: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- chunk fwd
 
-@torch.library.custom_op(
-    "kda_compile::chunk_kda_fwd", mutates_args=(),
-    schema=f"({_INPUTS}, {_OPTIONS}, bool output_final_state, str backend) -> (Tensor, Tensor)")
+CHUNK_FWD = f"({_INPUTS}, {_OPTIONS}, bool output_final_state, str backend) -> (Tensor, Tensor)"
+
+
 def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
     opts, (output_final_state, backend) = _options(rest)
     call = dispatch.KDACall("chunk", _problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state,
@@ -68,8 +75,7 @@ def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *
     return o, (final if output_final_state and final is not None else _no_state(q))
 
 
-@chunk_kda_fwd.register_fake
-def _(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
+def chunk_kda_fwd_fake(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
     opts, (output_final_state, _backend) = _options(rest)
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     state_dtype = compute_dtype(q.dtype)
@@ -80,9 +86,9 @@ def _(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
 
 # -------------------------------------------------------------------------------- chunk fwd + chunk states
 
-@torch.library.custom_op(
-    "kda_compile::chunk_kda_fwd_states", mutates_args=(),
-    schema=f"({_INPUTS}, {_OPTIONS}, str backend) -> (Tensor, Tensor, Tensor)")
+CHUNK_FWD_STATES = f"({_INPUTS}, {_OPTIONS}, str backend) -> (Tensor, Tensor, Tensor)"
+
+
 def chunk_kda_fwd_states(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
     opts, (backend,) = _options(rest)
     call = dispatch.KDACall("chunk", _problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state,
@@ -90,8 +96,7 @@ def chunk_kda_fwd_states(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_
     return dispatch.run_states(call, backend or None)
 
 
-@chunk_kda_fwd_states.register_fake
-def _(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
+def chunk_kda_fwd_states_fake(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
     opts, _backend = _options(rest)
     if cu_seqlens is None:
         B, NT = q.shape[0], -(-q.shape[1] // opts.chunk_size)
@@ -103,11 +108,39 @@ def _(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
     return torch.empty_like(v), q.new_empty(state, dtype=compute_dtype(q.dtype)), h
 
 
+# ------------------------------------------------------------------------------- chunk fwd, state pool
+
+CHUNK_POOLED = ("(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor(a!)? initial_state, "
+                f"Tensor? cu_seqlens, Tensor? A_log, Tensor? dt_bias, Tensor? ssm_state_indices, {_OPTIONS}, bool output_final_state, "
+                "bool inplace_final_state, str backend) -> (Tensor, Tensor)")
+
+
+def chunk_kda_pooled(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices, *rest):
+    """Chunk form with the initial states read from pool slots (and, in place, the final states written back)."""
+    opts, (output_final_state, inplace_final_state, backend) = _options(rest)
+    pooled = ssm_state_indices is not None
+    call = dispatch.KDACall("chunk", _problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state,
+                            cu_seqlens, A_log, dt_bias, output_final_state=True,
+                            ssm_state_indices=ssm_state_indices, inplace_final_state=inplace_final_state and pooled)
+    o, final = dispatch.run(call, backend or None)
+    if inplace_final_state and not pooled:  # a plain [N, ...] state updated in place: any backend
+        initial_state.copy_(final)
+    return o, (final if output_final_state and not inplace_final_state and final is not None else _no_state(q))
+
+
+def chunk_kda_pooled_fake(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices, *rest):
+    opts, (output_final_state, inplace_final_state, _backend) = _options(rest)
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    final = (q.new_empty(_state_shape(q, v, N, opts.state_v_first), dtype=compute_dtype(q.dtype))
+             if output_final_state and not inplace_final_state else _no_state(q))
+    return torch.empty_like(v, memory_format=torch.contiguous_format), final
+
+
 # ------------------------------------------------------------------------------------------- recurrent
 
-@torch.library.custom_op(
-    "kda_compile::recurrent_kda_fwd", mutates_args=(),
-    schema=f"({_INPUTS}, {_SERVING}, {_OPTIONS}, bool output_final_state, str backend) -> (Tensor, Tensor)")
+RECURRENT_FWD = f"({_INPUTS}, {_SERVING}, {_OPTIONS}, bool output_final_state, str backend) -> (Tensor, Tensor)"
+
+
 def recurrent_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices,
                       num_accepted_tokens, *rest):
     opts, (output_final_state, backend) = _options(rest)
@@ -118,9 +151,8 @@ def recurrent_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bia
     return o, (final if output_final_state and final is not None else _no_state(q))
 
 
-@recurrent_kda_fwd.register_fake
-def _(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices, num_accepted_tokens,
-      *rest):
+def recurrent_kda_fwd_fake(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices,
+                           num_accepted_tokens, *rest):
     opts, (output_final_state, _backend) = _options(rest)
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     final = (q.new_empty(_state_shape(q, v, N, opts.state_v_first), dtype=compute_dtype(q.dtype))
@@ -128,10 +160,11 @@ def _(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_ind
     return torch.empty_like(v, memory_format=torch.contiguous_format), final
 
 
-@torch.library.custom_op(
-    "kda_compile::recurrent_kda_inplace", mutates_args=("initial_state",),
-    schema="(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor(a!) initial_state, Tensor? cu_seqlens, "
-           f"Tensor? A_log, Tensor? dt_bias, {_SERVING}, {_OPTIONS}, str backend) -> Tensor")
+RECURRENT_INPLACE = ("(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor(a!) initial_state, "
+                     f"Tensor? cu_seqlens, Tensor? A_log, Tensor? dt_bias, {_SERVING}, {_OPTIONS}, "
+                     "str backend) -> Tensor")
+
+
 def recurrent_kda_inplace(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices,
                           num_accepted_tokens, *rest):
     opts, (backend,) = _options(rest)
@@ -143,17 +176,16 @@ def recurrent_kda_inplace(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt
     return o
 
 
-@recurrent_kda_inplace.register_fake
-def _(q, k, v, *rest):
+def recurrent_kda_inplace_fake(q, k, v, *rest):
     return torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
 # -------------------------------------------------------------------------------------------- backward
 
-@torch.library.custom_op(
-    "kda_compile::kda_bwd", mutates_args=(),
-    schema=f"(Tensor grad_o, Tensor? grad_final_state, {_INPUTS}, {_OPTIONS}, str backend) -> "
+KDA_BWD = (f"(Tensor grad_o, Tensor? grad_final_state, {_INPUTS}, {_OPTIONS}, str backend) -> "
            "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
 def kda_bwd(grad_o, grad_final_state, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
     """Gradients of (q, k, v, g, beta, initial_state, A_log, dt_bias); absent inputs get 0-element tensors.
     The dispatch picks the backend (dispatch.choose_backward): the one named on the forward call when it has a
@@ -172,14 +204,14 @@ def kda_bwd(grad_o, grad_final_state, q, k, v, g, beta, initial_state, cu_seqlen
                  for x, d in zip(inputs, grads))
 
 
-@kda_bwd.register_fake
-def _(grad_o, grad_final_state, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
+def kda_bwd_fake(grad_o, grad_final_state, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
     inputs = (q, k, v, g, beta, initial_state, A_log, dt_bias)
     return tuple(q.new_empty(0) if x is None else torch.empty_like(x, memory_format=torch.contiguous_format)
                  for x in inputs)
 
 
 def _backward(ctx, grad_o, grad_final_state):
+    """Gradients of the tensor inputs (q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias)."""
     q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias = ctx.saved_tensors
     if grad_final_state is not None and grad_final_state.numel() == 0:
         grad_final_state = None
@@ -190,29 +222,70 @@ def _backward(ctx, grad_o, grad_final_state):
             dA if A_log is not None else None, ddt if dt_bias is not None else None)
 
 
-def _chunk_setup(ctx, inputs, output):
-    _save(ctx, inputs[:_N_INPUTS], inputs[_N_INPUTS:])
+def _differentiable(op, n_serving: int):
+    """The autograd kernel of a differentiable op: an ``autograd.Function`` around the op's kernel when an
+    input requires grad, else a straight redispatch.  Written by hand instead of ``custom_op``'s
+    ``register_autograd``, whose generic argument handling costs about 100 µs per call."""
+    n_scalars = _N_OPTIONS + 2   # options, output_final_state, backend
+
+    class KDAFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, keyset, *args):
+            with _C._AutoDispatchBelowAutograd():
+                out = op.redispatch(keyset & _C._after_autograd_keyset, *args)
+            ctx.save_for_backward(*args[:_N_INPUTS])
+            scalars = args[_N_INPUTS + n_serving:]
+            ctx.options, ctx.backend = tuple(scalars[:_N_OPTIONS]), scalars[-1]  # backend= forces the backward
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_o, grad_final_state):
+            return (None,) + _backward(ctx, grad_o, grad_final_state) + (None,) * (n_serving + n_scalars)
+
+    def kernel(keyset, *args):
+        if _C.is_grad_enabled() and _C._any_requires_grad(*args):
+            return KDAFunction.apply(keyset, *args)
+        with _C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & _C._after_autograd_keyset, *args)
+    return kernel
 
 
-def _recurrent_setup(ctx, inputs, output):
-    _save(ctx, inputs[:_N_INPUTS], inputs[_N_INPUTS + _N_SERVING:])
+def _mutation(op, positions):
+    """The ADInplaceOrView kernel of an op that writes into its arguments at ``positions``: bump their
+    version counters (so autograd notices the write), then run the op."""
+    def kernel(keyset, *args):
+        for i in positions:
+            if args[i] is not None:
+                torch.autograd.graph.increment_version(args[i])
+        return op.redispatch(keyset & _C._after_ADInplaceOrView_keyset, *args)
+    return kernel
 
 
-def _save(ctx, tensors, scalars):
-    """Keep the tensors, and the options: the first KDAOptions.op_arg_count() of the scalars after them."""
-    ctx.save_for_backward(*tensors)
-    ctx.options = tuple(scalars[:_N_OPTIONS])
-    ctx.backend = scalars[-1]   # the forward's backend= (every differentiable op ends with it) forces the backward
-    ctx.n_scalars = len(scalars)
+# ------------------------------------------------------------------------------------------ registration
+
+_LIB = torch.library.Library("kda_compile", "FRAGMENT")
 
 
-def _chunk_backward(ctx, grad_o, grad_final_state):
-    return _backward(ctx, grad_o, grad_final_state) + (None,) * ctx.n_scalars
+def _register(name: str, schema: str, impl, fake, *, differentiable_serving: int | None = None,
+              mutated: tuple = ()) -> None:
+    """Define ``kda_compile::name`` with ``torch.library``: the kernel (all devices), its fake (for
+    ``torch.compile`` and export), and, where it applies, its autograd and mutation kernels."""
+    _LIB.define(name + schema)
+    _LIB.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"kda_compile::{name}", fake, lib=_LIB)
+    op = getattr(torch.ops.kda_compile, name).default
+    if differentiable_serving is not None:
+        _LIB.impl(name, _differentiable(op, differentiable_serving), "Autograd", with_keyset=True)
+    if mutated:
+        _LIB.impl(name, _mutation(op, mutated), "ADInplaceOrView", with_keyset=True)
 
 
-def _recurrent_backward(ctx, grad_o, grad_final_state):
-    return _backward(ctx, grad_o, grad_final_state)[:_N_INPUTS] + (None,) * (_N_SERVING + ctx.n_scalars)
-
-
-chunk_kda_fwd.register_autograd(_chunk_backward, setup_context=_chunk_setup)
-recurrent_kda_fwd.register_autograd(_recurrent_backward, setup_context=_recurrent_setup)
+_STATE_ARG = 5   # position of initial_state (the pool) in the ops that write it
+_register("chunk_kda_fwd", CHUNK_FWD, chunk_kda_fwd, chunk_kda_fwd_fake, differentiable_serving=0)
+_register("chunk_kda_fwd_states", CHUNK_FWD_STATES, chunk_kda_fwd_states, chunk_kda_fwd_states_fake)
+_register("chunk_kda_pooled", CHUNK_POOLED, chunk_kda_pooled, chunk_kda_pooled_fake, mutated=(_STATE_ARG,))
+_register("recurrent_kda_fwd", RECURRENT_FWD, recurrent_kda_fwd, recurrent_kda_fwd_fake,
+          differentiable_serving=_N_SERVING)
+_register("recurrent_kda_inplace", RECURRENT_INPLACE, recurrent_kda_inplace, recurrent_kda_inplace_fake,
+          mutated=(_STATE_ARG,))
+_register("kda_bwd", KDA_BWD, kda_bwd, kda_bwd_fake)

@@ -3,14 +3,16 @@
 It runs every call on every device (CPU included) and is the end of every fallback chain.  Chunk calls use
 the chunkwise form; recurrent calls the token loop, with the serving features of ``fused_recurrent_kda``
 (a state pool indexed by ``ssm_state_indices``, speculative decoding via ``num_accepted_tokens``, and the
-in-place state write-back).
+in-place state write-back); chunk calls take a state pool too (mixed prefill + decode packs).  A negative
+slot is padding: that sequence reads and writes nothing and its output is zeros.
 """
 from __future__ import annotations
 
 import torch
 
 from .dispatch import Backend, KDACall, register_backend
-from .reference import finish_state, from_padded, kda_recurrent, kda_reference, kda_reference_chunk_states, prepare
+from .reference import (finish_state, from_padded, kda_recurrent, kda_reference, kda_reference_chunk_states, prepare,
+                        sequence_bounds)
 
 
 def initial_slots(call: KDACall) -> torch.Tensor:
@@ -23,30 +25,68 @@ def initial_slots(call: KDACall) -> torch.Tensor:
     return idx.gather(1, column.unsqueeze(1)).squeeze(1)
 
 
+def gather_states(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``pool[slots]``, with zeros for negative (padding) slots, which are not read."""
+    valid = slots >= 0
+    states = pool.new_zeros(slots.shape[0], *pool.shape[1:])
+    states[valid] = pool[slots[valid]]
+    return states
+
+
+def zero_skipped(o: torch.Tensor, bounds: list[tuple[int, int]], slots: torch.Tensor) -> torch.Tensor:
+    """Outputs of the sequences whose slot is negative (padding) set to zero; ``o`` is ``[B, T, ...]``."""
+    flat = o.reshape(-1, *o.shape[2:])
+    for n in (slots < 0).nonzero().flatten().tolist():
+        start, size = bounds[n]
+        flat[start:start + size] = 0
+    return o
+
+
 def _run_pooled(call: KDACall):
-    """Recurrent call whose initial states live in a pool (continuous batching / speculative decoding)."""
+    """Recurrent call whose initial states live in a pool (continuous batching / speculative decoding).
+    A sequence whose initial slot is negative (padding) is skipped: no pool access, zero output and state."""
     pool, opts = call.initial_state, call.opts
-    h0 = pool[initial_slots(call)]
+    slots = initial_slots(call)
+    h0 = gather_states(pool, slots)
     per_token = call.inplace_final_state and call.ssm_state_indices.dim() == 2
     p = prepare(call.q, call.k, call.v, call.g, call.beta, h0, call.cu_seqlens, call.A_log, call.dt_bias, opts)
     o, S, states = kda_recurrent(p, opts.scale, keep_states=per_token)
-    o = from_padded(o, p.bounds, call.v.shape).to(call.v.dtype)
+    o = zero_skipped(from_padded(o, p.bounds, call.v.shape).to(call.v.dtype), p.bounds, slots)
     final = finish_state(S, opts, call.q)
+    final[slots < 0] = 0
     if call.inplace_final_state:
         idx = call.ssm_state_indices.long()
         if per_token:  # speculative decoding keeps the state after every draft token: token t -> idx[n, t]
             for n, (_, size) in enumerate(p.bounds):
-                if size:
-                    pool[idx[n, :size]] = finish_state(states[n, :size], opts, call.q).to(pool.dtype)
+                row = idx[n, :size]
+                if size and slots[n] >= 0:
+                    keep = row >= 0
+                    pool[row[keep]] = finish_state(states[n, :size], opts, call.q)[keep].to(pool.dtype)
         else:
-            pool[idx] = final.to(pool.dtype)
+            keep = slots >= 0
+            pool[slots[keep]] = final[keep].to(pool.dtype)
+    return o, final
+
+
+def _run_chunk_pooled(call: KDACall):
+    """Chunk call (a mixed prefill + decode pack) with the initial states in pool slots; negative slots
+    (padding) skip their sequence.  In place, the final states go back to the slots."""
+    pool, slots = call.initial_state, call.ssm_state_indices.long()
+    h0 = gather_states(pool, slots)
+    o, final = kda_reference(call.q, call.k, call.v, call.g, call.beta, h0, call.cu_seqlens, call.A_log,
+                             call.dt_bias, call.opts, algorithm="chunk")
+    o = zero_skipped(o, sequence_bounds(call.q.shape[1], call.q.shape[0], call.cu_seqlens), slots)
+    final[slots < 0] = 0
+    if call.inplace_final_state:
+        keep = slots >= 0
+        pool[slots[keep]] = final[keep].to(pool.dtype)
     return o, final
 
 
 def run_reference(call: KDACall, config: dict):
     """Run ``call`` with the PyTorch reference; returns ``(o, final_state)``."""
-    if call.op == "recurrent" and call.ssm_state_indices is not None:
-        return _run_pooled(call)
+    if call.ssm_state_indices is not None:
+        return _run_pooled(call) if call.op == "recurrent" else _run_chunk_pooled(call)
     algorithm = "chunk" if call.op == "chunk" else "recurrent"
     o, final = kda_reference(call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens,
                              call.A_log, call.dt_bias, call.opts, algorithm=algorithm)
@@ -92,6 +132,8 @@ REFERENCE = Backend(
     run=run_reference,
     run_states=run_reference_states,
     run_backward=run_reference_backward,
+    chunk_state_pool=True,
+    padding_slots=True,
     description="PyTorch reference (chunkwise form for chunk calls, token loop for recurrent calls); any device",
 )
 register_backend(REFERENCE)

@@ -2,10 +2,11 @@
 
 ``supports(call)`` returns None or the reason this backend cannot run the call (dispatch then falls back):
 dtypes bfloat16/float16/float32; head dims powers of two (16..128 for the chunk form, 16..256 for decode); a
-float32 state (contiguous when updated in place); CUDA tensors.  On the CPU, Triton's interpreter
-(``TRITON_INTERPRET=1`` set before the kernels are defined) runs the same kernels when the backend is named
-explicitly (``backend="triton"``): that is for checking the kernels without a GPU, not for speed, so the
-default order keeps the reference as the CPU path.
+float32 state (contiguous when updated in place); CUDA tensors.  Chunk calls take a state pool
+(``ssm_state_indices``): the states are gathered before the kernels and scattered back after them.  On the
+CPU, Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels are defined) runs the same kernels when
+the backend is named explicitly (``backend="triton"``): that is for checking the kernels without a GPU, not for
+speed, so the default order keeps the reference as the CPU path.
 """
 from __future__ import annotations
 
@@ -84,6 +85,10 @@ def check_config(op: str, config: dict) -> None:
 
 def run(call: KDACall, config: dict):
     """Run ``call`` with the Triton kernels; returns ``(o, final_state or None)``."""
+    if call.op == "chunk" and call.ssm_state_indices is not None:
+        return chunk_fwd.chunk_kda_fwd_pooled(call.q, call.k, call.v, call.g, call.beta, call.initial_state,
+                                              call.ssm_state_indices, call.cu_seqlens, call.A_log, call.dt_bias,
+                                              call.opts, call.inplace_final_state, config)
     if call.op == "chunk":
         return chunk_fwd.chunk_kda_fwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state,
                                        call.cu_seqlens, call.A_log, call.dt_bias, call.opts,
@@ -110,7 +115,7 @@ def run_backward(call: KDACall, config: dict, do, dht):
 
 TRITON_BACKEND = Backend(
     name="triton", supports=supports, supports_forced=supports_forced, run=run, run_states=run_states,
-    run_backward=run_backward,
+    run_backward=run_backward, chunk_state_pool=True, padding_slots=True,
     default_config=default_config, configs=configs, check_config=check_config,
     description="Triton kernels: intra (Gamma, A, inverse, W/U), state recurrence, output; decode kernel with "
                 "state pool")

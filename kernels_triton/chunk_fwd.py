@@ -18,6 +18,7 @@ from .chunk_intra import chunk_intra as run_intra
 from .chunk_o import chunk_o as run_output
 from .chunk_state import chunk_state as run_state
 from .config import chunk_config
+from .state_pool import gather_states, scatter_states, zero_skipped
 
 
 def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts, output_final_state: bool,
@@ -47,6 +48,21 @@ def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
         hs = hs.unsqueeze(0) if cu_seqlens is not None else hs.view(B, -1, *hs.shape[1:])
         return o, final, hs.contiguous()
     return o, final
+
+
+def chunk_kda_fwd_pooled(q, k, v, g, beta, pool, slots, cu_seqlens, A_log, dt_bias, opts,
+                         inplace_final_state: bool, config: dict | None = None):
+    """:func:`chunk_kda_fwd` with the initial states in pool slots (``slots [N]``, negative: padding, skipped
+    with zero output and state); in place, the final states are written back to the slots.  The states are
+    gathered into a batch before the kernels and scattered back after them, so each sequence computes
+    exactly what a call on it alone computes.  Returns ``(o, final_state)``."""
+    h0 = gather_states(pool, slots)
+    o, final = chunk_kda_fwd(q, k, v, g, beta, h0, cu_seqlens, A_log, dt_bias, opts, True, config)
+    skipped = (slots < 0).view(-1, 1, 1, 1)
+    final = final.masked_fill(skipped, 0)
+    if inplace_final_state:
+        scatter_states(final, pool, slots)
+    return zero_skipped(o, slots, cu_seqlens), final
 
 
 def get_configs() -> list[dict]:

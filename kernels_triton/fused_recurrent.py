@@ -9,7 +9,9 @@ norm, gate from A_log/dt_bias/lower_bound, beta sigmoid):
 Serving features (same semantics as the reference backend): ``ssm_state_indices [N]`` picks the pool slot
 of sequence n; ``[N, S]`` indices keep one slot per draft token, the initial state is read from column
 ``num_accepted_tokens[n] - 1`` (column 0 without it) and, in place, the state after token t is written to
-slot ``idx[n, t]``; with 1-D indices the final state goes back to ``idx[n]``.  Each program owns distinct
+slot ``idx[n, t]``; with 1-D indices the final state goes back to ``idx[n]``.  A negative (initial) slot is
+padding: that sequence reads and writes nothing and its output and final state are zeros; a negative
+per-token slot is not written.  Each program owns distinct
 (head, V-column) entries of a slot, so reading and writing the same pool is race-free between programs.
 """
 from __future__ import annotations
@@ -62,8 +64,9 @@ def _token_step(q, k, v, g, beta, o, A_log, dt_bias, pool, idx, b_s, t, bos, i_n
     tl.store(o + t * (HV * V) + i_h * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
     if STORE_EACH:  # speculative decoding: the state after token t goes to slot idx[n, t - bos]
         slot = tl.load(idx + i_n * idx_cols + (t - bos)).to(tl.int64)
-        tl.store(pool + (slot * HV + i_h) * (K * V) + o_k[:, None] * s_k + o_v[None, :] * s_v, b_s,
-                 mask=m_k[:, None] & m_v[None, :])
+        if slot >= 0:  # a negative slot is padding: not written
+            tl.store(pool + (slot * HV + i_h) * (K * V) + o_k[:, None] * s_k + o_v[None, :] * s_v, b_s,
+                     mask=m_k[:, None] & m_v[None, :])
     return b_s
 
 
@@ -96,8 +99,19 @@ def kda_decode_kernel(
             col = tl.load(nat + i_n).to(tl.int64) - 1
         slot = tl.load(idx + i_n * idx_cols + col).to(tl.int64)
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
+    run_eos = eos
+    if HAS_IDX:  # a negative slot is padding: the sequence is skipped (no pool access, zero output and state)
+        run_eos = tl.where(slot >= 0, eos, bos)
+        if slot >= 0:
+            b_s += tl.load(h0 + (slot * HV + i_h) * (K * V) + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+        else:
+            t = bos
+            while t < eos:
+                tl.store(o + t * (HV * V) + i_h * V + o_v, tl.zeros([BV], dtype=o.dtype.element_ty), mask=m_v)
+                t += 1
+    elif HAS_H0:
         b_s += tl.load(h0 + (slot * HV + i_h) * (K * V) + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    eos = run_eos
     if INTERPRET:  # the CPU interpreter cannot take a run-time range bound; a while loop computes the same
         t = bos
         while t < eos:
@@ -110,8 +124,9 @@ def kda_decode_kernel(
             b_s = _token_step(q, k, v, g, beta, o, A_log, dt_bias, h0, idx, b_s, t, bos, i_n, i_h, i_kh, o_k, m_k,
                               o_v, m_v, scale, lower_bound, s_k, s_v, idx_cols, H, HV, K, V, L2NORM, USE_GATE,
                               USE_LB, HAS_A, HAS_BIAS, BETA_SIGMOID, BETA_SCALE, STORE_EACH)
-    if STORE_POOL:  # in place, 1-D indices: the final state back to slot idx[n]
-        tl.store(h0 + (slot * HV + i_h) * (K * V) + p_kv, b_s, mask=m_kv)
+    if STORE_POOL:  # in place, 1-D indices: the final state back to slot idx[n] (not for padding)
+        if slot >= 0:
+            tl.store(h0 + (slot * HV + i_h) * (K * V) + p_kv, b_s, mask=m_kv)
     if STORE_FINAL:
         tl.store(ht + (i_n * HV + i_h).to(tl.int64) * (K * V) + p_kv, b_s, mask=m_kv)
 

@@ -49,7 +49,10 @@ def _pool_case(low, ref, speculative: bool, seed: int = 1):
     if speculative:
         S = 3
         idx = torch.randperm(P, generator=gen)[:N * S].view(N, S)
-        extra["num_accepted_tokens"] = torch.randint(1, S + 1, (N,), generator=gen)
+        cu = low.get("cu_seqlens")
+        tokens = (cu[1:] - cu[:-1]).cpu() if cu is not None else torch.full((N,), low["q"].shape[1])
+        # at most the tokens given to the sequence (more is refused as bad input)
+        extra["num_accepted_tokens"] = torch.minimum(torch.randint(1, S + 1, (N,), generator=gen), tokens)
     else:
         idx = torch.randperm(P, generator=gen)[:N]
     pool = pool64.float().to(low["q"].device)

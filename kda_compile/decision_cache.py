@@ -1,0 +1,47 @@
+"""Cache of dispatch decisions, so that a serving loop pays for backend selection once per shape.
+
+The key holds everything a backend's ``supports``, a tuned table's bucket and a default config may depend on:
+the op, the :class:`~kda_compile.checks.Problem` (sizes, dtype, device), the options, which optional tensors
+are present (and the state's dtype and contiguity), the serving flags, the ``backend=`` argument and the
+environment variables the dispatch reads.  A decision is dropped when the backend registry changes
+(:mod:`kda_compile.dispatch` clears :data:`DECISIONS`) or when the tuning tables are reloaded (each decision
+remembers the tables it was made with and is used only while those are still the loaded ones).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from . import tuning_table
+
+DECISIONS: dict = {}       # key -> (choice, tables key, tables object)
+MAX_DECISIONS = 4096       # a bound for processes that see very many shapes; the cache starts over past it
+_ENV = ("KDA_COMPILE_BACKEND", "KDA_COMPILE_CACHE_DIR", "XDG_CACHE_HOME", "HOME")
+
+
+def _tensor_flags(x) -> tuple | None:
+    return None if x is None else (x.dtype, x.dim(), x.is_contiguous())
+
+
+def decision_key(call, backend: str | None) -> tuple:
+    """What a dispatch decision for ``call`` depends on (no tensor values: nothing here syncs)."""
+    return (call.op, call.problem, call.opts, _tensor_flags(call.initial_state), call.cu_seqlens is None,
+            call.A_log is None, call.dt_bias is None, call.output_final_state,
+            _tensor_flags(call.ssm_state_indices), call.num_accepted_tokens is None, call.inplace_final_state,
+            backend, tuple(os.environ.get(name) for name in _ENV))
+
+
+def cached(call, backend: str | None, choose: Callable):
+    """``choose(call, backend)``, or the decision it gave last time for the same key."""
+    key = decision_key(call, backend)
+    hit = DECISIONS.get(key)
+    if hit is not None and tuning_table._cache.get(hit[1]) is hit[2]:
+        return hit[0]
+    choice = choose(call, backend)
+    tables_key = f"{call.problem.device}|{tuning_table.cache_dir()}"
+    tables = tuning_table._cache.get(tables_key)
+    if tables is not None:  # lookup loaded the tables for this device: the decision is tied to them
+        if len(DECISIONS) >= MAX_DECISIONS:
+            DECISIONS.clear()
+        DECISIONS[key] = (choice, tables_key, tables)
+    return choice

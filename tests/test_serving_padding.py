@@ -1,0 +1,86 @@
+"""Serving inputs to ``fused_recurrent_kda``: padding slots (negative ``ssm_state_indices``) skip their
+sequence on every backend (nothing read from or written to the pool, zero output), and bad pool arguments
+fail with a clear error before any kernel runs.  Triton runs under its interpreter without a GPU."""
+import pytest
+import torch
+
+from kda_compile import fused_recurrent_kda
+
+from kda_inputs import make_inputs
+
+BACKENDS = ["reference", "triton"]
+
+
+def _decode(B=4, T=1, pool_size=6, cu=None):
+    args = make_inputs(B=B, T=T, H=1, HV=2, K=16, V=16, dtype=torch.float32, initial_state=False, cu_seqlens=cu)
+    pool = torch.randn(pool_size, 2, 16, 16) * 0.5
+    return args, pool
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_slot_skips_the_sequence(backend):
+    args, pool = _decode()
+    slots = torch.tensor([3, -1, 0, -1], dtype=torch.int32)
+    before = pool.clone()
+    with torch.no_grad():
+        o, _ = fused_recurrent_kda(**args, initial_state=pool, ssm_state_indices=slots, inplace_final_state=True,
+                                   backend=backend)
+        live = [0, 2]
+        one = {k: x[live] for k, x in args.items()}
+        o1, f1 = fused_recurrent_kda(**one, initial_state=before[[3, 0]].clone(), output_final_state=True,
+                                     backend=backend)
+    assert torch.equal(o[[1, 3]], torch.zeros_like(o[[1, 3]]))
+    assert torch.allclose(o[live], o1, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(pool[[3, 0]], f1, rtol=1e-6, atol=1e-6)
+    assert torch.equal(pool[[1, 2, 4, 5]], before[[1, 2, 4, 5]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_slot_without_inplace_gives_zero_state(backend):
+    args, pool = _decode(B=2)
+    before = pool.clone()
+    with torch.no_grad():
+        o, f = fused_recurrent_kda(**args, initial_state=pool, ssm_state_indices=torch.tensor([-1, 4]),
+                                   output_final_state=True, backend=backend)
+    assert torch.equal(o[0], torch.zeros_like(o[0])) and torch.equal(f[0], torch.zeros_like(f[0]))
+    assert torch.equal(pool, before) and f[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_speculative_padding_row_and_padding_columns(backend):
+    """2-D indices: a row whose initial slot is negative is skipped; negative slots of unused draft tokens in
+    a live row are not written."""
+    cu = [0, 3, 5, 8]
+    args, pool = _decode(cu=cu, pool_size=12)
+    idx = torch.tensor([[0, 1, 2], [-1, -1, -1], [6, 7, -1]])
+    accepted = torch.tensor([2, 1, 1])
+    before = pool.clone()
+    with torch.no_grad():
+        o, _ = fused_recurrent_kda(**args, initial_state=pool, ssm_state_indices=idx,
+                                   num_accepted_tokens=accepted, inplace_final_state=True, backend=backend)
+    assert torch.equal(o[:, 3:5], torch.zeros_like(o[:, 3:5]))
+    # row 0 reads slot 1 and writes 0, 1, 2; row 2 reads slot 6 and writes 6, 7 (its third token: padding)
+    assert not torch.equal(pool[[0, 2, 7]], before[[0, 2, 7]])
+    assert torch.equal(pool[[3, 4, 5, 8, 9, 10, 11]], before[[3, 4, 5, 8, 9, 10, 11]])
+
+
+def test_bad_pool_arguments_fail_before_running():
+    args, pool = _decode(B=2)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="repeats slot"):
+            fused_recurrent_kda(**args, initial_state=pool, ssm_state_indices=torch.tensor([2, 2]),
+                                inplace_final_state=True)
+        with pytest.raises(ValueError, match="must lie in"):
+            fused_recurrent_kda(**args, initial_state=pool, ssm_state_indices=torch.tensor([0, 6]))
+        with pytest.raises(TypeError, match="float32"):
+            fused_recurrent_kda(**args, initial_state=pool.to(torch.bfloat16), ssm_state_indices=torch.tensor([0, 1]))
+        with pytest.raises(ValueError, match=r"shape \[N, HV, K, V\]"):
+            fused_recurrent_kda(**args, initial_state=pool[:, :1], ssm_state_indices=torch.tensor([0, 1]))
+        with pytest.raises(ValueError, match="contiguous"):
+            fused_recurrent_kda(**args, initial_state=pool.transpose(-1, -2), ssm_state_indices=torch.tensor([0, 1]),
+                                inplace_final_state=True)
+        cu = [0, 1, 3]
+        spec, pool = _decode(cu=cu, pool_size=8)
+        with pytest.raises(ValueError, match=r"num_accepted_tokens\[0\] = 2 is larger than the 1 tokens"):
+            fused_recurrent_kda(**spec, initial_state=pool, ssm_state_indices=torch.tensor([[0, 1], [2, 3]]),
+                                num_accepted_tokens=torch.tensor([2, 1]), inplace_final_state=True)
