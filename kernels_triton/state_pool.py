@@ -16,27 +16,20 @@ BLOCK = 1024
 
 
 @triton.jit
-def _gather_kernel(pool, out, slots, row_stride, SIZE: tl.constexpr, BLOCK: tl.constexpr):
+def _slot_copy_kernel(src, dst, slots, pool_stride, SIZE: tl.constexpr, BLOCK: tl.constexpr, GATHER: tl.constexpr):
+    """Block ``program_id(1)`` of row n: ``GATHER``: ``dst[n] = src[slots[n]]`` (src the pool; zeros, the pool not
+    read, for padding); else ``dst[slots[n]] = src[n]`` (dst the pool; padding not written)."""
     i_n, i_b = tl.program_id(0), tl.program_id(1)
     slot = tl.load(slots + i_n).to(tl.int64)
     offs = i_b * BLOCK + tl.arange(0, BLOCK)
     m = offs < SIZE
-    if slot >= 0:
-        x = tl.load(pool + slot * row_stride + offs, mask=m)
-        tl.store(out + i_n.to(tl.int64) * SIZE + offs, x, mask=m)
-    else:  # padding: the pool is not read
-        tl.store(out + i_n.to(tl.int64) * SIZE + offs, tl.zeros([BLOCK], dtype=out.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _scatter_kernel(src, pool, slots, row_stride, SIZE: tl.constexpr, BLOCK: tl.constexpr):
-    i_n, i_b = tl.program_id(0), tl.program_id(1)
-    slot = tl.load(slots + i_n).to(tl.int64)
-    offs = i_b * BLOCK + tl.arange(0, BLOCK)
-    m = offs < SIZE
-    if slot >= 0:
-        x = tl.load(src + i_n.to(tl.int64) * SIZE + offs, mask=m)
-        tl.store(pool + slot * row_stride + offs, x, mask=m)
+    row = i_n.to(tl.int64) * SIZE
+    if GATHER:
+        # padding as a vector mask over the block (a scalar mask breaks Triton's CPU interpreter)
+        x = tl.load(src + slot * pool_stride + offs, mask=m & ((offs * 0 + slot) >= 0), other=0.0)
+        tl.store(dst + row + offs, x, mask=m)
+    elif slot >= 0:
+        tl.store(dst + slot * pool_stride + offs, tl.load(src + row + offs, mask=m), mask=m)
 
 
 def _row_contiguous(pool: torch.Tensor) -> bool:
@@ -50,8 +43,8 @@ def gather_states(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     N, size = slots.shape[0], pool[0].numel() if pool.shape[0] else 0
     out = torch.empty((N, *pool.shape[1:]), device=pool.device, dtype=pool.dtype)
     if N and size:
-        _gather_kernel[(N, triton.cdiv(size, BLOCK))](pool, out, slots.contiguous(), pool.stride(0), SIZE=size,
-                                                      BLOCK=BLOCK)
+        _slot_copy_kernel[(N, triton.cdiv(size, BLOCK))](pool, out, slots.contiguous(), pool.stride(0), SIZE=size,
+                                                         BLOCK=BLOCK, GATHER=True)
     elif N:
         out.zero_()
     return out
@@ -64,8 +57,8 @@ def scatter_states(states: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor
         raise ValueError("the state pool's slots must be contiguous to be updated in place")
     N, size = slots.shape[0], states[0].numel() if states.shape[0] else 0
     if N and size:
-        _scatter_kernel[(N, triton.cdiv(size, BLOCK))](states.to(pool.dtype).contiguous(), pool, slots.contiguous(),
-                                                       pool.stride(0), SIZE=size, BLOCK=BLOCK)
+        _slot_copy_kernel[(N, triton.cdiv(size, BLOCK))](states.to(pool.dtype).contiguous(), pool, slots.contiguous(),
+                                                         pool.stride(0), SIZE=size, BLOCK=BLOCK, GATHER=False)
 
 
 def token_sequence(B: int, T: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
