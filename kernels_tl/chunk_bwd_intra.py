@@ -24,7 +24,7 @@ import tilelang.language as T
 
 from .chunk_bwd_tiles import BLOCK, chunk_beta, chunk_gamma, row_norms
 from .gate import SOFTPLUS_THRESHOLD, Prologue, sigmoid, softplus
-from .target import ops_for
+from .target import ops_for, runtime_sizes
 
 ACC = "float32"
 
@@ -53,12 +53,7 @@ def kda_bwd_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
     BK, BV = block_K, block_V
     NB = C // BLOCK
     NKB = K // BK
-    H = T.dynamic("H")
-    HV = T.dynamic("HV")
-    TT = T.dynamic("TT")
-    TP = T.dynamic("TP")
-    NC = T.dynamic("NC")
-    NG = T.dynamic("NG")    # chunks with gate partial sums (NC, or 0 without the gate in the kernel)
+    H, HV, TT, TP, NC, NG = runtime_sizes("H HV TT TP NC NG")
     tile = ops.tile_dtype(dtype)
     zero = T.cast(0, tile)
 

@@ -12,7 +12,7 @@ One program per (token block, key head):
 import tilelang.language as T
 
 from .gate import Prologue, inv_norm, sigmoid
-from .target import ops_for
+from .target import ops_for, runtime_sizes
 
 ACC = "float32"
 
@@ -53,9 +53,7 @@ def kda_bwd_prologue(K: int, *, dtype: str = "bfloat16", beta_dtype: str = "floa
     p = prologue
     BT = block_T
     NKB = num_k_blocks
-    H = T.dynamic("H")
-    HV = T.dynamic("HV")
-    TT = T.dynamic("TT")
+    H, HV, TT = runtime_sizes("H HV TT")
 
     @T.prim_func
     def kda_bwd_prologue(q: T.Tensor((TT, H, K), dtype), k: T.Tensor((TT, H, K), dtype),

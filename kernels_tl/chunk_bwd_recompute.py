@@ -19,7 +19,7 @@ import torch
 from .chunk_intra import kda_intra
 from .gate import Prologue
 from .state_layout import load_state_tile
-from .target import TL_DTYPES, compile_kernel, for_target, ops_for
+from .target import TL_DTYPES, compile_kernel, for_target, ops_for, runtime_sizes
 
 ACC = "float32"
 
@@ -29,11 +29,7 @@ def kda_bwd_states(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", has_
     """Kernel factory: the states entering each chunk and V_new.  Kernel config: ``block_V``, ``threads``."""
     ops = ops_for(target)
     BV = block_V
-    HV = T.dynamic("HV")
-    TP = T.dynamic("TP")
-    NC = T.dynamic("NC")
-    NS = T.dynamic("NS")
-    N0 = T.dynamic("N0")
+    HV, TP, NC, NS, N0 = runtime_sizes("HV TP NC NS N0")
     state = (HV, V, K) if state_v_first else (HV, K, V)
     tile = ops.tile_dtype(dtype)
     zero = T.cast(0, tile)

@@ -21,7 +21,7 @@ import tilelang.language as T
 
 from .chunk_bwd_tiles import BLOCK, chunk_beta, chunk_gamma, row_norms
 from .gate import Prologue, finite_or_zero
-from .target import ops_for
+from .target import ops_for, runtime_sizes
 
 ACC = "float32"
 
@@ -35,11 +35,7 @@ def kda_bwd_solve(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
     p = prologue
     BV = block_V
     NB = C // BLOCK
-    H = T.dynamic("H")
-    HV = T.dynamic("HV")
-    TT = T.dynamic("TT")
-    TP = T.dynamic("TP")
-    NC = T.dynamic("NC")
+    H, HV, TT, TP, NC = runtime_sizes("H HV TT TP NC")
     tile = ops.tile_dtype(dtype)
     zero = T.cast(0, tile)
 

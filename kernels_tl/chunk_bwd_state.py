@@ -14,7 +14,7 @@ mirror of the forward's state kernel: the same tiles, tensor-core products with 
 import tilelang.language as T
 
 from .state_layout import load_state_tile, store_state_entry
-from .target import ops_for
+from .target import ops_for, runtime_sizes
 
 ACC = "float32"
 
@@ -26,13 +26,7 @@ def kda_bwd_state(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", scale
     ``threads``."""
     ops = ops_for(target)
     BV = block_V
-    HV = T.dynamic("HV")
-    TT = T.dynamic("TT")
-    TP = T.dynamic("TP")
-    NC = T.dynamic("NC")
-    NS = T.dynamic("NS")
-    N0 = T.dynamic("N0")   # sequences with a dh0 (NS, or 0)
-    N1 = T.dynamic("N1")   # sequences with a final-state cotangent (NS, or 0)
+    HV, TT, TP, NC, NS, N0, N1 = runtime_sizes("HV TT TP NC NS N0 N1")
     state = (HV, V, K) if state_v_first else (HV, K, V)
     tile = ops.tile_dtype(dtype)
     zero = T.cast(0, tile)

@@ -26,7 +26,7 @@ import tilelang.language as T
 from .fused_intra import BLOCK, a_products, block_inverse, factor_shift, load_chunk, range_check
 from .gate import Prologue, finite_or_zero
 from .state_layout import state_entry
-from .target import ops_for
+from .target import ops_for, runtime_sizes
 
 ACC = "float32"
 SMEM_LIMIT = 227 * 1024   # dynamic shared memory per block on the H100 / H200
@@ -58,14 +58,7 @@ def kda_fused(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dtype: 
     p = prologue
     d, check = factor_shift(p)
     BV = block_V
-    H, HV = T.dynamic("H"), T.dynamic("HV")
-    TT = T.dynamic("TT")     # tokens
-    TQ = T.dynamic("TQ")     # rows of qt (TT when split, else 0)
-    NC = T.dynamic("NC")     # chunks
-    NH = T.dynamic("NH")     # rows of hc (NC with store_states, else 0)
-    NSEG = T.dynamic("NSEG")  # segments
-    N0 = T.dynamic("N0")     # rows of h0 (sequences, or 0)
-    VA = T.dynamic("VA")     # state columns: V, or V + K with the segment scan
+    H, HV, TT, TQ, NC, NH, NSEG, N0, VA = runtime_sizes("H HV TT TQ NC NH NSEG N0 VA")
     state = (HV, V, K) if state_v_first else (HV, K, V)
     tile = ops.tile_dtype(dtype)
     # fp16 cannot hold exp(60) |k|: the A products of fp16 inputs take float32 operands (TF32 on the GPU)

@@ -28,7 +28,7 @@ import tilelang.language as T
 
 from .fused_intra import chunk_gamma, exact_diagonal_entry
 from .gate import Prologue, beta_value, finite_or_zero, row_inv_norms
-from .target import ops_for
+from .target import ops_for, runtime_sizes
 
 ACC = "float32"
 
@@ -43,12 +43,9 @@ def kda_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
     ops = ops_for(target)
     unroll = T.serial if ops.cpu else T.unroll
     p = prologue
-    H = T.dynamic("H")     # key heads
-    HV = T.dynamic("HV")   # value heads (a multiple of H)
+    H, HV = runtime_sizes("H HV")
     NB = C // block
-    TT = T.dynamic("TT")   # tokens of the input
-    TP = T.dynamic("TP")   # rows of the padded intermediate buffers
-    NC = T.dynamic("NC")   # chunks, all sequences together
+    TT, TP, NC = runtime_sizes("TT TP NC")
     tile = ops.tile_dtype(dtype)   # on-chip copies and tensor-core operands
     zero = T.cast(0, tile)
 

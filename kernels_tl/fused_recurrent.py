@@ -23,7 +23,7 @@ import torch
 from .gate import Prologue, beta_value, inv_norm, log_decay, vector_inv_norm
 from .state_layout import load_state_tile, state_entry, store_state_entry
 from .config import decode_config
-from .target import TL_DTYPES, compile_kernel, flat_inputs, ops_for, target_for
+from .target import TL_DTYPES, compile_kernel, flat_inputs, ops_for, runtime_sizes, target_for
 
 ACC = "float32"
 
@@ -46,13 +46,9 @@ def kda_decode(K: int, V: int, *, dtype: str = "bfloat16", g_dtype: str = "float
     """Kernel factory for decode.  Kernel config: ``block_V`` (state columns per program), ``threads``."""
     ops = ops_for(target)
     p = prologue
-    H = T.dynamic("H")
-    HV = T.dynamic("HV")
+    H, HV = runtime_sizes("H HV")
     BV = block_V
-    TT = T.dynamic("TT")
-    NS = T.dynamic("NS")
-    P0 = T.dynamic("P0")   # state pool rows (N without a pool, 0 without an initial state)
-    N1 = T.dynamic("N1")   # final-state rows (N, or 0)
+    TT, NS, P0, N1 = runtime_sizes("TT NS P0 N1")
     state = (HV, V, K) if state_v_first else (HV, K, V)
 
     @T.prim_func
@@ -122,12 +118,7 @@ def kda_decode_columns(K: int, V: int, *, dtype: str = "bfloat16", g_dtype: str 
     ops = ops_for(target)
     p = prologue
     BV = block_V
-    H = T.dynamic("H")
-    HV = T.dynamic("HV")
-    TT = T.dynamic("TT")
-    NS = T.dynamic("NS")
-    P0 = T.dynamic("P0")
-    N1 = T.dynamic("N1")
+    H, HV, TT, NS, P0, N1 = runtime_sizes("H HV TT NS P0 N1")
     state = (HV, V, K) if state_v_first else (HV, K, V)
     loop_k = T.serial if ops.cpu else T.unroll   # unrolled: the column stays in registers
 

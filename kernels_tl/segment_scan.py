@@ -14,7 +14,7 @@ queries ``qt_t = scale M_t^T q_t``.
 import tilelang.language as T
 
 from .state_layout import store_state_entry
-from .target import ops_for
+from .target import ops_for, runtime_sizes
 
 ACC = "float32"
 
@@ -24,8 +24,7 @@ def kda_segment_scan(K: int, V: int, *, state_v_first: bool = False, block_V: in
     """Kernel factory of the scan over segments (products ``M_j S`` in float32 operands: TF32 on the GPU)."""
     ops = ops_for(target)
     BV = block_V
-    HV = T.dynamic("HV")
-    NSEG, NS, VA = T.dynamic("NSEG"), T.dynamic("NS"), T.dynamic("VA")
+    HV, NSEG, NS, VA = runtime_sizes("HV NSEG NS VA")
     state = (HV, V, K) if state_v_first else (HV, K, V)
 
     @T.prim_func
@@ -61,8 +60,7 @@ def kda_segment_fixup(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", b
     """Kernel factory of the fix-up ``o += qt S_in`` (``qt`` already carries the scale)."""
     ops = ops_for(target)
     BV = block_V
-    HV = T.dynamic("HV")
-    TT, NC, NSEG = T.dynamic("TT"), T.dynamic("NC"), T.dynamic("NSEG")
+    HV, TT, NC, NSEG = runtime_sizes("HV TT NC NSEG")
     tile = ops.tile_dtype(dtype)
 
     @T.prim_func

@@ -98,6 +98,30 @@ _GPU_OPS = TargetOps(cpu=False, alloc_shared=T.alloc_shared, alloc_fragment=T.al
 _CPU_OPS = TargetOps(cpu=True, alloc_shared=T.alloc_local, alloc_fragment=T.alloc_local, Parallel=T.grid)
 
 
+# The run-time sizes of the kernels (one build serves every shape): their names, here only.
+RUNTIME_SIZES = {
+    "H": "key heads", "HV": "value heads (a multiple of H)", "TT": "tokens of all sequences (flat token axis)",
+    "TP": "rows of the row-padded intermediate buffers (TT + C: a chunk is read whole)",
+    "TQ": "rows of the effective queries (TT when the sequence is split into segments, else 0)",
+    "NC": "chunks of all sequences", "NH": "rows of the stored chunk states (NC when asked for, else 0)",
+    "NS": "sequences", "NSEG": "segments of all sequences", "NG": "chunks with gate partial sums (NC, or 0)",
+    "N0": "rows of an initial state or of its gradient (NS, or 0 when absent)",
+    "N1": "rows of a final state or of its cotangent (NS, or 0 when absent)",
+    "P0": "rows of a state pool (NS without a pool, 0 without an initial state)",
+    "VA": "state columns of the fused kernel (V, or V + K with the segment scan)",
+}
+
+
+def runtime_sizes(names: str) -> tuple:
+    """``T.dynamic`` sizes for the space-separated ``names`` (each one of :data:`RUNTIME_SIZES`)."""
+    sizes = []
+    for name in names.split():
+        if name not in RUNTIME_SIZES:
+            raise ValueError(f"unknown run-time size {name!r}; known: {sorted(RUNTIME_SIZES)}")
+        sizes.append(T.dynamic(name))
+    return tuple(sizes)
+
+
 def is_cpu(target: str) -> bool:
     """True for TileLang's C target."""
     return str(target) == CPU_TARGET
