@@ -6,8 +6,9 @@ autotune space varies; fixed choices are constants beside the kernels (docs/tile
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+
+from kda_compile.kernel_config import check_one_of, config_from_dict
 
 DECODE_LAYOUTS = ("column", "tile")
 
@@ -32,10 +33,10 @@ class ChunkConfig:
     segment_len: int | None = None
 
     def __post_init__(self):
-        _one_of("state_BV", self.state_BV, (16, 32, 64, 128))
-        _one_of("threads", self.threads, (128, 256))
+        check_one_of("TileLang", "state_BV", self.state_BV, (16, 32, 64, 128))
+        check_one_of("TileLang", "threads", self.threads, (128, 256))
         if self.segment_len is not None:
-            _one_of("segment_len", self.segment_len, SEGMENT_LENS)
+            check_one_of("TileLang", "segment_len", self.segment_len, SEGMENT_LENS)
 
 
 def segment_length(config: ChunkConfig, device) -> int:
@@ -67,8 +68,8 @@ class DecodeConfig:
     decode_threads: int = 128
 
     def __post_init__(self):
-        _one_of("layout", self.layout, DECODE_LAYOUTS)
-        _one_of("decode_BV", self.decode_BV, (16, 32, 64, 128))
+        check_one_of("TileLang", "layout", self.layout, DECODE_LAYOUTS)
+        check_one_of("TileLang", "decode_BV", self.decode_BV, (16, 32, 64, 128))
         if self.layout == "column" and self.decode_threads != self.decode_BV:
             raise ValueError("TileLang decode_threads must equal decode_BV with layout='column' (a thread per "
                              f"column), got {self.decode_threads} and {self.decode_BV}")
@@ -91,37 +92,24 @@ class BackwardConfig:
     bwd_prologue_BT: int = 32
 
     def __post_init__(self):
-        _one_of("intra_threads", self.intra_threads, (128, 256))
+        check_one_of("TileLang", "intra_threads", self.intra_threads, (128, 256))
         for name in ("states_BV", "bwd_state_BV", "bwd_solve_BV", "bwd_intra_BK", "bwd_intra_BV"):
-            _one_of(name, getattr(self, name), (16, 32, 64, 128))
+            check_one_of("TileLang", name, getattr(self, name), (16, 32, 64, 128))
         for name in ("bwd_solve_threads", "bwd_intra_threads"):
-            _one_of(name, getattr(self, name), (128, 256))
-        _one_of("bwd_prologue_BT", self.bwd_prologue_BT, (16, 32, 64))
+            check_one_of("TileLang", name, getattr(self, name), (128, 256))
+        check_one_of("TileLang", "bwd_prologue_BT", self.bwd_prologue_BT, (16, 32, 64))
 
 
 def backward_config(config: dict | None = None) -> BackwardConfig:
     """The :class:`BackwardConfig` of ``config`` (missing fields at their defaults)."""
-    return _from_dict(BackwardConfig, config or {})
+    return config_from_dict(BackwardConfig, config or {}, "TileLang")
 
 
 def chunk_config(config: dict | None = None) -> ChunkConfig:
     """The :class:`ChunkConfig` of ``config`` (missing fields at their defaults)."""
-    return _from_dict(ChunkConfig, config or {})
+    return config_from_dict(ChunkConfig, config or {}, "TileLang")
 
 
 def decode_config(config: dict | None = None) -> DecodeConfig:
     """The :class:`DecodeConfig` of ``config`` (missing fields at their defaults)."""
-    return _from_dict(DecodeConfig, config or {})
-
-
-def _from_dict(cls, values: dict):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown TileLang {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}")
-    return cls(**values)
-
-
-def _one_of(name: str, value, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"TileLang config {name} must be one of {allowed}, got {value!r}")
+    return config_from_dict(DecodeConfig, config or {}, "TileLang")

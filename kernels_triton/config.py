@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kda_compile.kernel_config import check_one_of, config_from_dict
+
 PRECISIONS = ("tf32", "tf32x3", "ieee")
 # how the inverse takes its 16x16 diagonal blocks: forward substitution, or products at one of the precisions
 DIAG_METHODS = ("subst",) + PRECISIONS
@@ -54,10 +56,10 @@ class ChunkConfig:
     o_warps: int = 4
 
     def __post_init__(self):
-        _one_of("intra_norms", self.intra_norms, NORM_PASSES)
-        _one_of("solve_diag", self.solve_diag, DIAG_METHODS)
-        _one_of("precision", self.precision, PRECISIONS)
-        _one_of("solve_precision", self.solve_precision, PRECISIONS)
+        check_one_of("Triton", "intra_norms", self.intra_norms, NORM_PASSES)
+        check_one_of("Triton", "solve_diag", self.solve_diag, DIAG_METHODS)
+        check_one_of("Triton", "precision", self.precision, PRECISIONS)
+        check_one_of("Triton", "solve_precision", self.solve_precision, PRECISIONS)
         for name in ("gamma_BK", "intra_BK", "solve_BK", "o_BK", "o_BV", "intra_row_BK", "state_BV"):
             _power_of_two(name, getattr(self, name), optional=name in ("intra_row_BK", "state_BV"))
 
@@ -109,7 +111,7 @@ def float32_defaults() -> dict:
 def chunk_config(config: dict | None = None, dtype: torch.dtype | None = None) -> ChunkConfig:
     """The :class:`ChunkConfig` of ``config`` (missing fields at their defaults for ``dtype``)."""
     base = float32_defaults() if dtype == torch.float32 else {}
-    return _from_dict(ChunkConfig, {**base, **(config or {})})
+    return config_from_dict(ChunkConfig, {**base, **(config or {})}, "Triton")
 
 
 def backward_config(config: dict | None = None, dtype: torch.dtype | None = None) -> BackwardConfig:
@@ -122,20 +124,7 @@ def backward_config(config: dict | None = None, dtype: torch.dtype | None = None
 
 def decode_config(config: dict | None = None) -> DecodeConfig:
     """The :class:`DecodeConfig` of ``config``."""
-    return _from_dict(DecodeConfig, config or {})
-
-
-def _from_dict(cls, values: dict):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown Triton {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}")
-    return cls(**values)
-
-
-def _one_of(name: str, value, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"Triton config {name} must be one of {allowed}, got {value!r}")
+    return config_from_dict(DecodeConfig, config or {}, "Triton")
 
 
 def _power_of_two(name: str, value, optional: bool = False) -> None:
