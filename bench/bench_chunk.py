@@ -20,9 +20,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (GATES, LOWER_BOUND, STANDARD_SHAPES, TINY_SHAPES, Skip, backend_call,  # noqa: E402
-                    check_runs, dense_cu_seqlens, gate_kwargs, make_inputs, measure, our_backends, parse_config,
-                    parse_ints, parse_shape, parser, pick_device, run_sweep)
+from common import (GATES, LOWER_BOUND, STANDARD_SHAPES, TINY_SHAPES, add_provider_options,  # noqa: E402
+                    backend_call, check_runs, dense_cu_seqlens, gate_kwargs, make_inputs, measure,
+                    parse_config, parse_ints, parse_shape, parser, pick_device, providers_for,
+                    run_sweep, Skip)
 
 PEERS = ("fla", "cudnn", "sdpa")
 PLOTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots")
@@ -91,15 +92,6 @@ def forward_ms_fn(device, D, config):
     return forward_ms
 
 
-def providers_for(args, device) -> list[str]:
-    wanted = [p.strip() for p in args.providers.split(",") if p.strip()]
-    unknown = set(wanted) - {"ours", *PEERS}
-    if unknown:
-        raise ValueError(f"--providers takes ours, {', '.join(PEERS)}; got {sorted(unknown)}")
-    names = [f"ours:{b}" for b in our_backends(device, args.backends)] if "ours" in wanted else []
-    return names + [p for p in PEERS if p in wanted]
-
-
 def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("--what", default="shapes,sweep", help="shapes (the standard shapes table), sweep (time "
@@ -108,9 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="*", default=None, help="B,T,H triples (default: the standard shapes)")
     p.add_argument("--sweep-T", default=None, help="T values of the sweep (default 1024,...,32768)")
     p.add_argument("--sweep-BH", default=None, help="B,H of the sweep (default 2,16)")
-    p.add_argument("--providers", default="ours," + ",".join(PEERS), help="ours, fla, cudnn, sdpa (default all)")
-    p.add_argument("--backends", default=None, help="our backends (default: every registered one but the "
-                   "reference on CUDA)")
+    add_provider_options(p, PEERS)
     p.add_argument("--config", default=None, help="a kernel config for our backends, JSON or key=value,... "
                    "(default: what the dispatch picks)")
     p.add_argument("--plots", default=PLOTS, help="folder of the sweep's PNG and CSV (default bench/plots)")
@@ -125,7 +115,7 @@ def main(argv=None) -> int:
     sweep_T = parse_ints(args.sweep_T or ("32,64,128" if tiny else "1024,2048,4096,8192,16384,32768"), "--sweep-T")
     sweep_B, sweep_H = parse_ints(args.sweep_BH or ("1,2" if tiny else "2,16"), "--sweep-BH")[:2]
     config = parse_config(args.config) if args.config else None
-    providers = providers_for(args, device)
+    providers = providers_for(args, device, PEERS)
     fn = forward_ms_fn(device, D, config)
     what = set(args.what.split(","))
     for gate in gates:

@@ -23,9 +23,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (LOWER_BOUND, STANDARD_SHAPES, TINY_SHAPES, Skip, check_runs, dense_cu_seqlens,  # noqa: E402
-                    emit, header, make_inputs, markdown_table, measure, our_backends, parse_shape, parser,
-                    pick_device, with_ratios)
+from common import (LOWER_BOUND, STANDARD_SHAPES, TINY_SHAPES, add_provider_options, check_runs,  # noqa: E402
+                    dense_cu_seqlens, emit, header, make_inputs, markdown_table, measure, parse_shape,
+                    parser, pick_device, providers_for, Skip, with_ratios)
 
 SETTINGS = ("prenorm_log", "l2_log", "l2_safe")
 PEERS = ("fla", "cudnn", "sdpa")
@@ -129,9 +129,7 @@ def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"any of {', '.join(SETTINGS)} (default all)")
     p.add_argument("--shapes", nargs="*", default=None, help="B,T,H triples (default: the standard shapes)")
-    p.add_argument("--providers", default="ours," + ",".join(PEERS), help="ours, fla, cudnn, sdpa (default all)")
-    p.add_argument("--backends", default=None, help="our backends (default: every registered one but the "
-                   "reference on CUDA)")
+    add_provider_options(p, PEERS)
     args = p.parse_args(argv)
     device = pick_device(args.device)
     D = 16 if device == "cpu" else 128
@@ -140,9 +138,7 @@ def main(argv=None) -> int:
         raise ValueError(f"--settings takes {SETTINGS}, got {args.settings!r}")
     shapes = [parse_shape(s) for s in args.shapes] if args.shapes else TINY_SHAPES if device == "cpu" \
         else STANDARD_SHAPES
-    wanted = [w.strip() for w in args.providers.split(",")]
-    providers = ([f"ours:{b}" for b in our_backends(device, args.backends)] if "ours" in wanted else []) \
-        + [p for p in PEERS if p in wanted]
+    providers = providers_for(args, device, PEERS)
     for setting in settings:
         rows = []
         for B, T, H in shapes:

@@ -17,8 +17,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (Skip, backend_call, check_runs, dense_cu_seqlens, emit, make_inputs,  # noqa: E402
-                    markdown_table, measure, our_backends, parse_config, parse_ints, parser, pick_device, run_sweep)
+from common import (add_provider_options, backend_call, check_runs, dense_cu_seqlens, emit,  # noqa: E402
+                    make_inputs, markdown_table, measure, parse_config, parse_ints, parser,
+                    pick_device, providers_for, run_sweep, Skip)
 
 PEERS = ("fla", "cudnn", "copy")
 PLOTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots")
@@ -91,9 +92,7 @@ def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("--batches", default=None, help="B values (default 1,4,16,64)")
     p.add_argument("--heads", type=int, default=None, help="H (default 32)")
-    p.add_argument("--providers", default="ours," + ",".join(PEERS), help="ours, fla, cudnn, copy (default all)")
-    p.add_argument("--backends", default=None, help="our backends (default: every registered one but the "
-                   "reference on CUDA)")
+    add_provider_options(p, PEERS)
     p.add_argument("--config", default=None, help="a decode kernel config for our backends, JSON or "
                    "key=value,... (default: what the dispatch picks)")
     p.add_argument("--plots", default=PLOTS, help="folder of the sweep's PNG and CSV (default bench/plots)")
@@ -102,11 +101,7 @@ def main(argv=None) -> int:
     tiny = device == "cpu"
     H, D = args.heads or (2 if tiny else 32), 16 if tiny else 128
     batches = parse_ints(args.batches or ("1,2" if tiny else "1,4,16,64"), "--batches")
-    wanted = [s.strip() for s in args.providers.split(",") if s.strip()]
-    if set(wanted) - {"ours", *PEERS}:
-        raise ValueError(f"--providers takes ours, {', '.join(PEERS)}; got {args.providers!r}")
-    providers = [f"ours:{b}" for b in our_backends(device, args.backends)] if "ours" in wanted else []
-    providers += [s for s in PEERS if s in wanted]
+    providers = providers_for(args, device, PEERS)
     config = parse_config(args.config) if args.config else None
     headers, rows = run_sweep(decode_us_fn(device, H, D, config), x_names=["B"], x_vals=batches,
                               providers=providers, ylabel="µs", plot_name="decode", args={},

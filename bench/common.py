@@ -146,6 +146,25 @@ def our_backends(device: str, wanted: str | None = None) -> list[str]:
     return [n for n in registered if device == "cpu" or n != "reference"]
 
 
+def add_provider_options(p: argparse.ArgumentParser, peers: tuple) -> None:
+    """``--providers`` (ours and the ``peers``) and ``--backends`` (which of ours), shared by the scripts."""
+    p.add_argument("--providers", default="ours," + ",".join(peers),
+                   help=f"ours, {', '.join(peers)} (default all)")
+    p.add_argument("--backends", default=None, help="our backends (default: every registered one but the "
+                   "reference on CUDA)")
+
+
+def providers_for(args, device: str, peers: tuple) -> list[str]:
+    """The providers to time: ``ours:<backend>`` for each of our backends, then the peers asked for; an unknown
+    name in ``--providers`` is a ValueError."""
+    wanted = [w.strip() for w in args.providers.split(",") if w.strip()]
+    unknown = set(wanted) - {"ours", *peers}
+    if unknown:
+        raise ValueError(f"--providers takes ours, {', '.join(peers)}; got {sorted(unknown)}")
+    names = [f"ours:{b}" for b in our_backends(device, args.backends)] if "ours" in wanted else []
+    return names + [w for w in peers if w in wanted]
+
+
 def backend_call(op: str, x: dict, name: str, **kwargs):
     """Our kernels straight through one backend with an explicit config: a zero-argument callable.
     ``kwargs`` are the public API's keywords; ``config`` (a dict) goes to the backend as the tuned table would."""
