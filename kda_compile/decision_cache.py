@@ -13,6 +13,7 @@ import os
 from typing import Callable
 
 from . import tuning_table
+from .buckets import longest_sequence
 
 DECISIONS: dict = {}       # key -> (choice, tables key, tables object)
 MAX_DECISIONS = 4096       # a bound for processes that see very many shapes; the cache starts over past it
@@ -24,8 +25,11 @@ def _tensor_flags(x) -> tuple | None:
 
 
 def decision_key(call, backend: str | None) -> tuple:
-    """What a dispatch decision for ``call`` depends on (no tensor values: nothing here syncs)."""
-    return (call.op, call.problem, call.opts, _tensor_flags(call.initial_state), call.cu_seqlens is None,
+    """What a dispatch decision for ``call`` depends on.  No device tensor's values (nothing here syncs); the
+    longest sequence of a varlen pack, which picks its bucket, is read only when the offsets are on the CPU
+    (:func:`kda_compile.buckets.longest_sequence`)."""
+    return (call.op, call.problem, longest_sequence(call), call.opts, _tensor_flags(call.initial_state),
+            call.cu_seqlens is None,
             call.A_log is None, call.dt_bias is None, call.output_final_state,
             _tensor_flags(call.ssm_state_indices), call.num_accepted_tokens is None, call.inplace_final_state,
             backend, tuple(os.environ.get(name) for name in _ENV))

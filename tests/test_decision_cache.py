@@ -1,0 +1,59 @@
+"""The dispatch's decision cache (kda_compile/decision_cache.py): a repeated call reuses its decision, a change
+of the registry or of what picks the bucket makes a new one."""
+import torch
+
+from kda_compile import dispatch, explain
+from kda_compile.api import _check
+from kda_compile.decision_cache import decision_key
+
+from kda_inputs import make_inputs
+
+
+def _count_choices(monkeypatch):
+    calls = []
+    real = dispatch._choose
+
+    def counting(call, backend=None):
+        calls.append(call.op)
+        return real(call, backend)
+
+    monkeypatch.setattr(dispatch, "_choose", counting)
+    dispatch._DECISIONS.clear()
+    return calls
+
+
+def test_a_repeated_call_reuses_its_decision(monkeypatch):
+    calls = _count_choices(monkeypatch)
+    a = make_inputs(B=1, T=9, H=1, K=16, V=16, dtype=torch.float32)
+    first = explain(**a)
+    second = explain(**a)
+    assert len(calls) == 1 and second.backend.name == first.backend.name
+
+
+def test_registering_a_backend_drops_the_decisions(monkeypatch):
+    calls = _count_choices(monkeypatch)
+    a = make_inputs(B=1, T=9, H=1, K=16, V=16, dtype=torch.float32)
+    explain(**a)
+    fake = dispatch.Backend(name="fake_cache", supports=lambda call: "never", run=lambda call, config: None)
+    dispatch.register_backend(fake)
+    try:
+        explain(**a)
+        assert len(calls) == 2
+    finally:
+        dispatch.unregister_backend("fake_cache")
+
+
+def _varlen_call(offsets):
+    a = make_inputs(H=1, K=16, V=16, dtype=torch.float32, cu_seqlens=offsets)
+    problem, opts = _check(a["q"], a["k"], a["v"], a["g"], a["beta"], cu_seqlens=a["cu_seqlens"],
+                           initial_state=a["initial_state"])
+    return dispatch.KDACall("chunk", problem, opts, a["q"], a["k"], a["v"], a["g"], a["beta"], a["initial_state"],
+                            a["cu_seqlens"])
+
+
+def test_varlen_packs_with_the_same_total_but_other_longest_sequence_get_their_own_decision():
+    """The longest sequence picks a varlen pack's bucket (offsets on the CPU), so it is part of the key."""
+    short = _varlen_call([0, 1000, 2000, 3000])      # longest 1000
+    long_ = _varlen_call([0, 10, 20, 3000])          # longest 2980, same packed T
+    assert short.problem == long_.problem
+    assert decision_key(short, None) != decision_key(long_, None)
