@@ -111,17 +111,20 @@ def sync(device: str) -> None:
 @torch.no_grad()
 def measure(model, ids, decode: int, reps: int, device: str) -> dict:
     """Median prefill and decode times (s) and the logits of the last run."""
+    # transformers 5.24 names the cache ``cache``; earlier 5.x releases ``past_key_values``
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     def run():
         sync(device)
         t0 = time.perf_counter()
         out = model(ids, use_cache=True)
         sync(device)
         t1 = time.perf_counter()
-        cache, logits = out.cache, [out.logits[:, -1:]]
+        cache, logits = getattr(out, cache_arg), [out.logits[:, -1:]]
         nxt = out.logits[:, -1:].argmax(-1)
         for _ in range(decode):
-            out = model(nxt, cache=cache, use_cache=True)
-            cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
+            out = model(nxt, **{cache_arg: cache}, use_cache=True)
+            cache, nxt = getattr(out, cache_arg), out.logits[:, -1:].argmax(-1)
             logits.append(out.logits[:, -1:])
         sync(device)
         return t1 - t0, time.perf_counter() - t1, torch.cat(logits, 1).float().cpu()

@@ -1,7 +1,8 @@
 """``chunk_kda`` over a mixed prefill + decode pack with the states in a pool (``ssm_state_indices``,
 ``inplace_final_state``): every sequence must get, bit for bit, what ``chunk_kda`` on it alone gives;
-negative slots (padding) skip their sequence.  Reference backend, and the Triton kernels (on the CPU under
-Triton's interpreter, which tests/conftest.py turns on without a GPU)."""
+negative slots (padding) skip their sequence.  Reference backend, and the Triton kernels (on the GPU when there
+is one, else on the CPU under Triton's interpreter, which tests/conftest.py turns on without a GPU).  The
+argument checks run on CPU tensors, whose values are read without a device sync."""
 import pytest
 import torch
 
@@ -12,14 +13,16 @@ from kda_inputs import make_inputs, rel_err
 
 LENGTHS = [1, 1000, 1, 37, 1]     # decode tokens next to a long prefill
 BACKENDS = ["reference", "triton"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # where the kernel cases run
 
 
-def _pack(lengths, pool_size, dtype, gate="log"):
+def _pack(lengths, pool_size, dtype, gate="log", device="cpu"):
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)
-    args = make_inputs(H=1, HV=2, K=16, V=16, dtype=dtype, cu_seqlens=cu, initial_state=False, gate=gate)
-    pool = torch.randn(pool_size, 2, 16, 16, dtype=torch.float32) * 0.5
+    args = make_inputs(H=1, HV=2, K=16, V=16, dtype=dtype, cu_seqlens=cu, initial_state=False, gate=gate,
+                       device=device)
+    pool = torch.randn(pool_size, 2, 16, 16, dtype=torch.float32).mul_(0.5).to(device)
     return args, pool, cu
 
 
@@ -32,8 +35,8 @@ def _alone(args, cu, n, h0, backend, **kw):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("inplace", [False, True])
 def test_pack_equals_each_sequence_alone(backend, inplace):
-    args, pool, cu = _pack(LENGTHS, pool_size=8, dtype=torch.float32)
-    slots = torch.tensor([6, 0, 3, 7, 2], dtype=torch.int32)
+    args, pool, cu = _pack(LENGTHS, pool_size=8, dtype=torch.float32, device=DEVICE)
+    slots = torch.tensor([6, 0, 3, 7, 2], dtype=torch.int32, device=DEVICE)
     before = pool.clone()
     with torch.inference_mode():
         o, final = chunk_kda(**args, initial_state=pool, ssm_state_indices=slots, output_final_state=True,
@@ -58,8 +61,8 @@ def test_pack_equals_each_sequence_alone(backend, inplace):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_negative_slot_skips_the_sequence(backend):
-    args, pool, cu = _pack([1, 40, 1], pool_size=4, dtype=torch.float32)
-    slots = torch.tensor([2, -1, 0], dtype=torch.int32)
+    args, pool, cu = _pack([1, 40, 1], pool_size=4, dtype=torch.float32, device=DEVICE)
+    slots = torch.tensor([2, -1, 0], dtype=torch.int32, device=DEVICE)
     before = pool.clone()
     with torch.inference_mode():
         o, _ = chunk_kda(**args, initial_state=pool, ssm_state_indices=slots, inplace_final_state=True,

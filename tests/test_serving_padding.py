@@ -1,6 +1,7 @@
 """Serving inputs to ``fused_recurrent_kda``: padding slots (negative ``ssm_state_indices``) skip their
 sequence on every backend (nothing read from or written to the pool, zero output), and bad pool arguments
-fail with a clear error before any kernel runs.  Triton runs under its interpreter without a GPU."""
+fail with a clear error before any kernel runs.  The kernel cases run on the GPU when there is one (Triton runs
+under its interpreter without one); the argument checks use CPU tensors, whose values are read without a sync."""
 import pytest
 import torch
 
@@ -9,18 +10,20 @@ from kda_compile import fused_recurrent_kda
 from kda_inputs import make_inputs
 
 BACKENDS = ["reference", "triton"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # where the kernel cases run
 
 
-def _decode(B=4, T=1, pool_size=6, cu=None):
-    args = make_inputs(B=B, T=T, H=1, HV=2, K=16, V=16, dtype=torch.float32, initial_state=False, cu_seqlens=cu)
-    pool = torch.randn(pool_size, 2, 16, 16) * 0.5
+def _decode(B=4, T=1, pool_size=6, cu=None, device="cpu"):
+    args = make_inputs(B=B, T=T, H=1, HV=2, K=16, V=16, dtype=torch.float32, initial_state=False, cu_seqlens=cu,
+                       device=device)
+    pool = torch.randn(pool_size, 2, 16, 16).mul_(0.5).to(device)
     return args, pool
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_negative_slot_skips_the_sequence(backend):
-    args, pool = _decode()
-    slots = torch.tensor([3, -1, 0, -1], dtype=torch.int32)
+    args, pool = _decode(device=DEVICE)
+    slots = torch.tensor([3, -1, 0, -1], dtype=torch.int32, device=DEVICE)
     before = pool.clone()
     with torch.no_grad():
         o, _ = fused_recurrent_kda(**args, initial_state=pool, ssm_state_indices=slots, inplace_final_state=True,
@@ -37,10 +40,10 @@ def test_negative_slot_skips_the_sequence(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_negative_slot_without_inplace_gives_zero_state(backend):
-    args, pool = _decode(B=2)
+    args, pool = _decode(B=2, device=DEVICE)
     before = pool.clone()
     with torch.no_grad():
-        o, f = fused_recurrent_kda(**args, initial_state=pool, ssm_state_indices=torch.tensor([-1, 4]),
+        o, f = fused_recurrent_kda(**args, initial_state=pool, ssm_state_indices=torch.tensor([-1, 4], device=DEVICE),
                                    output_final_state=True, backend=backend)
     assert torch.equal(o[0], torch.zeros_like(o[0])) and torch.equal(f[0], torch.zeros_like(f[0]))
     assert torch.equal(pool, before) and f[1].abs().sum() > 0
@@ -51,9 +54,9 @@ def test_speculative_padding_row_and_padding_columns(backend):
     """2-D indices: a row whose initial slot is negative is skipped; negative slots of unused draft tokens in
     a live row are not written."""
     cu = [0, 3, 5, 8]
-    args, pool = _decode(cu=cu, pool_size=12)
-    idx = torch.tensor([[0, 1, 2], [-1, -1, -1], [6, 7, -1]])
-    accepted = torch.tensor([2, 1, 1])
+    args, pool = _decode(cu=cu, pool_size=12, device=DEVICE)
+    idx = torch.tensor([[0, 1, 2], [-1, -1, -1], [6, 7, -1]], device=DEVICE)
+    accepted = torch.tensor([2, 1, 1], device=DEVICE)
     before = pool.clone()
     with torch.no_grad():
         o, _ = fused_recurrent_kda(**args, initial_state=pool, ssm_state_indices=idx,
