@@ -66,3 +66,26 @@ def exchange_conv_halo(x: torch.Tensor, ctx: KDAContext, conv_size: int | None =
         known = torch.cat(parts[::-1]) if parts else x.new_zeros(0, *x.shape[2:])
         halos.append(torch.cat([x.new_zeros(width - known.shape[0], *x.shape[2:]), known]))
     return keep_in_graph(torch.stack(halos), gathered[ctx.rank])
+
+
+def conv_runs(x: torch.Tensor, ctx: KDAContext, conv_size: int) -> list:
+    """This rank's tokens cut into the stretches a causal convolution sees as one stream, each with the inputs
+    before it: ``[(x_run [1, n, C], conv_state [1, C, conv_size - 1] or None), ...]`` in local order.
+
+    A run is a segment (a local piece cut at the sequence starts inside it, see :class:`KDAContext`).  The
+    first run of a piece continues from the piece's halo (:func:`exchange_conv_halo`, zeros where it precedes
+    the run's sequence); a later run starts its sequence, so its state is None (zeros).  Convolving every run
+    from its state (``layers.causal_depthwise_conv``) and concatenating gives the rank's share of the global
+    convolution.  ``x [1, T_local, C]``; every rank must call it (the halo is a collective).
+    """
+    halo = exchange_conv_halo(x, ctx, conv_size)                     # [pieces, conv_size - 1, C]
+    piece_of_start, offset = {}, 0
+    for i, (a, b) in enumerate(ctx.local_pieces):
+        piece_of_start[offset] = i
+        offset += b - a
+    runs = []
+    for s in ctx.local_segments:
+        piece = piece_of_start.get(s.local_start)
+        state = None if piece is None else halo[piece].transpose(0, 1).unsqueeze(0)
+        runs.append((x[:, s.local_start:s.local_start + s.length], state))
+    return runs

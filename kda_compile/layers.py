@@ -145,12 +145,27 @@ class KDALayer(nn.Module):
         nn.init.uniform_(self.conv_weight, -1 / math.sqrt(self.conv_size), 1 / math.sqrt(self.conv_size))
 
     def forward(self, x: torch.Tensor, conv_state: torch.Tensor | None = None,
-                recurrent_state: torch.Tensor | None = None, want_state: bool = True):
-        """``x [B, T, hidden]`` -> ``(y [B, T, hidden], new conv_state, new recurrent_state or None)``."""
+                recurrent_state: torch.Tensor | None = None, want_state: bool = True, cp_context=None):
+        """``x [B, T, hidden]`` -> ``(y [B, T, hidden], new conv_state, new recurrent_state or None)``.
+
+        With ``cp_context`` (a :class:`~kda_compile.cp_context.KDAContext`), ``x [1, T_local, hidden]`` is this
+        rank's share of a sequence (or pack) split over the context's ranks: the short convolution reads the
+        tokens before every piece from the ranks that hold them (:func:`kda_compile.cp_conv.conv_runs`) and KDA runs
+        context parallel (``chunk_kda(..., cp_context=...)``).  No states go in or come out (returns
+        ``(y, None, None)``); every rank of the group must call it."""
         B, T, _ = x.shape
         H, HV, K, V = self.H, self.HV, self.K, self.V
+        if cp_context is not None and (conv_state is not None or recurrent_state is not None):
+            raise ValueError("KDALayer: conv_state and recurrent_state must be None with cp_context "
+                             "(the context-parallel forward starts every sequence from zero)")
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        qkv, new_conv_state = causal_depthwise_conv(qkv, self.conv_weight, conv_state)
+        if cp_context is None:
+            qkv, new_conv_state = causal_depthwise_conv(qkv, self.conv_weight, conv_state)
+        else:
+            from .cp_conv import conv_runs
+            runs = conv_runs(qkv, cp_context, self.conv_size)
+            qkv = torch.cat([causal_depthwise_conv(run, self.conv_weight, state)[0] for run, state in runs], 1)
+            new_conv_state, want_state = None, False
         q, k, v = F.silu(qkv).split([H * K, H * K, HV * V], dim=-1)
         q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, HV, V)
         g = self.f_proj(x).reshape(B, T, HV, K)                         # raw gate, activated in the op
@@ -160,7 +175,10 @@ class KDALayer(nn.Module):
                      A_log=self.A_log.to(_acc(x.dtype)), dt_bias=self.dt_bias.to(_acc(x.dtype)),
                      lower_bound=self.lower_bound, initial_state=recurrent_state,
                      output_final_state=want_state, backend=self.backend)
-        if T == 1:
+        if cp_context is not None:
+            o, new_state = kda_api.chunk_kda(q, k, v, g, beta, chunk_size=self.chunk_size, cp_context=cp_context,
+                                             **flags)
+        elif T == 1:
             o, new_state = kda_api.fused_recurrent_kda(q, k, v, g, beta, **flags)
         else:
             o, new_state = kda_api.chunk_kda(q, k, v, g, beta, chunk_size=self.chunk_size, **flags)
@@ -202,10 +220,19 @@ class MLALayer(nn.Module):
         self.kv_b_proj = nn.Linear(self.rank, self.H * (self.dk + self.dv), bias=False)
         self.o_proj = nn.Linear(self.H * self.dv, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, latent_prefix: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, latent_prefix: torch.Tensor | None = None, cp_context=None):
         """``x [B, T, hidden]``, ``latent_prefix [B, P, rank + R]`` (P cached tokens, may be 0, or None) ->
-        ``(y [B, T, hidden], latents [B, P + T, rank + R])``.  Query i sits at position P + i (causal offset)."""
+        ``(y [B, T, hidden], latents [B, P + T, rank + R])``.  Query i sits at position P + i (causal offset).
+
+        With ``cp_context`` (a :class:`~kda_compile.cp_context.KDAContext`), ``x [1, T_local, hidden]`` is this
+        rank's share of a sequence (or pack) split over the context's ranks; the queries attend to the
+        latents of every rank, gathered at the tokens' global positions (:mod:`kda_compile.cp_attention`, which
+        says why this is not PyTorch's ring attention).  Returns this rank's
+        latents ``[1, T_local, rank + R]``; every rank of the group must call it."""
         B, T, _ = x.shape
+        if cp_context is not None and latent_prefix is not None:
+            raise ValueError("MLALayer: latent_prefix must be None with cp_context (no cache in the "
+                             "context-parallel forward)")
         kv = self.kv_a_proj(x)
         latent = self.kv_a_norm(kv[..., :self.rank])
         if self.dr:
@@ -213,13 +240,20 @@ class MLALayer(nn.Module):
         if latent_prefix is not None:
             latent = torch.cat([latent_prefix.to(latent.dtype), latent], dim=1)
         q = self.q_proj(x).reshape(B, T, self.H, self.dk + self.dr)
-        if T == 1:
+        if cp_context is not None:
+            from .cp_attention import gather_visible_latents
+            keys, keep = gather_visible_latents(latent, cp_context)
+            o = self._attend_expanded(q, keys, keep)
+        elif T == 1:
             o = self._attend_absorbed(q[:, 0], latent).unsqueeze(1)
         else:
             o = self._attend_expanded(q, latent)
         return self.o_proj(o.reshape(B, T, self.H * self.dv)), latent
 
-    def _attend_expanded(self, q: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    def _attend_expanded(self, q: torch.Tensor, latent: torch.Tensor, keep: torch.Tensor | None = None):
+        """Queries ``[B, T, H, dk + R]`` against the expanded latents ``[B, L, rank + R]`` -> ``[B, T, H, dv]``;
+        ``keep [T, L]`` (bool) says which keys each query sees, None: the last T of the L are the queries'
+        own tokens (causal after a cached prefix)."""
         B, T, H, _ = q.shape
         L = latent.shape[1]
         kv = self.kv_b_proj(latent[..., :self.rank]).reshape(B, L, H, self.dk + self.dv)
@@ -227,10 +261,11 @@ class MLALayer(nn.Module):
         if self.dr:  # the shared key part, the same for every head
             k = torch.cat([k, latent[..., self.rank:].unsqueeze(2).expand(B, L, H, self.dr).to(k.dtype)], dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if L == T:  # no cached prefix: plain causal attention (lets SDPA pick its fused kernels)
+        if keep is None and L == T:  # no cached prefix: plain causal attention (lets SDPA pick its fused kernels)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        else:       # cached prefix of P = L - T tokens: query i sees keys j <= P + i
-            keep = torch.arange(L, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + (L - T)
+        else:
+            if keep is None:        # cached prefix of P = L - T tokens: query i sees keys j <= P + i
+                keep = torch.arange(L, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + (L - T)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scale)
         return o.transpose(1, 2)                                        # [B, T, H, dv]
 

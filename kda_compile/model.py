@@ -7,6 +7,7 @@ safetensors save/load.
     logits, cache = model.forward_cached(input_ids, None)       # prefill (chunk op)
     logits, cache = model.forward_cached(next_token, cache)     # decode step (recurrent op)
     tokens = model.generate(input_ids, max_new_tokens=16)       # greedy by default
+    logits = model(shard(input_ids, ctx), cp_context=ctx)       # context parallel (docs/context_parallel.md)
 
 The cached forward is functional: it returns a new :class:`HybridCache` and never mutates the one passed in,
 so ``torch.compile(fullgraph=True)`` and ONNX export see the cache as plain inputs and outputs
@@ -342,14 +343,14 @@ class HybridBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if moe else SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cache: tuple | None, want_cache: bool):
+    def forward(self, x: torch.Tensor, cache: tuple | None, want_cache: bool, cp_context=None):
         h = self.mixer_norm(x)
         if self.kind == KDA:
             conv_state, state = cache if cache is not None else (None, None)
-            h, conv_state, state = self.mixer(h, conv_state, state, want_state=want_cache)
+            h, conv_state, state = self.mixer(h, conv_state, state, want_state=want_cache, cp_context=cp_context)
             new = (conv_state, state)
         else:
-            h, latent = self.mixer(h, cache[0] if cache is not None else None)
+            h, latent = self.mixer(h, cache[0] if cache is not None else None, cp_context=cp_context)
             new = (latent,)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), new
@@ -386,15 +387,27 @@ class HybridModel(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     # ------------------------------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, use_cache: bool = False):
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, use_cache: bool = False, *,
+                cp_context=None):
         """``input_ids [B, T]`` -> logits ``[B, T, vocab]``; with ``cache`` given or ``use_cache=True`` returns
-        ``(logits, new_cache)`` (the cached forward, see :meth:`forward_cached`)."""
+        ``(logits, new_cache)`` (the cached forward, see :meth:`forward_cached`).
+
+        ``cp_context`` (:func:`kda_compile.context_parallel.build_cp_context`, global offsets of the pack
+        or ``total_tokens``): context parallelism, the training-style forward of a sequence (or varlen pack)
+        split over the context's ranks.  ``input_ids [1, T_local]`` are this rank's tokens (its pieces
+        concatenated in local order, :func:`kda_compile.cp_context.shard`) and the logits ``[1, T_local,
+        vocab]`` are theirs; each sequence of the pack starts from an empty state.  KDA layers run
+        ``chunk_kda`` with the context (and the convolution halo), MLA layers attend over the gathered
+        latents (docs/context_parallel.md, "Model").  Every rank must call it, and backpropagate; the
+        parameters' gradients are this rank's share (sum them over the group, as DDP does).  No cache."""
         self._check_input(input_ids, cache)
+        if cp_context is not None:
+            self._check_cp(input_ids, cache, use_cache, cp_context)
         want_cache = use_cache or cache is not None
         x = self.embed(input_ids)
         new_layers = []
         for i, block in enumerate(self.blocks):
-            x, new = block(x, cache.layers[i] if cache is not None else None, want_cache)
+            x, new = block(x, cache.layers[i] if cache is not None else None, want_cache, cp_context)
             new_layers.append(new)
         logits = self.lm_head(self.norm(x))
         return (logits, HybridCache(new_layers)) if want_cache else logits
@@ -409,6 +422,20 @@ class HybridModel(nn.Module):
         :func:`kda_compile.generation.generate` for sampling options and a compiled step)."""
         from .generation import generate
         return generate(self, input_ids, max_new_tokens, greedy=greedy, **kwargs)
+
+    def _check_cp(self, input_ids, cache, use_cache, ctx) -> None:
+        from .cp_context import KDAContext
+        if not isinstance(ctx, KDAContext):
+            raise TypeError(f"cp_context must be a KDAContext (see build_cp_context), got {type(ctx).__name__}")
+        if cache is not None or use_cache:
+            raise ValueError("cp_context is for the training-style forward of whole sequences: cache and "
+                             "use_cache (prefill / decode) are not supported with it")
+        if tuple(input_ids.shape) != (1, ctx.num_local_tokens):
+            raise ValueError(f"with cp_context, input_ids must have shape [1, {ctx.num_local_tokens}] (rank "
+                             f"{ctx.rank}'s pieces {list(ctx.local_pieces)}), got {list(input_ids.shape)}")
+        if ctx.conv1d_kernel_size not in (None, self.config.conv_size):
+            raise ValueError(f"cp_context.conv1d_kernel_size={ctx.conv1d_kernel_size} differs from the model's "
+                             f"conv_size={self.config.conv_size}")
 
     def _check_input(self, input_ids, cache) -> None:
         if not isinstance(input_ids, torch.Tensor):

@@ -6,10 +6,6 @@ state and the gradients against the single-process run.  The parent process chec
 """
 from __future__ import annotations
 
-import datetime
-import os
-import traceback
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -104,14 +100,18 @@ def run_kda_case(case, rank, world):
                                       rel_err(view(name, ref[name]), view(name, ref64[name]))))
     # the output reassembled from every rank equals the single-process output (checks shard/unshard too)
     if case.get("unshard"):
-        sizes = [sum(b - a for a, b in ps) for ps in ctx.rank_pieces]   # gloo gathers equal sizes: pad
-        padded = o.new_zeros(1, max(sizes), *o.shape[2:])
-        padded[:, :o.shape[1]] = o.detach()
-        gathered = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(gathered, padded)
-        gathered = [t[:, :n] for t, n in zip(gathered, sizes)]
-        errors["o_unsharded"] = (rel_err(unshard(gathered, ctx), ref["o"]),)
+        errors["o_unsharded"] = (rel_err(all_tokens(o, ctx), ref["o"]),)
     return errors
+
+
+def all_tokens(local, ctx):
+    """The global tensor ``[1, T, ...]`` from every rank's ``local [1, T_local, ...]`` (detached)."""
+    sizes = [sum(b - a for a, b in ps) for ps in ctx.rank_pieces]   # gloo gathers equal sizes: pad
+    padded = local.new_zeros(1, max(sizes), *local.shape[2:])
+    padded[:, :local.shape[1]] = local.detach()
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return unshard([t[:, :n] for t, n in zip(gathered, sizes)], ctx)
 
 
 def causal_conv(x, weight, offsets):
@@ -155,24 +155,7 @@ def run_conv_case(case, rank, world):
     return {"conv": (rel_err(y, shard(y_ref, ctx)),), "dx_conv": (rel_err(x_loc.grad, shard(x_ref.grad, ctx)),)}
 
 
-def worker(rank, world, port, cases, results, backend="gloo"):
-    """Entry point of one spawned process (``backend`` "gloo" on CPU, "nccl" on GPU ``rank``); puts
-    ``(rank, {case name: errors})`` or ``(rank, traceback)``."""
-    try:
-        torch.set_num_threads(1)
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-            cases = [dict(case, device=f"cuda:{rank}") for case in cases]
-        else:
-            os.environ.setdefault("TRITON_INTERPRET", "1")
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
-        out = {}
-        for case in cases:
-            run = run_conv_case if "conv_size" in case else run_kda_case
-            out[case["name"]] = run(case, rank, world)
-        results.put((rank, out))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:  # report to the parent instead of hanging it
-        results.put((rank, traceback.format_exc()))
+def run_case(case, rank, world):
+    """One case inside a spawned worker (tests/cp_spawn.py): the halo case when it names a ``conv_size``, else a
+    chunk_kda case."""
+    return (run_conv_case if "conv_size" in case else run_kda_case)(case, rank, world)

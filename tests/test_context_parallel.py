@@ -2,22 +2,19 @@
 single-process chunk_kda (float32: 1e-6 relative; float64: 1e-12; bfloat16: as close to float64 as the
 single process), for outputs, final states, gradients
 (inputs, initial state, gate parameters), varlen packs straddling ranks, the head + tail layout, arbitrary
-piece assignments and the convolution halo.  The cases themselves are in tests/cp_cases.py."""
+piece assignments and the convolution halo.  The cases themselves are in tests/cp_cases.py, the process
+group in tests/cp_spawn.py."""
 from __future__ import annotations
-
-import queue
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import cp_cases
+import cp_spawn
 from kda_compile.context_parallel import build_cp_context, chunk_kda_cp, shard, unshard
 
 TOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 0.0}
-JOIN_TIMEOUT_S = 120
 
 KDA = dict(H=1, HV=2, K=16, V=8, seed=0)
 CASES = {
@@ -48,39 +45,6 @@ CASES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_group(world: int, cases: list, backend: str = "gloo") -> dict:
-    """Spawn ``world`` processes that run ``cases``; every rank's errors, or the first failure."""
-    spawn = mp.get_context("spawn")
-    results = spawn.Queue()
-    port = _free_port()
-    procs = [spawn.Process(target=cp_cases.worker, args=(r, world, port, cases, results, backend), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    collected = {}
-    try:
-        for _ in range(world):
-            rank, out = results.get(timeout=JOIN_TIMEOUT_S)
-            if isinstance(out, str):
-                pytest.fail(f"rank {rank} of {world} failed:\n{out}")
-            collected[rank] = out
-    except queue.Empty:
-        pytest.fail(f"no result from {world - len(collected)} of {world} ranks within {JOIN_TIMEOUT_S} s")
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
-    return collected
-
-
 def _within_tolerance(errors: tuple, dtype) -> bool:
     """float64: 1e-12 against the single process.  float32: 1e-6 against the single process, or no further
     from the float64 result than twice the single float32 process's own distance from it (the gradients of
@@ -92,7 +56,7 @@ def _within_tolerance(errors: tuple, dtype) -> bool:
 
 
 def _check_group(world: int, backend: str) -> None:
-    collected = _run_group(world, CASES[world], backend)
+    collected = cp_spawn.run_group(world, CASES[world], cp_cases.run_case, backend)
     rows, bad = [], []
     for case in CASES[world]:
         dtype = case.get("dtype", torch.float64)
