@@ -81,9 +81,9 @@ class BucketSearch:
 
     # ------------------------------------------------------------------------------------------ the record
     def record(self) -> dict | None:
-        # the winner comes from the backend the sequence class fixed (others are timed for the gain only)
-        good = [(ms, name, cfg) for name, cfg, ms, _ in self.timed
-                if ms is not None and (self.fixed is None or name == self.fixed[0])]
+        # the winner comes from the backend and bit-changing knobs the sequence class fixed (others, such as the
+        # untuned dispatch's default, are timed for the gain only)
+        good = [(ms, name, cfg) for name, cfg, ms, _ in self.timed if ms is not None and self._allowed(name, cfg)]
         if not good:
             return None
         ms, backend, config = min(good, key=lambda t: t[0])
@@ -102,6 +102,10 @@ class BucketSearch:
         if untuned is not None:
             record["default"] = {"backend": untuned, "config": defaults[untuned][0], "time_ms": defaults[untuned][1]}
         return record
+
+    def _allowed(self, name: str, config: dict) -> bool:
+        """Whether ``config`` of backend ``name`` may win: the class's backend and bit-changing knobs."""
+        return self.fixed is None or (name == self.fixed[0] and self._constrain(name, config) == config)
 
     # ---------------------------------------------------------------------------------------- measuring
     def _start(self, cand: Candidate) -> dict:
