@@ -21,9 +21,10 @@ class OutOfTime(Exception):
 
 
 def stage_of(config: dict) -> frozenset:
-    """The stage a search-space entry tunes: the prefixes (before the first ``_``) of the knobs it sets, e.g.
-    ``{"state_BV": 32, "state_warps": 8}`` -> ``{"state"}``, ``{"o_BK": 64}`` -> ``{"o"}``."""
-    return frozenset(key.split("_")[0] for key in config)
+    """The stage a search-space entry tunes: the prefixes (before the first ``_``, the second for the
+    backward's ``bwd_`` knobs) of the knobs it sets, e.g. ``{"state_BV": 32, "state_warps": 8}`` ->
+    ``{"state"}``, ``{"o_BK": 64}`` -> ``{"o"}``, ``{"bwd_state_BV": 32}`` -> ``{"bwd_state"}``."""
+    return frozenset("_".join(key.split("_")[:2 if key.startswith("bwd_") else 1]) for key in config)
 
 
 def stages(configs: list[dict]) -> list[list[dict]]:
