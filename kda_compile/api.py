@@ -157,7 +157,8 @@ def fused_recurrent_kda(q, k, v, g, beta, A_log=None, dt_bias=None, scale=None, 
 def explain(q, k, v, g, beta, op: str = "chunk", **kwargs) -> dispatch.Choice:
     """Which backend (and config) a ``chunk_kda`` (``op="chunk"``) or ``fused_recurrent_kda``
     (``op="recurrent"``) call with these arguments would use, and why each other backend would not;
-    ``op="chunk_backward"``: which backend computes the gradients of that ``chunk_kda`` call.
+    ``op="chunk_backward"``: which backend computes the gradients of that ``chunk_kda`` call, and whether its
+    config comes from a tuned table (which one, which bucket) or is the backend's default.
     Nothing is computed; ``print(explain(...))`` gives a readable report."""
     ops = dispatch.OPS + ("chunk_backward",)
     if op not in ops:

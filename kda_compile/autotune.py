@@ -10,6 +10,11 @@ only timed when correct; a wrong or crashing config is recorded as rejected.  Th
 timed config (best so far, atomically), with the timings, so a run stopped by ``--budget`` keeps its results
 and a rerun resumes where it stopped.  Bit-changing knobs and the backend are fixed per sequence class by the
 class's first tuned bucket (batch invariance).  The end of a run prints each bucket's gain over the default.
+
+Backward buckets (op ``chunk_bwd``) search each backend's backward configs (``Backend.backward_configs``): a config
+is timed as the backward alone (``run_backward`` with fixed random output and final-state gradients; no forward is
+needed, the backward recomputes what it reads) and checked, every gradient, against the float64 reference backward
+(:mod:`kda_compile.reference_bwd`) within :data:`BACKWARD_TOLERANCE`.
 """
 from __future__ import annotations
 
@@ -23,21 +28,29 @@ from tqdm import tqdm
 
 from . import dispatch, tuning_table
 from .autotune_search import BucketSearch, Candidate, OutOfTime
-from .buckets import GATES, NAME_DTYPES, Bucket, TuneShape, bit_changing_part, default_tune_shapes, sm_count
+from .buckets import (BACKWARD_OP, GATES, NAME_DTYPES, TUNED_OPS, Bucket, TuneShape, bit_changing_part,
+                      default_tune_shapes, sm_count)
 from .checks import Problem
 from .reference import KDAOptions, kda_reference
+from .reference_bwd import kda_reference_bwd
 
 # Relative error allowed per input dtype: the GPU tolerances of the tests (tests/test_chunk.py GPU_TOL; float32
 # products may run as TF32 where PyTorch allows it).  A backend whose default misses it is unfit for that dtype.
 TOLERANCE = {"fp64": 1e-8, "fp32": 3e-3, "fp16": 1e-2, "bf16": 3e-2}
+# The same for every gradient of a backward, against the float64 reference backward: the backward tests' bounds
+# at small sizes (tests/test_triton_bwd.py TOL; float32 as tests/test_chunk_bwd.py on a GPU, where products may run
+# as TF32).  Not bf16's 1e-2 of the GPU test at the standard shapes: on a small ragged problem correct Triton
+# kernels reach 1.1e-2 (dg, K = V = 16, measured through the interpreter).
+BACKWARD_TOLERANCE = {"fp64": 1e-8, "fp32": 3e-3, "fp16": 1e-2, "bf16": 3e-2}
+GRADIENT_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0", "dA_log", "ddt_bias")
 
 
 # ----------------------------------------------------------------------------------------- problem setup
 
 def make_call(bucket: Bucket, N: int, T: int, H: int, HV: int, device: str, seed: int,
               with_state: bool = True, ragged: bool = False) -> dispatch.KDACall:
-    """A KDACall of the bucket's op/dtype/dims/gate/prologues with fresh random inputs.  ``ragged`` makes
-    varlen sequences of unequal lengths."""
+    """A KDACall of the bucket's op/dtype/dims/gate/prologues with fresh random inputs (a chunk call for a
+    backward bucket).  ``ragged`` makes varlen sequences of unequal lengths."""
     gen = torch.Generator().manual_seed(seed)
     dtype = NAME_DTYPES[bucket.dtype]
     K, V = bucket.K, bucket.V
@@ -72,8 +85,18 @@ def make_call(bucket: Bucket, N: int, T: int, H: int, HV: int, device: str, seed
     opts = KDAOptions(scale=K ** -0.5, use_qk_l2norm_in_kernel="l2n" in flags, use_gate_in_kernel=in_kernel,
                       use_beta_sigmoid_in_kernel="bsig" in flags, allow_neg_eigval="neg" in flags,
                       lower_bound=-5.0 if bucket.gate == "safe" else None)
-    return dispatch.KDACall(bucket.op, problem, opts, q, k, v, g, beta, state, cu_seqlens, A_log=A_log,
+    return dispatch.KDACall(TUNED_OPS[bucket.op], problem, opts, q, k, v, g, beta, state, cu_seqlens, A_log=A_log,
                             dt_bias=dt_bias, output_final_state=True)
+
+
+def make_cotangents(call: dispatch.KDACall, seed: int) -> tuple:
+    """Fixed random gradients ``(do, dht)`` of a chunk call's output (v's dtype) and final state (float32)."""
+    gen = torch.Generator().manual_seed(seed)
+    p = call.problem
+    do = torch.randn(*call.v.shape, generator=gen).to(device=p.device, dtype=p.dtype)
+    fp = torch.float64 if p.dtype == torch.float64 else torch.float32
+    dht = (torch.randn(p.N, p.HV, p.K, p.V, generator=gen) * 0.1).to(device=p.device, dtype=fp)
+    return do, dht
 
 
 def check_config(backend: dispatch.Backend, config: dict, call: dispatch.KDACall, tolerance: float) -> str | None:
@@ -100,10 +123,51 @@ def check_config(backend: dispatch.Backend, config: dict, call: dispatch.KDACall
     return None
 
 
+def check_backward_config(backend: dispatch.Backend, config: dict, call: dispatch.KDACall, do: torch.Tensor,
+                          dht: torch.Tensor, tolerance: float) -> str | None:
+    """Run one backward config on the chunk ``call`` with gradients ``do``, ``dht`` and compare every gradient
+    with the float64 reference backward; the reason it fails, or None."""
+    try:
+        grads = backend.run_backward(call, dict(config), do, dht)
+        if call.q.is_cuda:
+            torch.cuda.synchronize()
+    except Exception as exc:  # a crashing config is rejected, not fatal
+        return f"crashed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    inputs = [x.double() if x is not None and x.is_floating_point() else x
+              for x in (call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.A_log, call.dt_bias)]
+    q, k, v, g, beta, state0, A_log, dt_bias = inputs
+    want = kda_reference_bwd(q, k, v, g, beta, state0, call.cu_seqlens, A_log, dt_bias, call.opts, do.double(),
+                             dht.double())
+    if len(grads) != len(want):
+        return f"returned {len(grads)} gradients, expected {len(want)}"
+    for name, got, ref in zip(GRADIENT_NAMES, grads, want):
+        if ref is None:
+            continue
+        if got is None:
+            return f"returned no {name}"
+        if got.shape != ref.shape:
+            return f"{name} has shape {list(got.shape)}, expected {list(ref.shape)}"
+        err = ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        if not err <= tolerance:  # also catches NaN
+            return f"{name} relative error {err:.2e} > {tolerance:.0e}"
+    return None
+
+
 def time_config(backend: dispatch.Backend, config: dict, call: dispatch.KDACall) -> float:
     """Median milliseconds of one call (CUDA: triton.testing.do_bench; CPU: wall clock)."""
-    fn = lambda: backend.run(call, dict(config))  # noqa: E731
-    if call.q.is_cuda:
+    return _median_ms(lambda: backend.run(call, dict(config)), call.q.is_cuda)
+
+
+def time_backward_config(backend: dispatch.Backend, config: dict, call: dispatch.KDACall, do: torch.Tensor,
+                         dht: torch.Tensor) -> float:
+    """Median milliseconds of the backward of the chunk ``call`` alone, for the fixed gradients ``do``, ``dht``
+    (the backward recomputes what it needs of the forward; no forward runs here)."""
+    return _median_ms(lambda: backend.run_backward(call, dict(config), do, dht), call.q.is_cuda)
+
+
+def _median_ms(fn, cuda: bool) -> float:
+    """Median milliseconds of ``fn()`` (CUDA: triton.testing.do_bench; CPU: wall clock)."""
+    if cuda:
         try:
             import triton.testing
             return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
@@ -166,9 +230,21 @@ def _anchor(entries: dict, bucket: Bucket) -> tuple | None:
     return None
 
 
-def _untuned_backend(call: dispatch.KDACall, names: list[str]) -> str | None:
+def _reason(backend: dispatch.Backend, call: dispatch.KDACall, op: str) -> str | None:
+    """Why ``backend`` cannot run the tuned ``op`` of ``call`` in the default dispatch (None: it can)."""
+    return dispatch.backward_reason(backend, call) if op == BACKWARD_OP else backend.supports(call)
+
+
+def _search_space(backend: dispatch.Backend, call: dispatch.KDACall, op: str) -> tuple[dict, list[dict]]:
+    """(default config, search space) of ``backend`` for the tuned ``op`` of ``call``."""
+    if op == BACKWARD_OP:
+        return backend.backward_default_config(call), backend.backward_configs(call)
+    return backend.default_config(call), backend.configs(call)
+
+
+def _untuned_backend(call: dispatch.KDACall, names: list[str], op: str) -> str | None:
     """The backend the dispatch would run without a table (first of the default order that supports it)."""
-    return next((n for n in dispatch.backends() if n in names and dispatch.get_backend(n).supports(call) is None),
+    return next((n for n in dispatch.backends() if n in names and _reason(dispatch.get_backend(n), call, op) is None),
                 None)
 
 
@@ -199,20 +275,21 @@ def tune(shapes: list[TuneShape], device: str, backends: list[str] | None = None
         if entry and entry.get("done", True) and not force:
             log(f"skip {shape.bucket.key}: already in {path} (use --force to re-measure)")
             continue
+        op = shape.bucket.op
         call = make_call(shape.bucket, shape.N, shape.T, shape.H, shape.HV, device, seed)
         cands, skipped = [], {}
         for name in names:
             backend = dispatch.get_backend(name)
-            why_not = backend.supports(call)
+            why_not = _reason(backend, call, op)
             if why_not is not None:
                 skipped[name] = why_not
                 continue
-            default = backend.default_config(call)
-            space = [c for c in backend.configs(call) if c and {**default, **c} != default]
+            default, space = _search_space(backend, call, op)
+            space = [c for c in space if c and {**default, **c} != default]
             cands.append(Candidate(name, default, space))
             total += 1 + len(space) if max_configs is None else min(max_configs, 1 + len(space))
         total += len(skipped)
-        plan.append((shape, cands, skipped, _untuned_backend(call, names)))
+        plan.append((shape, cands, skipped, _untuned_backend(call, names, op)))
     step, close_progress = progress(total)
     started = time.perf_counter()
     finished: dict[str, dict] = {}
@@ -223,17 +300,26 @@ def tune(shapes: list[TuneShape], device: str, backends: list[str] | None = None
         for name, why in skipped.items():
             step(f"{key} {name}: skipped: {why}")
         timing_call = make_call(shape.bucket, shape.N, shape.T, shape.H, shape.HV, device, seed)
-        small = make_call(shape.bucket, 2, 2 * 64 + 37 if shape.bucket.op == "chunk" else
+        small = make_call(shape.bucket, 2, 2 * 64 + 37 if TUNED_OPS[shape.bucket.op] == "chunk" else
                           (1 if shape.bucket.length == "t1" else 3), shape.H, shape.HV, device, seed + 1, ragged=True)
+        backward = shape.bucket.op == BACKWARD_OP
+        if backward:  # fixed output and final-state gradients, made once per bucket
+            timing_grads, small_grads = make_cotangents(timing_call, seed + 2), make_cotangents(small, seed + 3)
 
         def measure(name: str, config: dict) -> tuple:
             if budget_s is not None and time.perf_counter() - started > budget_s:
                 raise OutOfTime
             backend = dispatch.get_backend(name)
-            reason = check_config(backend, config, small, TOLERANCE[shape.bucket.dtype])
+            if backward:
+                reason = check_backward_config(backend, config, small, *small_grads,
+                                               BACKWARD_TOLERANCE[shape.bucket.dtype])
+            else:
+                reason = check_config(backend, config, small, TOLERANCE[shape.bucket.dtype])
             if reason:
                 return None, reason
             try:
+                if backward:
+                    return time_backward_config(backend, config, timing_call, *timing_grads), None
                 return time_config(backend, config, timing_call), None
             except Exception as exc:
                 return None, f"crashed while timing: {type(exc).__name__}: {exc}"[:300]
@@ -295,14 +381,15 @@ def explain_table(shapes: list[TuneShape], device: str, log=print) -> None:
     log(f"tuned table: {tuning_table.table_path(identity)}")
     for shape in shapes:
         call = make_call(shape.bucket, shape.N, min(shape.T, 256), shape.H, shape.HV, device, 0)
-        if shape.bucket.op == "chunk" and shape.T > 256:  # classify by the real length, build small tensors
+        if call.op == "chunk" and shape.T > 256:  # classify by the real length, build small tensors
             varlen = shape.bucket.layout == "varlen"
             call.problem = Problem(**{**call.problem.__dict__, "T": shape.N * shape.T if varlen else shape.T})
             if varlen:  # offsets as on the GPU (not readable without a sync): classed by the packed length
                 call.cu_seqlens = call.cu_seqlens.to("meta")
+        backward = shape.bucket.op == BACKWARD_OP
         log(f"{shape.bucket.key}:")
-        log("  " + str(dispatch.choose(call)).replace("\n", "\n  "))
-        found = tuning_table.lookup(call)
+        log("  " + str(dispatch.choose_backward(call) if backward else dispatch.choose(call)).replace("\n", "\n  "))
+        found = tuning_table.lookup(call, op=shape.bucket.op)
         if found:
             log("  gain: " + gain_lines({shape.bucket.key: found[0]})[0].split(": ", 1)[1])
     for source, notes in tuning_table.table_notes().items():
@@ -313,7 +400,7 @@ def explain_table(shapes: list[TuneShape], device: str, log=print) -> None:
 def _shape_of(bucket: Bucket, device: str) -> TuneShape:
     """A small representative shape for a bucket named with --bucket (its parallelism class as given)."""
     T = {"T1k": 1024, "T8k": 4096, "Tlong": 16384, "t1": 1, "tfew": 4}[bucket.length]
-    return TuneShape(bucket, 2, T if device.startswith("cuda") or bucket.op != "chunk" else 100, 4, 4)
+    return TuneShape(bucket, 2, T if device.startswith("cuda") or bucket.op == "recurrent" else 100, 4, 4)
 
 
 def _csv(text: str) -> list[str]:
@@ -331,7 +418,8 @@ def main(argv=None) -> int:
                "  python -m kda_compile.autotune --budget 600 --dtypes bf16,fp16 --dims 64,128",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--ops", default="chunk,recurrent", help="ops to tune (default: chunk,recurrent)")
+    parser.add_argument("--ops", default=",".join(TUNED_OPS),
+                        help=f"ops to tune, {BACKWARD_OP} the chunk backward (default: {','.join(TUNED_OPS)})")
     parser.add_argument("--dtypes", default="bf16", help="input dtypes: bf16,fp16,fp32,fp64 (default: bf16)")
     parser.add_argument("--dims", default="128", help="head dims K=V to tune (default: 128)")
     parser.add_argument("--gates", default="log,safe", help=f"gate modes of {GATES} (default: log,safe)")
@@ -357,8 +445,8 @@ def main(argv=None) -> int:
         if dtype not in NAME_DTYPES:
             parser.error(f"--dtypes: {dtype!r} is not one of {sorted(NAME_DTYPES)}")
     for op in ops:
-        if op not in dispatch.OPS:
-            parser.error(f"--ops: {op!r} is not one of {list(dispatch.OPS)}")
+        if op not in TUNED_OPS:
+            parser.error(f"--ops: {op!r} is not one of {list(TUNED_OPS)}")
     gates = _csv(args.gates)
     for gate in gates:
         if gate not in GATES:

@@ -21,9 +21,10 @@ class OutOfTime(Exception):
 
 
 def stage_of(config: dict) -> frozenset:
-    """The stage a search-space entry tunes: the prefixes (before the first ``_``) of the knobs it sets, e.g.
-    ``{"state_BV": 32, "state_warps": 8}`` -> ``{"state"}``, ``{"o_BK": 64}`` -> ``{"o"}``."""
-    return frozenset(key.split("_")[0] for key in config)
+    """The stage a search-space entry tunes: the prefixes (before the first ``_``, the second for the
+    backward's ``bwd_`` knobs) of the knobs it sets, e.g. ``{"state_BV": 32, "state_warps": 8}`` ->
+    ``{"state"}``, ``{"o_BK": 64}`` -> ``{"o"}``, ``{"bwd_state_BV": 32}`` -> ``{"bwd_state"}``."""
+    return frozenset("_".join(key.split("_")[:2 if key.startswith("bwd_") else 1]) for key in config)
 
 
 def stages(configs: list[dict]) -> list[list[dict]]:
@@ -81,9 +82,9 @@ class BucketSearch:
 
     # ------------------------------------------------------------------------------------------ the record
     def record(self) -> dict | None:
-        # the winner comes from the backend the sequence class fixed (others are timed for the gain only)
-        good = [(ms, name, cfg) for name, cfg, ms, _ in self.timed
-                if ms is not None and (self.fixed is None or name == self.fixed[0])]
+        # the winner comes from the backend and bit-changing knobs the sequence class fixed (others, such as the
+        # untuned dispatch's default, are timed for the gain only)
+        good = [(ms, name, cfg) for name, cfg, ms, _ in self.timed if ms is not None and self._allowed(name, cfg)]
         if not good:
             return None
         ms, backend, config = min(good, key=lambda t: t[0])
@@ -102,6 +103,10 @@ class BucketSearch:
         if untuned is not None:
             record["default"] = {"backend": untuned, "config": defaults[untuned][0], "time_ms": defaults[untuned][1]}
         return record
+
+    def _allowed(self, name: str, config: dict) -> bool:
+        """Whether ``config`` of backend ``name`` may win: the class's backend and bit-changing knobs."""
+        return self.fixed is None or (name == self.fixed[0] and self._constrain(name, config) == config)
 
     # ---------------------------------------------------------------------------------------- measuring
     def _start(self, cand: Candidate) -> dict:

@@ -7,10 +7,11 @@ at the bucket's representative shape is assumed to win for the whole class.
 ===========  =======================================================================================
 field        values
 ===========  =======================================================================================
-op           ``chunk`` (prefill/training, chunk_kda), ``recurrent`` (decode, fused_recurrent_kda)
+op           ``chunk`` (prefill/training, chunk_kda), ``recurrent`` (decode, fused_recurrent_kda),
+             ``chunk_bwd`` (the gradients of a chunk call: the backward's kernels and their recompute)
 dtype        ``bf16``, ``fp16``, ``fp32``, ``fp64``
 dims         ``K{K}V{V}``
-length       chunk: ``T1k`` (longest sequence <= 1024), ``T8k`` (<= 8192), ``Tlong`` (> 8192);
+length       chunk, chunk_bwd: ``T1k`` (longest sequence <= 1024), ``T8k`` (<= 8192), ``Tlong`` (> 8192);
              recurrent: ``t1`` (one token per sequence), ``tfew`` (more: speculative decoding)
 layout       ``dense`` (B sequences of equal length) or ``varlen`` (cu_seqlens)
 gate         ``log`` (g is the log decay), ``gate`` (gate computed in the kernel), ``safe`` (in the kernel,
@@ -28,7 +29,9 @@ backend and every other knob (K blocking, precision, the inverse's diagonal meth
 :data:`BIT_CHANGING`) are chosen per *sequence class*, :attr:`Bucket.sequence_key` (op, dtype, dims, gate,
 prologue flags); the tuner and the table loader enforce it.  The length is left out of the sequence class on
 purpose: a pack holds sequences of several length classes and is run with one config, so only knobs that are
-equal across length classes keep every sequence's bits whatever pack it is in.
+equal across length classes keep every sequence's bits whatever pack it is in.  The backward is a bucket op of
+its own (``chunk_bwd``): its knobs, and those of the forward's stages that its recompute runs, follow the same rule
+per ``chunk_bwd`` sequence class, independently of the forward's entries.
 
 Varlen packs are classed (for the bit-neutral knobs) by their longest sequence when the offsets can be read
 without a device sync (CPU ``cu_seqlens``); otherwise by the packed length T, an upper bound (the fallback: the
@@ -46,6 +49,9 @@ CHUNK_LENGTHS = (("T1k", 1024), ("T8k", 8192), ("Tlong", None))
 GATES = ("log", "gate", "safe")
 FLAGS = ("l2n", "bsig", "neg")
 PARALLELISM = ("p0", "p1", "p4", "any")
+BACKWARD_OP = "chunk_bwd"
+# Ops the tuner measures and tables key on; each maps to the op of the call it is measured on (KDACall.op).
+TUNED_OPS = {"chunk": "chunk", "recurrent": "recurrent", BACKWARD_OP: "chunk"}
 
 # Knobs per backend that change the order of a reduction, hence the bits of the result: chosen per sequence class
 # only.  Every knob not listed in BIT_NEUTRAL counts as bit-changing (a new knob is safe until classified).
@@ -123,12 +129,12 @@ class Bucket:
         except ValueError:
             raise ValueError(f"bucket key must look like 'chunk/bf16/K128V128/T8k/dense/log/l2n/p1', "
                              f"got {key!r}") from None
-        if op not in ("chunk", "recurrent") or dtype not in NAME_DTYPES or layout not in ("dense", "varlen") \
+        if op not in TUNED_OPS or dtype not in NAME_DTYPES or layout not in ("dense", "varlen") \
                 or gate not in GATES or par not in PARALLELISM \
                 or not (flags == "none" or set(flags.split("+")) <= set(FLAGS)):
-            raise ValueError(f"bucket key {key!r}: op must be chunk|recurrent, dtype one of {list(NAME_DTYPES)}, "
-                             f"layout dense|varlen, gate one of {GATES}, flags 'none' or '+'-joined {FLAGS}, "
-                             f"parallelism one of {PARALLELISM}")
+            raise ValueError(f"bucket key {key!r}: op must be one of {list(TUNED_OPS)}, dtype one of "
+                             f"{list(NAME_DTYPES)}, layout dense|varlen, gate one of {GATES}, flags 'none' or "
+                             f"'+'-joined {FLAGS}, parallelism one of {PARALLELISM}")
         return bucket
 
 
@@ -185,12 +191,16 @@ def longest_sequence(call) -> int:
     return p.T
 
 
-def bucket_of(call, sms: int | None = None) -> Bucket:
-    """The bucket of a :class:`kda_compile.dispatch.KDACall` (no device sync)."""
+def bucket_of(call, sms: int | None = None, op: str | None = None) -> Bucket:
+    """The bucket of a :class:`kda_compile.dispatch.KDACall` (no device sync); ``op`` names a tuned op other
+    than the call's own (``chunk_bwd``: the backward of a chunk call)."""
     p = call.problem
     sms = sm_count(p.device) if sms is None else sms
-    return Bucket(call.op, DTYPE_NAMES.get(p.dtype, str(p.dtype)), p.K, p.V,
-                  length_class(call.op, longest_sequence(call)), "varlen" if p.varlen else "dense",
+    op = op or call.op
+    if TUNED_OPS.get(op) != call.op:
+        raise ValueError(f"op {op!r} is not measured on {call.op!r} calls (tuned ops: {TUNED_OPS})")
+    return Bucket(op, DTYPE_NAMES.get(p.dtype, str(p.dtype)), p.K, p.V,
+                  length_class(op, longest_sequence(call)), "varlen" if p.varlen else "dense",
                   gate_mode(call.opts), prologue_flags(call.opts), parallelism_class(p.N, p.HV, sms))
 
 
@@ -216,10 +226,11 @@ def tune_shape(op: str, dtype: str, D: int, N: int, T: int, H: int, layout: str 
     return TuneShape(bucket, N, T, H, H)
 
 
-def default_tune_shapes(device: str, dtypes=("bf16",), dims=(128,), ops=("chunk", "recurrent"),
+def default_tune_shapes(device: str, dtypes=("bf16",), dims=(128,), ops=tuple(TUNED_OPS),
                         gates=("log", "safe")) -> list[TuneShape]:
     """The buckets tuned by default, most used first (a budget-limited run covers what real workloads hit):
-    prefill T8k, decode t1, long prefill, varlen, then the rest (short prefill, the many-heads T8k shape).
+    prefill T8k, decode t1, long prefill, varlen, the backward (training) at T8k, then the rest (short prefill,
+    the many-heads T8k shape).
     On CUDA these are the standard shapes of bench/RESULTS.md; on the CPU they are small (the CPU backends are
     for correctness checks, tuning there exercises the machinery)."""
     gpu = device.startswith("cuda")
@@ -235,6 +246,8 @@ def default_tune_shapes(device: str, dtypes=("bf16",), dims=(128,), ops=("chunk"
                         first.append(shape("chunk", 1, 100, 1))
                     if "recurrent" in ops:
                         first.append(shape("recurrent", 2, 1, 1))
+                    if BACKWARD_OP in ops:
+                        first.append(shape(BACKWARD_OP, 1, 100, 1))
                     continue
                 if "chunk" in ops:
                     first += [shape("chunk", 2, 8192, 16)]
@@ -243,8 +256,13 @@ def default_tune_shapes(device: str, dtypes=("bf16",), dims=(128,), ops=("chunk"
                 if "chunk" in ops:
                     first += [shape("chunk", 1, 32768, 16), shape("chunk", 4, 4096, 16, "varlen")]
                     rest += [shape("chunk", 16, 1024, 16), shape("chunk", 8, 4096, 32)]
+                if BACKWARD_OP in ops:
+                    first += [shape(BACKWARD_OP, 2, 8192, 16)]
+
     def rank(s: TuneShape) -> int:
         b = s.bucket
+        if b.op == BACKWARD_OP:
+            return 4
         if b.layout == "varlen":
             return 3
         return {"chunk/T8k": 0, "recurrent/t1": 1, "chunk/Tlong": 2}.get(f"{b.op}/{b.length}", 9)

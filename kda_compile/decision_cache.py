@@ -24,20 +24,22 @@ def _tensor_flags(x) -> tuple | None:
     return None if x is None else (x.dtype, x.dim(), x.is_contiguous())
 
 
-def decision_key(call, backend: str | None) -> tuple:
-    """What a dispatch decision for ``call`` depends on.  No device tensor's values (nothing here syncs); the
-    longest sequence of a varlen pack, which picks its bucket, is read only when the offsets are on the CPU
+def decision_key(call, backend: str | None, op: str | None = None) -> tuple:
+    """What a dispatch decision for ``call`` depends on (``op``: the tuned op decided, when not the call's own,
+    e.g. ``chunk_bwd`` for its backward).  No device tensor's values (nothing here syncs); the longest sequence
+    of a varlen pack, which picks its bucket, is read only when the offsets are on the CPU
     (:func:`kda_compile.buckets.longest_sequence`)."""
-    return (call.op, call.problem, longest_sequence(call), call.opts, _tensor_flags(call.initial_state),
+    return (op or call.op, call.problem, longest_sequence(call), call.opts, _tensor_flags(call.initial_state),
             call.cu_seqlens is None,
             call.A_log is None, call.dt_bias is None, call.output_final_state,
             _tensor_flags(call.ssm_state_indices), call.num_accepted_tokens is None, call.inplace_final_state,
             backend, tuple(os.environ.get(name) for name in _ENV))
 
 
-def cached(call, backend: str | None, choose: Callable):
-    """``choose(call, backend)``, or the decision it gave last time for the same key."""
-    key = decision_key(call, backend)
+def cached(call, backend: str | None, choose: Callable, op: str | None = None):
+    """``choose(call, backend)``, or the decision it gave last time for the same key (``op`` as in
+    :func:`decision_key`)."""
+    key = decision_key(call, backend, op)
     hit = DECISIONS.get(key)
     if hit is not None and tuning_table._cache.get(hit[1]) is hit[2]:
         return hit[0]

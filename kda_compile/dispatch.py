@@ -13,6 +13,8 @@ check.  For every call the dispatch picks, in order of precedence:
 
 A forced or preferred backend still takes its kernel config from the tables when they measured it.  A backend the
 autotune found outside the dtype's tolerance is never picked for that dtype unless named with ``backend=``.
+The gradients of a chunk call (:func:`choose_backward`) follow the same order with the tables' backward entries
+(bucket op ``chunk_bwd``), except that a backend named for the call without a backward for it falls back.
 
 Each kernel package has a ``backend`` module that registers its backend through :func:`register_backend` when it
 is imported (on first use of the dispatch); a package that cannot import records the import error, and
@@ -29,6 +31,7 @@ from typing import Callable
 import torch
 
 from . import decision_cache, tuning_table
+from .buckets import BACKWARD_OP
 from .checks import Problem
 from .reference import KDAOptions
 
@@ -89,6 +92,11 @@ class Backend:
     # ``supports_backward(call)`` says why it cannot (None: it can).  None: no backward here.
     run_backward: Callable | None = None
     supports_backward: Callable[[KDACall], str | None] = field(default=lambda call: None)
+    # The backward's kernel configs (``check_config("chunk_bwd", config)`` checks one): the one used without a
+    # tuned table, and the autotuner's search space (the backward's own knobs and those of the forward's stages
+    # that its recompute runs).
+    backward_default_config: Callable[[KDACall], dict] = field(default=lambda call: {})
+    backward_configs: Callable[[KDACall], list] = field(default=lambda call: [{}])
     # Chunk calls with a state pool (``ssm_state_indices``, ``inplace_final_state``): True when ``run`` reads
     # the initial states from the pool slots (and writes the final states back in place).
     chunk_state_pool: bool = False
@@ -218,14 +226,41 @@ def config_error(backend: Backend, op: str, config: dict) -> str | None:
 
 def _tuned_config(record: dict | None, backend: Backend, call: KDACall) -> dict:
     """The config the tables measured for ``backend`` in this bucket (when still valid), else the default."""
-    if record:
-        if record.get("backend") == backend.name:
-            config = record.get("config", {})
-        else:
-            config = record.get("per_backend", {}).get(backend.name, {}).get("config")
-        if config is not None and config_error(backend, call.op, config) is None:
-            return dict(config)
-    return backend.default_config(call)
+    return _config_from_table(record, backend, call.op, lambda: backend.default_config(call))[0]
+
+
+def _config_from_table(record: dict | None, backend: Backend, op: str, default: Callable[[], dict]) -> tuple:
+    """``(config, where from)``: the config ``record`` holds for ``backend`` (its winner's, else its
+    ``per_backend`` entry) when valid for ``op``, else ``default()``; "where from" says which, and why not."""
+    if not record:
+        return default(), "default config (no tuned table entry)"
+    if record.get("backend") == backend.name:
+        config = record.get("config", {})
+    else:
+        config = record.get("per_backend", {}).get(backend.name, {}).get("config")
+    if config is None:
+        return default(), f"default config (the tuned entry is for {record.get('backend')})"
+    bad = config_error(backend, op, config)
+    if bad:
+        return default(), f"default config (the tuned one is not valid in this version: {bad})"
+    return dict(config), f"tuned config of bucket {record.get('bucket', '?')}"
+
+
+def _table_choice(record: dict, source: str, op: str, reason: Callable[[Backend], str | None], unfit: dict,
+                  rejected: dict, label: str) -> Choice | None:
+    """The table's pick for ``op`` when its backend can run it (``reason(backend)`` None, not unfit for the dtype)
+    and its config is valid; else None, with why in ``rejected``."""
+    name = record.get("backend")
+    why_not = unfit.get(name) or (reason(_REGISTRY[name]) if name in _REGISTRY else "not registered in this process")
+    if why_not is None:
+        bad = config_error(_REGISTRY[name], op, record.get("config", {}))
+        why_not = f"its tuned config is not valid in this version ({bad})" if bad else None
+    if why_not is not None:
+        rejected[f"{name} (from {source})"] = why_not
+        return None
+    timing = f", {record['time_ms']:.3g} ms at {record.get('shape', 'its shape')}" if "time_ms" in record else ""
+    return Choice(label, _REGISTRY[name], dict(record.get("config", {})),
+                  f"{source}, bucket {record.get('bucket', '?')}{timing}", rejected)
 
 
 def choose(call: KDACall, backend: str | None = None) -> Choice:
@@ -260,17 +295,9 @@ def _choose(call: KDACall, backend: str | None = None) -> Choice:
             rejected[preferred] = f"named by {ENV_BACKEND} but cannot run it: {why_not}"
 
     if record is not None:
-        name = record.get("backend")
-        why_not = unfit.get(name) or (_REGISTRY[name].supports(call) if name in _REGISTRY
-                                      else "not registered in this process")
-        if why_not is None:
-            bad = config_error(_REGISTRY[name], call.op, record.get("config", {}))
-            why_not = f"its tuned config is not valid in this version ({bad})" if bad else None
-        if why_not is None:
-            timing = f", {record['time_ms']:.3g} ms at {record.get('shape', 'its shape')}" if "time_ms" in record else ""
-            return Choice(call.op, _REGISTRY[name], dict(record.get("config", {})),
-                          f"{source}, bucket {record.get('bucket', '?')}{timing}", rejected)
-        rejected[f"{name} (from {source})"] = why_not
+        picked = _table_choice(record, source, call.op, lambda b: b.supports(call), unfit, rejected, call.op)
+        if picked is not None:
+            return picked
 
     for name in _ORDER:
         candidate = _REGISTRY[name]
@@ -284,33 +311,61 @@ def _choose(call: KDACall, backend: str | None = None) -> Choice:
     raise RuntimeError("no KDA backend can run this call: " + "; ".join(f"{k}: {v}" for k, v in rejected.items()))
 
 
-def _backward_reason(backend: Backend, call: KDACall) -> str | None:
+def backward_reason(backend: Backend, call: KDACall, forced: bool = False) -> str | None:
+    """Why ``backend`` cannot compute the gradients of the chunk ``call`` (None: it can); ``forced``: checked as
+    a backend named for the call (CPU tensors then run on the backends' CPU builds)."""
     if backend.run_backward is None:
         return "has no backward"
-    return backend.supports_backward(call)
+    check = (backend.supports_forced or backend.supports) if forced else backend.supports
+    return backend.supports_backward(call) or check(call)
 
 
 def choose_backward(call: KDACall, backend: str | None = None) -> Choice:
-    """The backend that computes the gradients of a chunk ``call``: the backend named on the forward call (or by
-    ``KDA_COMPILE_BACKEND``) when it has a backward for the call, else the first of the default order that has
-    one (the reference always does); ``explain(..., op="chunk_backward")`` prints it."""
+    """The backend and config that compute the gradients of a chunk ``call``, in order: the backend named on the
+    forward call (or by ``KDA_COMPILE_BACKEND``) when it has a backward for the call; the tuned tables'
+    ``chunk_bwd`` entry of the call's bucket (same lookup as the forward's: the user's table, then a shipped or
+    borrowed one; an entry this version cannot run is skipped with the reason); the first backend of the
+    default order with a backward (the reference always has one).  A named backend takes its tuned config when
+    the tables measured it in this bucket, else its default.  ``explain(..., op="chunk_backward")`` prints it,
+    with where the config came from.  Cached like :func:`choose`."""
     _load_plugins()
+    return decision_cache.cached(call, backend, _choose_backward, op=BACKWARD_OP)
+
+
+def _choose_backward(call: KDACall, backend: str | None = None) -> Choice:
     rejected: dict[str, str] = dict(_UNAVAILABLE)
+    found = tuning_table.lookup(call, op=BACKWARD_OP)
+    record, source = found if found else (None, None)
+    unfit = tuning_table.unfit_backends(call, op=BACKWARD_OP)  # never picked unless named with backend=
+
+    def choice(chosen: Backend, how: str) -> Choice:
+        config, origin = _config_from_table(record, chosen, BACKWARD_OP, lambda: chosen.backward_default_config(call))
+        if record is not None and not origin.startswith("default"):
+            origin += f" ({source})"
+        return Choice("chunk backward", chosen, config, f"{how}; {origin}", rejected)
+
     wanted = backend or os.environ.get(ENV_BACKEND, "").strip() or None
     if wanted:
         named = get_backend(wanted) if backend else _REGISTRY.get(wanted)
-        if named is not None:
-            why_not = _backward_reason(named, call) or (named.supports_forced or named.supports)(call)
+        if named is None:
+            rejected[wanted] = f"named by {ENV_BACKEND} but not registered"
+        else:
+            why_not = backward_reason(named, call, forced=True) or (None if backend else unfit.get(wanted))
             if why_not is None:
-                how = "forced by backend= argument" if backend else f"{ENV_BACKEND}={wanted}"
-                return Choice("chunk backward", named, named.default_config(call), how, rejected)
+                return choice(named, "forced by backend= argument" if backend else f"{ENV_BACKEND}={wanted}")
             rejected[wanted] = f"named for this call, but {why_not}; falling back"
+
+    if record is not None:
+        picked = _table_choice(record, source, BACKWARD_OP, lambda b: backward_reason(b, call), unfit, rejected,
+                               "chunk backward")
+        if picked is not None:
+            return picked
+
     for name in _ORDER:
         candidate = _REGISTRY[name]
-        why_not = _backward_reason(candidate, call) or candidate.supports(call)
+        why_not = unfit.get(name) or backward_reason(candidate, call)
         if why_not is None:
-            return Choice("chunk backward", candidate, candidate.default_config(call),
-                          "first backend in default order with a backward for the call", rejected)
+            return choice(candidate, "first backend in default order with a backward for the call")
         rejected.setdefault(name, why_not)
     raise RuntimeError("no KDA backend can run this backward: " + "; ".join(f"{k}: {v}" for k, v in rejected.items()))
 

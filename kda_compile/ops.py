@@ -188,9 +188,9 @@ KDA_BWD = (f"(Tensor grad_o, Tensor? grad_final_state, {_INPUTS}, {_OPTIONS}, st
 
 def kda_bwd(grad_o, grad_final_state, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
     """Gradients of (q, k, v, g, beta, initial_state, A_log, dt_bias); absent inputs get 0-element tensors.
-    The dispatch picks the backend (dispatch.choose_backward): the one named on the forward call when it has a
-    backward for it, else the first of the default order that has one (the reference: autograd through the
-    chunkwise form)."""
+    The dispatch picks the backend and config (dispatch.choose_backward): the one named on the forward call when it
+    has a backward for it, else the tuned tables' backward entry (``chunk_bwd``) of the call's bucket, else the
+    first of the default order that has one (the reference: autograd through the chunkwise form)."""
     opts, (backend,) = _options(rest)
     call = dispatch.KDACall("chunk", _problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state, cu_seqlens,
                             A_log, dt_bias, output_final_state=grad_final_state is not None)

@@ -23,7 +23,8 @@ Entries are read through :func:`normalize_entries`: keys of the older 5-part for
 measured in, and within one sequence class every entry is held to the class anchor's backend and bit-changing
 knobs (batch invariance).  A record also carries the tuner's progress (``timed``, ``done``), the default's time
 (``default``), backends dropped as too slow (``dropped``) and backends outside the dtype's tolerance (``unfit``:
-never picked for that dtype, :func:`unfit_backends`).
+never picked for that dtype, :func:`unfit_backends`).  Entries of the backward (bucket op ``chunk_bwd``) are found
+for a chunk call with ``lookup(call, op="chunk_bwd")``.
 """
 from __future__ import annotations
 
@@ -314,15 +315,16 @@ def table_notes() -> dict[str, list[str]]:
     return dict(_notes)
 
 
-def lookup(call) -> tuple[dict, str] | None:
+def lookup(call, op: str | None = None) -> tuple[dict, str] | None:
     """The record for ``call``'s bucket and where it came from ("tuned table <path>" or "shipped table
-    <name>", with "borrowed: ..." for another GPU model's), or None.
+    <name>", with "borrowed: ..." for another GPU model's), or None.  ``op``: the tuned op when not the call's
+    own (``chunk_bwd``: the backward of a chunk call).
 
     One table answers for a whole sequence class (the user's when it has an entry of the class, else the
     shipped one), so every bucket of the class runs the same backend and bit-changing knobs: the bucket's own
     entry, else the class entry of any parallelism, else the class's anchor (another layout or parallelism)."""
     from .buckets import bucket_of
-    bucket = bucket_of(call)
+    bucket = bucket_of(call, op=op)
     for entries, source, classes, _ in _tables(call.problem.device):
         same_class = classes.get(bucket.sequence_key)
         if not same_class:
@@ -334,11 +336,11 @@ def lookup(call) -> tuple[dict, str] | None:
     return None
 
 
-def unfit_backends(call) -> dict[str, str]:
-    """Backends the tables found outside the tolerance of ``call``'s dtype (any bucket of that op and dtype):
-    {backend: reason}.  The dispatch never picks them for that dtype."""
+def unfit_backends(call, op: str | None = None) -> dict[str, str]:
+    """Backends the tables found outside the tolerance of ``call``'s dtype (any bucket of that op and dtype;
+    ``op`` as in :func:`lookup`): {backend: reason}.  The dispatch never picks them for that dtype."""
     from .buckets import DTYPE_NAMES
-    wanted = (call.op, DTYPE_NAMES.get(call.problem.dtype))
+    wanted = (op or call.op, DTYPE_NAMES.get(call.problem.dtype))
     out: dict[str, str] = {}
     for _, _, _, unfit in _tables(call.problem.device):
         for name, why in unfit.get(wanted, {}).items():

@@ -100,6 +100,18 @@ class BackwardConfig:
         check_one_of("TileLang", "bwd_prologue_BT", self.bwd_prologue_BT, (16, 32, 64))
 
 
+def get_backward_configs() -> list[dict]:
+    """Search space of the backward: the recompute's intra threads and state value block, then each backward
+    stage's blocks and threads (products, searched knob by knob)."""
+    import itertools
+    return ([{"intra_threads": 128}] + [{"states_BV": bv} for bv in (16, 64)]
+            + [{"bwd_state_BV": bv} for bv in (16, 64)]
+            + [dict(bwd_solve_BV=bv, bwd_solve_threads=t) for bv, t in itertools.product((16, 32, 64), (128, 256))]
+            + [dict(bwd_intra_BK=bk, bwd_intra_BV=bv, bwd_intra_threads=t)
+               for bk, bv, t in itertools.product((32, 64, 128), (16, 32, 64), (128, 256))]
+            + [{"bwd_prologue_BT": bt} for bt in (16, 64)])
+
+
 def backward_config(config: dict | None = None) -> BackwardConfig:
     """The :class:`BackwardConfig` of ``config`` (missing fields at their defaults)."""
     return config_from_dict(BackwardConfig, config or {}, "TileLang")

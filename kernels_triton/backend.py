@@ -16,7 +16,7 @@ from kda_compile.dispatch import Backend, KDACall, register_backend
 
 from . import chunk_fwd, fused_recurrent
 from .chunk_intra import kda_intra_kernel
-from .config import chunk_config, decode_config
+from .config import backward_config, chunk_config, decode_config
 from .gate import interpreting
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -78,9 +78,26 @@ def configs(call: KDACall) -> list[dict]:
     return [{}] + fused_recurrent.get_configs()
 
 
+CONFIG_CHECKS = {"chunk": chunk_config, "recurrent": decode_config, "chunk_bwd": backward_config}
+
+
 def check_config(op: str, config: dict) -> None:
-    """Raise ValueError if ``config`` is not a valid config of ``op`` (unknown keys, bad values)."""
-    chunk_config(config) if op == "chunk" else decode_config(config)
+    """Raise ValueError if ``config`` is not a valid config of ``op`` (``chunk``, ``recurrent`` or
+    ``chunk_bwd``, the backward; unknown keys, bad values)."""
+    if op not in CONFIG_CHECKS:
+        raise ValueError(f"op must be one of {list(CONFIG_CHECKS)}, got {op!r}")
+    CONFIG_CHECKS[op](config)
+
+
+def backward_default_config(call: KDACall) -> dict:
+    """The backward's shipped config: empty, every field at its default (config.BackwardConfig)."""
+    return {}
+
+
+def backward_configs(call: KDACall) -> list[dict]:
+    """The backward's search space (chunk_bwd.get_configs: its own stages and the recompute's)."""
+    from .chunk_bwd import get_configs
+    return get_configs()
 
 
 def run(call: KDACall, config: dict):
@@ -117,6 +134,7 @@ TRITON_BACKEND = Backend(
     name="triton", supports=supports, supports_forced=supports_forced, run=run, run_states=run_states,
     run_backward=run_backward, chunk_state_pool=True, padding_slots=True,
     default_config=default_config, configs=configs, check_config=check_config,
+    backward_default_config=backward_default_config, backward_configs=backward_configs,
     description="Triton kernels: intra (Gamma, A, inverse, W/U), state recurrence, output; decode kernel with "
                 "state pool")
 register_backend(TRITON_BACKEND)

@@ -19,12 +19,28 @@ import torch
 
 from kda_compile.chunks import chunk_table
 
+from . import chunk_bwd_intra as intra_stage
+from . import chunk_bwd_prologue as prologue_stage
+from . import chunk_bwd_solve as solve_stage
+from . import chunk_bwd_state as state_stage
+from . import chunk_intra, chunk_state
 from .chunk_bwd_intra import chunk_bwd_intra
 from .chunk_bwd_prologue import chunk_bwd_prologue
 from .chunk_bwd_recompute import recompute_forward
 from .chunk_bwd_solve import chunk_bwd_solve
 from .chunk_bwd_state import chunk_bwd_state
 from .config import backward_config
+
+
+def get_configs() -> list[dict]:
+    """The backward's search space: the default (``{}``), then its own stages' spaces (``bwd_*`` knobs, in the
+    order the stages run), then those of the forward's intra and state stages, which the recompute runs (the
+    forward's output stage does not run here, so its knobs are left out).  The autotuner searches one stage
+    at a time (:func:`kda_compile.autotune_search.stages`)."""
+    out = [{}]
+    for stage in (state_stage, solve_stage, intra_stage, prologue_stage, chunk_intra, chunk_state):
+        out += [config for config in stage.get_configs() if config not in out]
+    return out
 
 
 def check_cotangents(q, v, initial_state, do, dht, opts, num_seqs: int) -> None:

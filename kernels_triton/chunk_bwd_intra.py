@@ -27,6 +27,11 @@ import triton.language as tl
 from .gate import chunk_beta, chunk_bounds, interpreting, l2norm_factors, mm
 
 
+def get_configs() -> list[dict]:
+    """Search space of this stage (a product, searched knob by knob): K and V slices, warps."""
+    return [{"bwd_intra_BK": bk, "bwd_intra_BV": bv, "bwd_intra_warps": w}
+            for bk in (16, 32, 64) for bv in (32, 64) for w in (4, 8)]
+
 
 @triton.jit
 def _gather(x, idx, C: tl.constexpr):

@@ -17,6 +17,10 @@ import triton.language as tl
 from .gate import L2NORM_EPS
 
 
+def get_configs() -> list[dict]:
+    """Search space of this stage (a product, searched knob by knob): token block and warps."""
+    return [{"bwd_prologue_BT": bt, "bwd_prologue_warps": w} for bt in (16, 32, 64) for w in (4, 8)]
+
 
 @triton.jit
 def _l2norm_bwd(x, dy, L2NORM: tl.constexpr):

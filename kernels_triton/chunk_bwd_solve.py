@@ -22,6 +22,11 @@ from .gate import chunk_beta, chunk_bounds, interpreting, l2norm_factors, mm
 from .solve_tril import block_inverse
 
 
+def get_configs() -> list[dict]:
+    """Search space of this stage (a product, searched knob by knob): K and V slices, warps."""
+    return [{"bwd_solve_BK": bk, "bwd_solve_BV": bv, "bwd_solve_warps": w}
+            for bk in (32, 64) for bv in (32, 64) for w in (4, 8)]
+
 
 @triton.jit
 def kda_bwd_solve_kernel(

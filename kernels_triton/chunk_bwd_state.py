@@ -20,6 +20,11 @@ from .chunk_state import state_block_v
 from .gate import interpreting, mm, state_tile, state_walk_program
 
 
+def get_configs() -> list[dict]:
+    """Search space of this stage (a product, searched knob by knob): V-block width, warps, pipelining depth."""
+    return [{"bwd_state_BV": bv, "bwd_state_warps": w, "bwd_state_stages": s}
+            for bv in (16, 32, 64) for w in (4, 8) for s in (2, 3)]
+
 
 @triton.jit
 def _reverse_step(qg, kg, w, aqk, gc, do, dhn, dvn, b_dh, bos, eos, first, j, i_h, scale, o_k, m_k, o_v, m_v,

@@ -118,6 +118,10 @@ def backward_config(config: dict | None = None, dtype: torch.dtype | None = None
     """The :class:`BackwardConfig` of a flat ``config`` dict holding forward keys and ``bwd_*`` keys."""
     config = dict(config or {})
     own = {f.name for f in dataclasses.fields(BackwardConfig)} - {"forward"}
+    known = own | {f.name for f in dataclasses.fields(ChunkConfig)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"unknown Triton BackwardConfig key(s) {unknown}; known keys: {sorted(known)}")
     mine = {key: config.pop(key) for key in list(config) if key in own}
     return BackwardConfig(forward=chunk_config(config, dtype), **mine)
 

@@ -317,6 +317,19 @@ def test_a_fixed_bucket_never_takes_another_backend():
     assert record["default"]["backend"] == "other" and not record["anchor"]
 
 
+def test_the_untuned_default_never_wins_against_the_class_knobs():
+    """The untuned dispatch's default is timed for the gain; when its bit-changing knobs are not the class's it
+    may not win, however fast."""
+    def measure(name, config):
+        return (1.0 if config == {} else 3.0 - (config.get("o_BV") == 64)), None
+
+    cands = [Candidate("triton", {}, [{"o_BV": 64}])]   # intra_BK changes bits, o_BV does not
+    record = BucketSearch("k", cands, measure, fixed=("triton", {"intra_BK": 16}), untuned="triton",
+                          log=lambda *a: None).run()
+    assert record["config"] == {"intra_BK": 16, "o_BV": 64} and record["time_ms"] == 2.0
+    assert record["default"] == {"backend": "triton", "config": {}, "time_ms": 1.0}
+
+
 # ------------------------------------------------------------------------------------------- on a GPU
 
 @pytest.mark.gpu

@@ -57,3 +57,23 @@ def test_varlen_packs_with_the_same_total_but_other_longest_sequence_get_their_o
     long_ = _varlen_call([0, 10, 20, 3000])          # longest 2980, same packed T
     assert short.problem == long_.problem
     assert decision_key(short, None) != decision_key(long_, None)
+
+
+def test_the_backward_decision_is_cached_apart_from_the_forward(monkeypatch):
+    """One chunk call, two decisions: the forward's and its backward's (``chunk_bwd``) never answer for each other,
+    and a repeated backward reuses its own."""
+    calls = []
+    real = dispatch._choose_backward
+
+    def counting(call, backend=None):
+        calls.append(call.op)
+        return real(call, backend)
+
+    monkeypatch.setattr(dispatch, "_choose_backward", counting)
+    dispatch._DECISIONS.clear()
+    call = _varlen_call([0, 10, 30])
+    forward = dispatch.choose(call)
+    backward = dispatch.choose_backward(call)
+    assert forward.op == "chunk" and backward.op == "chunk backward" and calls == ["chunk"]
+    assert dispatch.choose_backward(call) is backward and dispatch.choose(call) is forward and len(calls) == 1
+    assert decision_key(call, None, "chunk_bwd") != decision_key(call, None)
