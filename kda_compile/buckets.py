@@ -24,9 +24,10 @@ parallelism  sequences x value heads against the GPU's SM count: ``p0`` (fewer t
 
 Batch invariance.  A sequence must give the same bits alone, in a batch and in a varlen pack.  The layout, the
 parallelism class and, for a pack, the length class depend on the batch, not on the sequence, so they may only
-select knobs that leave the bits unchanged (warps, pipelining stages, V blocking: :data:`BIT_NEUTRAL`).  The
-backend and every other knob (K blocking, precision, the inverse's diagonal method, the TileLang segment length:
-:data:`BIT_CHANGING`) are chosen per *sequence class*, :attr:`Bucket.sequence_key` (op, dtype, dims, gate,
+select knobs that leave the bits unchanged (warps, pipelining stages, V blocking of the matrix-product
+kernels: :data:`BIT_NEUTRAL`).  The backend and every other knob (K blocking, precision, the inverse's diagonal
+method, the TileLang segment length, every knob of the decode kernels, whose sums over K follow the thread
+layout: :data:`BIT_CHANGING`) are chosen per *sequence class*, :attr:`Bucket.sequence_key` (op, dtype, dims, gate,
 prologue flags); the tuner and the table loader enforce it.  The length is left out of the sequence class on
 purpose: a pack holds sequences of several length classes and is run with one config, so only knobs that are
 equal across length classes keep every sequence's bits whatever pack it is in.  The backward is a bucket op of
@@ -56,19 +57,21 @@ TUNED_OPS = {"chunk": "chunk", "recurrent": "recurrent", BACKWARD_OP: "chunk"}
 # Knobs per backend that change the order of a reduction, hence the bits of the result: chosen per sequence class
 # only.  Every knob not listed in BIT_NEUTRAL counts as bit-changing (a new knob is safe until classified).
 BIT_CHANGING = {
+    # The decode kernels reduce over K with element-wise sums whose thread layout follows the tile shape and the
+    # warps (threads), so all their knobs change bits.
     "triton": ("gamma_BK", "intra_BK", "intra_row_BK", "intra_norms", "solve_BK", "solve_diag", "precision",
-               "solve_precision", "o_BK", "bwd_solve_BK", "bwd_intra_BK"),
-    "tilelang": ("segment_len", "layout", "decode_threads", "bwd_intra_BK"),
+               "solve_precision", "o_BK", "bwd_solve_BK", "bwd_intra_BK", "decode_BV", "decode_warps"),
+    "tilelang": ("segment_len", "layout", "decode_threads", "decode_BV", "bwd_intra_BK"),
     "reference": (),
 }
 # Knobs that only change how the work is spread (warps/threads of a non-reducing split, pipelining, V blocks):
 # these may differ between buckets of one sequence class.
 BIT_NEUTRAL = {
     "triton": ("intra_warps", "solve_warps", "solve_maxnreg", "state_BV", "state_warps", "state_stages", "o_BV",
-               "o_warps", "decode_BV", "decode_warps", "bwd_state_BV", "bwd_state_warps", "bwd_state_stages",
+               "o_warps", "bwd_state_BV", "bwd_state_warps", "bwd_state_stages",
                "bwd_solve_BV", "bwd_solve_warps", "bwd_intra_BV", "bwd_intra_warps", "bwd_prologue_BT",
                "bwd_prologue_warps"),
-    "tilelang": ("state_BV", "threads", "decode_BV", "intra_threads", "states_BV", "bwd_state_BV", "bwd_solve_BV",
+    "tilelang": ("state_BV", "threads", "intra_threads", "states_BV", "bwd_state_BV", "bwd_solve_BV",
                  "bwd_solve_threads", "bwd_intra_BV", "bwd_intra_threads", "bwd_prologue_BT"),
     "reference": (),
 }

@@ -149,13 +149,15 @@ def load_shipped_table(identity: dict | None = None) -> tuple[dict, str | None]:
 
 def borrow_shipped_table(identity: dict, sms: int | None = None) -> tuple[dict, str | None, str | None]:
     """A shipped table of another GPU model with the same compute capability, for a GPU that has none of its
-    own: ``(entries, file name, note)``; a table measured with the same SM count is preferred.  The parallelism
+    own: ``(entries, file name, note)``; a table measured with the same SM count is preferred, then one measured
+    with the current tuner (not carried over from an older key form).  The parallelism
     classes are recomputed with this GPU's SM count, so only the tile choices are borrowed."""
     if identity.get("capability") in (None, "none"):
         return {}, None, None
     same = [(name, data) for name, data in _shipped_tables()
             if data["identity"].get("capability") == identity["capability"]]
-    same.sort(key=lambda item: item[1].get("sm_count") != sms)  # same SM count first (stable)
+    # same SM count first, then tables measured by the current tuner (stable)
+    same.sort(key=lambda item: (item[1].get("sm_count") != sms, "carried_over" in item[1]))
     if not same:
         return {}, None, None
     name, data = same[0]

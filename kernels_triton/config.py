@@ -66,10 +66,11 @@ class ChunkConfig:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Config of the decode kernel: V block and warps (H100: 16 columns and 1 warp at B64·H32)."""
+    """Config of the decode kernel: V block and warps.  Default: the fastest in CUDA-graph replays on the H200 at
+    B64·H32 (84 µs against 89 µs with 4 warps; equal at B1), bench/RESULTS.md."""
 
     decode_BV: int = 32
-    decode_warps: int = 4
+    decode_warps: int = 1
 
     def __post_init__(self):
         _power_of_two("decode_BV", self.decode_BV)

@@ -266,21 +266,28 @@ def test_gains_are_printed_and_explained(knobs, capsys):
 
 # ------------------------------------------------------------------------------------ shipped tables
 
-H200 = {"device": "NVIDIA H200", "capability": "9.0", "torch": "9.9", "triton": "9.9", "tilelang": "9.9"}
+H800 = {"device": "NVIDIA H800", "capability": "9.0", "torch": "9.9", "triton": "9.9", "tilelang": "9.9"}
+
+
+def test_the_shipped_h200_table_is_found_for_an_h200():
+    entries, name = tuning_table.load_shipped_table(dict(H800, device="NVIDIA H200"))
+    assert name == "h200.json"
+    assert {"chunk/bf16/K128V128/T8k/dense/log/l2n/p0", "chunk/bf16/K128V128/T8k/dense/safe/l2n/p1"} <= set(entries)
 
 
 def test_a_gpu_without_table_borrows_one_of_its_compute_capability(monkeypatch):
-    entries, name, note = tuning_table.borrow_shipped_table(H200, sms=132)
-    assert name == "h100.json" and "borrowed" in note and "same SM count" in note
-    assert "132 SMs there against 141 here" in tuning_table.borrow_shipped_table(H200, sms=141)[2]
-    assert tuning_table.borrow_shipped_table(dict(H200, capability="8.0"))[1] is None
-    monkeypatch.setattr(tuning_table, "machine_identity", lambda device=None: dict(H200))
+    entries, name, note = tuning_table.borrow_shipped_table(H800, sms=132)
+    # both shipped sm_90 tables have 132 SMs; the one the current tuner measured wins over the carried-over one
+    assert name == "h200.json" and "borrowed" in note and "same SM count" in note
+    assert "132 SMs there against 141 here" in tuning_table.borrow_shipped_table(H800, sms=141)[2]
+    assert tuning_table.borrow_shipped_table(dict(H800, capability="8.0"))[1] is None
+    monkeypatch.setattr(tuning_table, "machine_identity", lambda device=None: dict(H800))
     monkeypatch.setenv("KDA_COMPILE_CACHE_DIR", "/nonexistent-kda-cache")
     tuning_table.invalidate()
     try:
-        decode = Bucket("recurrent", "bf16", 128, 128, "t1", "dense", "log", "l2n", "p1")
-        record, source = tuning_table.lookup(autotune.make_call(decode, 2, 1, 1, 1, "cpu", 0))
-        assert record["backend"] == "triton" and "h100.json" in source and "borrowed" in source
+        prefill = Bucket("chunk", "bf16", 128, 128, "T1k", "dense", "log", "l2n", "p1")
+        record, source = tuning_table.lookup(autotune.make_call(prefill, 2, 64, 1, 1, "cpu", 0))
+        assert record["backend"] == "triton" and "h200.json" in source and "borrowed" in source
     finally:
         tuning_table.invalidate()
 
