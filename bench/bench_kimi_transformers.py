@@ -17,8 +17,10 @@ CPU smoke test:
 
 Prefill: one forward of ``B x T`` tokens with ``use_cache=True`` from no cache, tokens/s = B T / time.  Decode:
 ``--decode`` steps of one token each after that prefill, tokens/s = B steps / time.  Times are the median of
-``--reps`` runs after one warm-up run (synchronised on CUDA).  "logits vs pytorch" is the relative error
-``||out - ref|| / ||ref||`` of the last prefill logits and the decode logits against the ``pytorch`` row.
+``--reps`` runs after one warm-up run (synchronised on CUDA).  The ``pytorch`` row runs first and decodes greedily;
+every other row decodes the same tokens, so its logits answer the same inputs.  "logits vs pytorch" is the
+relative error ``||out - ref|| / ||ref||`` of the last prefill logits, and of the decode logits, against the
+``pytorch`` row.
 """
 from __future__ import annotations
 
@@ -109,8 +111,10 @@ def sync(device: str) -> None:
 
 
 @torch.no_grad()
-def measure(model, ids, decode: int, reps: int, device: str) -> dict:
-    """Median prefill and decode times (s) and the logits of the last run."""
+def measure(model, ids, decode: int, reps: int, device: str, tokens: torch.Tensor | None = None) -> dict:
+    """Median prefill and decode times (s), the last run's prefill logits and decode logits, and the tokens it
+    fed.  Decode feeds ``tokens [B, decode]`` when given (the reference row's, so every row's decode logits
+    answer the same inputs), else its own greedy tokens."""
     # transformers 5.24 names the cache ``cache``; earlier 5.x releases ``past_key_values``
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -120,19 +124,29 @@ def measure(model, ids, decode: int, reps: int, device: str) -> dict:
         out = model(ids, use_cache=True)
         sync(device)
         t1 = time.perf_counter()
-        cache, logits = getattr(out, cache_arg), [out.logits[:, -1:]]
+        cache, prefill, logits, fed = getattr(out, cache_arg), out.logits[:, -1:], [], []
         nxt = out.logits[:, -1:].argmax(-1)
-        for _ in range(decode):
+        for step in range(decode):
+            if tokens is not None:
+                nxt = tokens[:, step:step + 1]
+            fed.append(nxt)
             out = model(nxt, **{cache_arg: cache}, use_cache=True)
             cache, nxt = getattr(out, cache_arg), out.logits[:, -1:].argmax(-1)
             logits.append(out.logits[:, -1:])
         sync(device)
-        return t1 - t0, time.perf_counter() - t1, torch.cat(logits, 1).float().cpu()
+        return (t1 - t0, time.perf_counter() - t1, prefill.float().cpu(),
+                torch.cat(logits, 1).float().cpu() if logits else None, torch.cat(fed, 1) if fed else None)
 
     run()                                                                  # warm-up (kernels, autotuning)
     runs = [run() for _ in range(reps)]
     return {"prefill_s": statistics.median(r[0] for r in runs), "decode_s": statistics.median(r[1] for r in runs),
-            "logits": runs[-1][2]}
+            "prefill_logits": runs[-1][2], "decode_logits": runs[-1][3], "tokens": runs[-1][4]}
+
+
+def rel_err(got, want) -> str:
+    if got is None or want is None:
+        return "-"
+    return f"{((got - want).norm() / want.norm()).item():.1e}"
 
 
 def versions(transformers) -> str:
@@ -166,10 +180,11 @@ def main(argv=None) -> int:
           f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`\n"
           f"- model: {args.preset} preset{f', {args.layers} layers' if args.layers else ''}, random weights, "
           f"{str(dtype).replace('torch.', '')}; B={args.batch}, prompt T={args.prompt}, {args.decode} decode steps\n")
-    rows = ["| provider | prefill tokens/s | decode tokens/s | logits vs pytorch | note |", "|---|---:|---:|---:|---|"]
+    rows = ["| provider | prefill tokens/s | decode tokens/s | prefill logits vs pytorch | decode logits vs pytorch "
+            "| note |", "|---|---:|---:|---:|---:|---|"]
     if transformers is None:
         print(f"**Nothing measured: {modeling}.**\n")
-        rows += [f"| {name} | - | - | - | skipped: {modeling} |" for name in args.providers]
+        rows += [f"| {name} | - | - | - | - | skipped: {modeling} |" for name in args.providers]
         print("\n".join(rows))
         return 0
     transformers.logging.set_verbosity_error()
@@ -180,20 +195,23 @@ def main(argv=None) -> int:
     ids = torch.randint(3, config.vocab_size, (args.batch, args.prompt), device=args.device)
     originals = {n: getattr(modeling, n) for n in NAMES}
     ref = None
+    order = sorted(args.providers, key=lambda name: name != "pytorch")  # the reference row first
     try:
-        for name in args.providers:
+        for name in order:
             try:
                 install(modeling, name, originals)
-                r = measure(model, ids, args.decode, args.reps, args.device)
+                r = measure(model, ids, args.decode, args.reps, args.device, None if ref is None else ref["tokens"])
             except Exception as err:  # a provider that cannot run here is a row, not a crash
-                rows.append(f"| {name} | - | - | - | skipped: {type(err).__name__}: {str(err).splitlines()[0][:120]} |")
+                rows.append(f"| {name} | - | - | - | - | skipped: {type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:120]} |")
                 continue
             if name == "pytorch":
-                ref = r["logits"]
-            err = "-" if ref is None else f"{((r['logits'] - ref).norm() / ref.norm()).item():.1e}"
+                ref = r
+            errors = [rel_err(r[key], ref and ref[key]) for key in ("prefill_logits", "decode_logits")]
             note = "transformers' own loops" if name == "pytorch" else ""
             rows.append(f"| {name} | {args.batch * args.prompt / r['prefill_s']:,.0f} | "
-                        f"{args.batch * args.decode / max(r['decode_s'], 1e-12):,.1f} | {err} | {note} |")
+                        f"{args.batch * args.decode / max(r['decode_s'], 1e-12):,.1f} | {errors[0]} | {errors[1]} | "
+                        f"{note} |")
     finally:
         from kda_compile.integrations import transformers as integration
         integration.disable()
