@@ -4,6 +4,11 @@ cuDNN-frontend's KDA and a plain copy of the same state bytes (the bandwidth flo
     python bench/bench_decode.py                        # B = 1, 4, 16, 64; H = 32, D = 128
     python bench/bench_decode.py --backends tilelang --config '{"layout": "column"}'
     python bench/bench_decode.py --device cpu           # tiny sizes on the CPU: checks the script
+    python bench/bench_decode.py --batches 1,64 --eager --config-sweep --plots /tmp/plots
+
+``--eager`` adds a table of whole calls made one at a time under ``torch.inference_mode()`` (a sync after each,
+median µs): what a model that is not captured in a CUDA graph pays per call, host work included.
+``--config-sweep`` adds a table of every config in the Triton decode kernel's search space (graph replays).
 
 bf16 q/k/v, float32 log gate and beta, float32 state ``[B, H, K, V]``, q/k L2-normalised in the kernel.
 Times are medians in µs of CUDA-graph replays, so host overhead is excluded for every provider alike.
@@ -12,7 +17,9 @@ The sweep writes ``<plots>/decode.png`` (and ``.csv``); ``state GB/s`` = 2 x sta
 from __future__ import annotations
 
 import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -96,6 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None, help="a decode kernel config for our backends, JSON or "
                    "key=value,... (default: what the dispatch picks)")
     p.add_argument("--plots", default=PLOTS, help="folder of the sweep's PNG and CSV (default bench/plots)")
+    p.add_argument("--eager", action="store_true", help="also time whole eager calls (inference_mode, sync each)")
+    p.add_argument("--config-sweep", action="store_true", help="also time every Triton decode config (graph)")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     tiny = device == "cpu"
@@ -112,7 +121,60 @@ def main(argv=None) -> int:
     gbps = [[row[0], *(2 * row[0] * H * D * D * 4 / (t * 1e-6) / 1e9 for t in row[1:1 + len(providers)])]
             for row in rows]
     emit(markdown_table(["B", *[f"{s} state GB/s" for s in providers]], gbps) + "\n", args.out)
+    if args.eager:
+        eager_table(batches, providers, H, D, device, args.out)
+    if args.config_sweep:
+        config_sweep(batches, H, D, device, args.out)
     return 0
+
+
+def eager_us(fn, device: str, calls: int = 300) -> float:
+    """Median µs of one call made alone under inference_mode, a sync after each (host work included)."""
+    with torch.inference_mode():
+        for _ in range(20):
+            fn()
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        sync()
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times)
+
+
+def eager_table(batches, providers, H, D, device, out) -> None:
+    rows = []
+    for B in batches:
+        x = decode_inputs(B, H, D, device)
+        row = [B]
+        for provider in providers:
+            try:
+                row.append(eager_us(builder(provider, x, None)(), device))
+            except (ImportError, Skip) as exc:
+                print(f"[skip] {provider} eager: {exc}", file=sys.stderr, flush=True)
+                row.append(float("nan"))
+        print(f"eager B={B}: " + ", ".join(f"{p} {t:.1f} µs" for p, t in zip(providers, row[1:])), flush=True)
+        rows.append(row)
+    emit(f"Eager calls (inference_mode, one call then a sync, median µs), H = {H}, D = {D}\n\n"
+         + markdown_table(["B", *providers], rows) + "\n", out)
+
+
+def config_sweep(batches, H, D, device, out) -> None:
+    from kda_compile.kernels_triton.fused_recurrent import get_configs
+
+    configs = get_configs()
+    rows = []
+    for B in batches:
+        x = decode_inputs(B, H, D, device)
+        copy_us = 1e3 * measure("copy", lambda: copy(x), device, graph=device == "cuda")
+        for config in configs:
+            us = 1e3 * measure("ours:triton", lambda: ours("triton", x, config), device, graph=device == "cuda")
+            print(f"config sweep B={B} {config}: {us:.2f} µs ({copy_us / us:.0%} of the copy's speed)", flush=True)
+            rows.append([B, config["decode_BV"], config["decode_warps"], us, copy_us / us])
+    emit(f"Triton decode configs (graph replays, median µs), H = {H}, D = {D}\n\n"
+         + markdown_table(["B", "decode_BV", "decode_warps", "µs", "copy time / ours"], rows) + "\n", out)
 
 
 if __name__ == "__main__":
