@@ -15,6 +15,18 @@ def config_from_dict(cls, values: dict, backend: str):
     return cls(**values)
 
 
+def op_config_checker(checks: dict):
+    """A backend's ``check_config(op, config)`` from ``{op: parser}`` (each parser raises ValueError on a bad
+    config): an op it has no parser for is a ValueError too."""
+    def check_config(op: str, config: dict) -> None:
+        if op not in checks:
+            raise ValueError(f"op must be one of {list(checks)}, got {op!r}")
+        checks[op](config)
+    check_config.__doc__ = (f"Raise ValueError if ``config`` is not a valid config of ``op`` (one of {list(checks)}; "
+                            "``chunk_bwd`` is the backward): unknown keys, bad values.")
+    return check_config
+
+
 def check_one_of(backend: str, name: str, value, allowed: tuple) -> None:
     """ValueError unless ``value`` is one of ``allowed``."""
     if value not in allowed:

@@ -12,6 +12,7 @@ import importlib.util
 import torch
 
 from ..dispatch import Backend, KDACall, register_backend
+from ..kernel_config import op_config_checker
 from . import config as chunk_configs
 from .config import backward_config, chunk_config, decode_config
 
@@ -117,20 +118,7 @@ def run_states(call: KDACall, config: dict):
                          call.dt_bias, call.opts, True, config, return_states=True)
 
 
-CONFIG_CHECKS = {"chunk": chunk_config, "recurrent": decode_config, "chunk_bwd": backward_config}
-
-
-def check_config(op: str, config: dict) -> None:
-    """Raise ValueError if ``config`` is not a valid config of ``op`` (``chunk``, ``recurrent`` or
-    ``chunk_bwd``, the backward; unknown keys, bad values)."""
-    if op not in CONFIG_CHECKS:
-        raise ValueError(f"op must be one of {list(CONFIG_CHECKS)}, got {op!r}")
-    CONFIG_CHECKS[op](config)
-
-
-def backward_default_config(call: KDACall) -> dict:
-    """The backward's config without a tuned table: every field at its default (config.BackwardConfig)."""
-    return {}
+check_config = op_config_checker({"chunk": chunk_config, "recurrent": decode_config, "chunk_bwd": backward_config})
 
 
 def backward_configs(call: KDACall) -> list[dict]:
@@ -141,7 +129,7 @@ def backward_configs(call: KDACall) -> list[dict]:
 TILELANG = Backend(name="tilelang", supports=supports, supports_forced=supports_forced, run=run, run_states=run_states,
                    run_backward=run_backward, supports_backward=supports_backward,
                    default_config=default_config, configs=configs, check_config=check_config,
-                   backward_default_config=backward_default_config, backward_configs=backward_configs,
+                   backward_configs=backward_configs,
                    description="TileLang kernels: one fused chunkwise forward (segment scan for long sequences); "
                                "decode kernel")
 register_backend(TILELANG)

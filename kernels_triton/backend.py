@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from kda_compile.dispatch import Backend, KDACall, register_backend
+from kda_compile.kernel_config import op_config_checker
 
 from . import chunk_fwd, fused_recurrent
 from .chunk_intra import kda_intra_kernel
@@ -78,20 +79,7 @@ def configs(call: KDACall) -> list[dict]:
     return [{}] + fused_recurrent.get_configs()
 
 
-CONFIG_CHECKS = {"chunk": chunk_config, "recurrent": decode_config, "chunk_bwd": backward_config}
-
-
-def check_config(op: str, config: dict) -> None:
-    """Raise ValueError if ``config`` is not a valid config of ``op`` (``chunk``, ``recurrent`` or
-    ``chunk_bwd``, the backward; unknown keys, bad values)."""
-    if op not in CONFIG_CHECKS:
-        raise ValueError(f"op must be one of {list(CONFIG_CHECKS)}, got {op!r}")
-    CONFIG_CHECKS[op](config)
-
-
-def backward_default_config(call: KDACall) -> dict:
-    """The backward's shipped config: empty, every field at its default (config.BackwardConfig)."""
-    return {}
+check_config = op_config_checker({"chunk": chunk_config, "recurrent": decode_config, "chunk_bwd": backward_config})
 
 
 def backward_configs(call: KDACall) -> list[dict]:
@@ -134,7 +122,7 @@ TRITON_BACKEND = Backend(
     name="triton", supports=supports, supports_forced=supports_forced, run=run, run_states=run_states,
     run_backward=run_backward, chunk_state_pool=True, padding_slots=True,
     default_config=default_config, configs=configs, check_config=check_config,
-    backward_default_config=backward_default_config, backward_configs=backward_configs,
+    backward_configs=backward_configs,
     description="Triton kernels: intra (Gamma, A, inverse, W/U), state recurrence, output; decode kernel with "
                 "state pool")
 register_backend(TRITON_BACKEND)
