@@ -99,20 +99,29 @@ def make_cotangents(call: dispatch.KDACall, seed: int) -> tuple:
     return do, dht
 
 
-def check_config(backend: dispatch.Backend, config: dict, call: dispatch.KDACall, tolerance: float) -> str | None:
-    """Run one config on ``call`` and compare with the float64 reference; the reason it fails, or None."""
+def _run_guarded(fn, cuda: bool):
+    """``(result, None)``, or ``(None, reason)`` when ``fn`` raises: a crashing config is rejected, not fatal."""
     try:
-        o, state = backend.run(call, dict(config))
-        if call.q.is_cuda:
+        result = fn()
+        if cuda:
             torch.cuda.synchronize()
-    except Exception as exc:  # a crashing config is rejected, not fatal
-        return f"crashed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-    tensors = [x.double() if x is not None and x.is_floating_point() else x
-               for x in (call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.A_log, call.dt_bias)]
-    q, k, v, g, beta, state0, A_log, dt_bias = tensors
-    ref_o, ref_state = kda_reference(q, k, v, g, beta, state0, call.cu_seqlens, A_log, dt_bias, opts=call.opts,
-                                     algorithm="recurrent" if call.op == "recurrent" else "chunk")
-    for name, got, want in (("output", o, ref_o), ("final state", state, ref_state)):
+        return result, None
+    except Exception as exc:
+        return None, f"crashed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def _float64_inputs(call: dispatch.KDACall) -> list:
+    """The call's q, k, v, g, beta, initial state, A_log and dt_bias in float64 (None stays None)."""
+    return [x.double() if x is not None and x.is_floating_point() else x
+            for x in (call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.A_log, call.dt_bias)]
+
+
+def _compare(named: list, tolerance: float) -> str | None:
+    """The first of ``(name, got, want)`` whose relative error exceeds ``tolerance`` (or that is missing or
+    misshapen), as a reason; None when all agree.  ``want`` None: nothing to compare."""
+    for name, got, want in named:
+        if want is None:
+            continue
         if got is None:
             return f"returned no {name}"
         if got.shape != want.shape:
@@ -123,34 +132,33 @@ def check_config(backend: dispatch.Backend, config: dict, call: dispatch.KDACall
     return None
 
 
+def check_config(backend: dispatch.Backend, config: dict, call: dispatch.KDACall, tolerance: float) -> str | None:
+    """Run one config on ``call`` and compare with the float64 reference; the reason it fails, or None."""
+    out, reason = _run_guarded(lambda: backend.run(call, dict(config)), call.q.is_cuda)
+    if reason:
+        return reason
+    q, k, v, g, beta, state0, A_log, dt_bias = _float64_inputs(call)
+    ref_o, ref_state = kda_reference(q, k, v, g, beta, state0, call.cu_seqlens, A_log, dt_bias, opts=call.opts,
+                                     algorithm="recurrent" if call.op == "recurrent" else "chunk")
+    o, state = out
+    if state is None:
+        return "returned no final state"
+    return _compare([("output", o, ref_o), ("final state", state, ref_state)], tolerance)
+
+
 def check_backward_config(backend: dispatch.Backend, config: dict, call: dispatch.KDACall, do: torch.Tensor,
                           dht: torch.Tensor, tolerance: float) -> str | None:
     """Run one backward config on the chunk ``call`` with gradients ``do``, ``dht`` and compare every gradient
     with the float64 reference backward; the reason it fails, or None."""
-    try:
-        grads = backend.run_backward(call, dict(config), do, dht)
-        if call.q.is_cuda:
-            torch.cuda.synchronize()
-    except Exception as exc:  # a crashing config is rejected, not fatal
-        return f"crashed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-    inputs = [x.double() if x is not None and x.is_floating_point() else x
-              for x in (call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.A_log, call.dt_bias)]
-    q, k, v, g, beta, state0, A_log, dt_bias = inputs
+    grads, reason = _run_guarded(lambda: backend.run_backward(call, dict(config), do, dht), call.q.is_cuda)
+    if reason:
+        return reason
+    q, k, v, g, beta, state0, A_log, dt_bias = _float64_inputs(call)
     want = kda_reference_bwd(q, k, v, g, beta, state0, call.cu_seqlens, A_log, dt_bias, call.opts, do.double(),
                              dht.double())
     if len(grads) != len(want):
         return f"returned {len(grads)} gradients, expected {len(want)}"
-    for name, got, ref in zip(GRADIENT_NAMES, grads, want):
-        if ref is None:
-            continue
-        if got is None:
-            return f"returned no {name}"
-        if got.shape != ref.shape:
-            return f"{name} has shape {list(got.shape)}, expected {list(ref.shape)}"
-        err = ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-        if not err <= tolerance:  # also catches NaN
-            return f"{name} relative error {err:.2e} > {tolerance:.0e}"
-    return None
+    return _compare(list(zip(GRADIENT_NAMES, grads, want)), tolerance)
 
 
 def time_config(backend: dispatch.Backend, config: dict, call: dispatch.KDACall) -> float:

@@ -9,15 +9,16 @@ from kda_compile.decision_cache import decision_key
 from kda_inputs import make_inputs
 
 
-def _count_choices(monkeypatch):
+def _count_choices(monkeypatch, chooser="_choose"):
+    """The ops of the decisions ``dispatch.<chooser>`` really makes from now on (cache misses)."""
     calls = []
-    real = dispatch._choose
+    real = getattr(dispatch, chooser)
 
     def counting(call, backend=None):
         calls.append(call.op)
         return real(call, backend)
 
-    monkeypatch.setattr(dispatch, "_choose", counting)
+    monkeypatch.setattr(dispatch, chooser, counting)
     dispatch._DECISIONS.clear()
     return calls
 
@@ -62,15 +63,7 @@ def test_varlen_packs_with_the_same_total_but_other_longest_sequence_get_their_o
 def test_the_backward_decision_is_cached_apart_from_the_forward(monkeypatch):
     """One chunk call, two decisions: the forward's and its backward's (``chunk_bwd``) never answer for each other,
     and a repeated backward reuses its own."""
-    calls = []
-    real = dispatch._choose_backward
-
-    def counting(call, backend=None):
-        calls.append(call.op)
-        return real(call, backend)
-
-    monkeypatch.setattr(dispatch, "_choose_backward", counting)
-    dispatch._DECISIONS.clear()
+    calls = _count_choices(monkeypatch, "_choose_backward")
     call = _varlen_call([0, 10, 30])
     forward = dispatch.choose(call)
     backward = dispatch.choose_backward(call)
