@@ -3,11 +3,15 @@
 #
 #   SECTIONS="tests chunk sweep decode" OUT=/tmp/out bash bench/device.sh
 #
-# Sections, run in the order given (default: tests chunk sweep decode breakdown cold model onnx):
-#   tests      pytest -m gpu (every GPU test; PYTEST_ARGS adds arguments, e.g. "-n 8 tests/test_chunk.py")
+# Sections, run in the order given (default: tests chunk train sweep decode overhead breakdown cold kimi model onnx):
+#   tests      pytest -m gpu (every GPU test; TESTS_ARGS adds arguments, e.g. "-n 8"), then the state-pool and
+#              padding tests (unmarked: their kernel cases run on the GPU when there is one)
 #   chunk      bench/bench_chunk.py --what shapes: forward at the standard shapes, both gates
 #   sweep      bench/bench_chunk.py --what sweep: forward against T, plots to $OUT/plots
-#   decode     bench/bench_decode.py (plot to $OUT/plots)
+#   train      bench/bench_chunk_bwd.py: forward + backward at the standard shapes, three settings, peers too
+#   decode     bench/bench_decode.py --eager --config-sweep (graph replays, eager calls, every Triton config)
+#   overhead   bench/bench_overhead.py --decode-model: per-call host time; the model's decode step in a graph
+#   kimi       bench/bench_kimi_transformers.py: transformers' Kimi Linear with three KDA providers
 #   breakdown  bench/bench_breakdown.py --gates log,safe: per-kernel GPU time, ours and the peers
 #   ncu        Nsight Compute on a few forward calls (every kernel of ours: regex:^kda_)
 #   tune       python -m kda_compile.autotune --output $OUT/tuned.json (TUNE_ARGS adds arguments)
@@ -22,7 +26,7 @@
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 PY=${PYTHON:-python3}
-SECTIONS=${SECTIONS:-tests chunk sweep decode breakdown cold model onnx}
+SECTIONS=${SECTIONS:-tests chunk train sweep decode overhead breakdown cold kimi model onnx}
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 mkdir -p "$OUT/plots"
 echo "sections: $SECTIONS; output in $OUT"
@@ -48,10 +52,17 @@ $PY -m kda_compile info
 
 for section in $SECTIONS; do
   case $section in
-    tests)     run tests 600 $PY -m pytest -m gpu -q -rs --tb=short -p no:cacheprovider tests ;;
+    tests)     run tests 600 $PY -m pytest -m gpu -q -rs --tb=short -p no:cacheprovider tests
+               # unmarked files whose kernel cases run on the GPU when there is one
+               run tests_serving 300 $PY -m pytest -q -rs --tb=short -p no:cacheprovider tests/test_chunk_state_pool.py \
+                 tests/test_serving_padding.py ;;
     chunk)     run chunk 420 $PY bench/bench_chunk.py --what shapes --out "$OUT/results.md" ;;
     sweep)     run sweep 540 $PY bench/bench_chunk.py --what sweep --plots "$OUT/plots" --out "$OUT/results.md" ;;
-    decode)    run decode 180 $PY bench/bench_decode.py --plots "$OUT/plots" --out "$OUT/results.md" ;;
+    train)     run train 540 $PY bench/bench_chunk_bwd.py --out "$OUT/results.md" ;;
+    decode)    run decode 240 $PY bench/bench_decode.py --eager --config-sweep --plots "$OUT/plots" --out "$OUT/results.md" ;;
+    overhead)  run overhead 240 $PY bench/bench_overhead.py --device cpu,cuda --decode-model ;;
+    kimi)      run kimi 300 $PY bench/bench_kimi_transformers.py --preset published --layers 4 --device cuda \
+                 --dtype bfloat16 --prompt 4096 --decode 64 --reps 2 ;;
     breakdown) run breakdown 420 $PY bench/bench_breakdown.py --gates log,safe --out "$OUT/results.md" ;;
     ncu)       run ncu 240 ncu --clock-control none --kernel-name regex:^kda_ --launch-skip 5 --launch-count 5 \
                  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
@@ -62,7 +73,8 @@ for section in $SECTIONS; do
     model)     run model 300 $PY bench/bench_model.py --device cuda --seq-lens 8192 32768 --compile \
                  --out "$OUT/results.md" ;;
     onnx)      run onnx 300 $PY bench/bench_onnx.py --rounds 5 --threads 1 --out "$OUT/results.md" ;;
-    *)         echo "unknown section '$section' (known: tests chunk sweep decode breakdown ncu tune cold model onnx)" ;;
+    *)         echo "unknown section '$section' (known: tests chunk train sweep decode overhead breakdown ncu tune cold kimi"\
+                    "model onnx)" ;;
   esac
 done
 echo; echo "done at $(date -u +%T); tables in $OUT/results.md, plots in $OUT/plots"
