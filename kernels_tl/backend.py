@@ -47,8 +47,6 @@ def _common_reason(call: KDACall) -> str | None:
     elif p.device.type != "cpu":
         return f"device {p.device.type} has no TileLang build here"
     if call.op == "recurrent":
-        if call.ssm_state_indices is not None and call.ssm_state_indices.dim() != 1:
-            return "2-D ssm_state_indices / num_accepted_tokens (speculative decoding) not implemented"
         if call.inplace_final_state and call.initial_state is not None and (
                 call.initial_state.dtype != torch.float32 or not call.initial_state.is_contiguous()):
             return "in-place state update needs a contiguous float32 state"
@@ -129,7 +127,7 @@ def backward_configs(call: KDACall) -> list[dict]:
 TILELANG = Backend(name="tilelang", supports=supports, supports_forced=supports_forced, run=run, run_states=run_states,
                    run_backward=run_backward, supports_backward=supports_backward,
                    default_config=default_config, configs=configs, check_config=check_config,
-                   backward_configs=backward_configs,
+                   backward_configs=backward_configs, padding_slots=True,
                    description="TileLang kernels: one fused chunkwise forward (segment scan for long sequences); "
                                "decode kernel")
 register_backend(TILELANG)

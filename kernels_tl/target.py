@@ -108,6 +108,8 @@ RUNTIME_SIZES = {
     "N0": "rows of an initial state or of its gradient (NS, or 0 when absent)",
     "N1": "rows of a final state or of its cotangent (NS, or 0 when absent)",
     "P0": "rows of a state pool (NS without a pool, 0 without an initial state)",
+    "SC": "columns of the decode's slot table (draft tokens per sequence, speculative decoding)",
+    "NA": "entries of num_accepted_tokens (NS, or 0 when absent)",
     "VA": "state columns of the fused kernel (V, or V + K with the segment scan)",
 }
 

@@ -79,10 +79,10 @@ def test_state_pool(backend, inplace):
         assert finite_err(s, rs) <= tol
 
 
-@pytest.mark.parametrize("backend", backends("reference", "triton"))
+@pytest.mark.parametrize("backend", backends())
 def test_speculative_decoding_in_place(backend):
     """2-D indices: the initial state from column num_accepted_tokens - 1, the state after token t to idx[n, t]."""
-    case = dict(dtype="float32", cu=[0, 3, 5, 6], H=1, HV=2, K=16, V=16)
+    case = dict(dtype="float32", cu=[0, 3, 5, 6], H=1, HV=2, K=32, V=32)
     low, ref = _pool_case(*case_inputs(case, device()), speculative=True)
     with torch.no_grad():
         o, _ = fused_recurrent_kda(**low, inplace_final_state=True, backend=backend)
@@ -91,34 +91,67 @@ def test_speculative_decoding_in_place(backend):
     assert finite_err(o, ro) <= tol and finite_err(low["initial_state"], ref["initial_state"]) <= tol
 
 
+LAYOUTS = [{"layout": "column", "decode_BV": 32, "decode_threads": 32},
+           {"layout": "tile", "decode_BV": 16, "decode_threads": 64}]
+
+
+def _tilelang_decode(low, case, config, **serving):
+    """The TileLang decode kernel called directly with a kernel ``config`` (the public call picks its own)."""
+    from kda_compile.api import _options
+    from kda_compile.kernels_tl.fused_recurrent import fused_recurrent_kda_fwd
+    kw = flags(case)
+    opts = _options(low["q"], None, kw["use_qk_l2norm_in_kernel"], kw["use_gate_in_kernel"],
+                    kw["use_beta_sigmoid_in_kernel"], kw["allow_neg_eigval"], kw.get("lower_bound"), 64,
+                    kw["state_v_first"])
+    return fused_recurrent_kda_fwd(low["q"], low["k"], low["v"], low["g"], low["beta"], low["initial_state"],
+                                   low.get("cu_seqlens"), low.get("A_log"), low.get("dt_bias"), opts,
+                                   config=config, **serving)
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "final_state"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[c["layout"] for c in LAYOUTS])
 @pytest.mark.parametrize("backend", backends("tilelang"))
-def test_tilelang_refuses_speculative_decoding_by_name(backend):
-    """Named explicitly, a backend that cannot run the call says why; by default the dispatch falls back."""
-    from kda_compile import explain
-    case = dict(dtype="float32", cu=[0, 3, 5, 6], H=1, HV=2, K=32, V=32)
-    low, _ = _pool_case(*case_inputs(case, device()), speculative=True)
-    with torch.no_grad(), pytest.raises(ValueError, match="speculative"):
-        fused_recurrent_kda(**low, inplace_final_state=True, backend=backend)
-    assert explain(**low, op="recurrent", inplace_final_state=True).backend.name != "tilelang"
+def test_tilelang_speculative_decoding_layouts(backend, layout, in_place):
+    """Both TileLang decode layouts on speculative decoding: varlen with several tokens per sequence, grouped value
+    heads, the state stored [N, HV, V, K], a padding row (negative initial slot: zero output and final state, no
+    pool access) and a padding column (not written).  In place: the state after token t goes to idx[n, t];
+    otherwise the initial column is 0 (no num_accepted_tokens) and the final states are returned."""
+    case = dict(dtype="float32", cu=[0, 3, 5, 7, 9], H=1, HV=2, K=32, V=32, state_v_first=True, gate="raw",
+                l2norm=True, beta_logits=True)
+    low, ref = case_inputs(case, device())
+    gen = torch.Generator().manual_seed(2)
+    pool = (torch.randn(14, *low["initial_state"].shape[1:], generator=gen) * 0.5).to(low["q"].device)
+    idx = torch.tensor([[0, 1, 2], [-1, -1, -1], [6, -1, 7], [9, 3, 12]], device=pool.device)
+    serving = dict(ssm_state_indices=idx)
+    if in_place:
+        serving["num_accepted_tokens"] = torch.tensor([2, 1, 1, 2], device=pool.device)
+    low = {**low, "initial_state": pool.clone()}
+    ref = {**ref, "initial_state": pool.double()}
+    with torch.no_grad():
+        o, s = _tilelang_decode(low, case, layout, output_final_state=not in_place, inplace_final_state=in_place,
+                                **serving)
+        ro, rs = _reference(ref, case, output_final_state=not in_place, inplace_final_state=in_place, **serving)
+    assert torch.equal(o[:, 3:5], torch.zeros_like(o[:, 3:5]))       # the padding row outputs zeros
+    written = [0, 1, 2, 6, 9, 3] if in_place else []   # row 2's second token has slot -1
+    untouched = [slot for slot in range(pool.shape[0]) if slot not in written]
+    assert torch.equal(low["initial_state"][untouched], pool[untouched])
+    e_o, e_pool = finite_err(o, ro), finite_err(low["initial_state"], ref["initial_state"])
+    e_s = 0.0 if in_place else finite_err(s, rs)
+    assert e_o <= 2e-5 and e_pool <= 2e-5 and e_s <= 2e-5, f"rel err o={e_o:.3g} pool={e_pool:.3g} state={e_s:.3g}"
+    if not in_place:
+        assert torch.equal(s[1], torch.zeros_like(s[1]))              # and a zero final state
 
 
-@pytest.mark.parametrize("layout", [{"layout": "column", "decode_BV": 32, "decode_threads": 32},
-                                    {"layout": "tile", "decode_BV": 16, "decode_threads": 64}])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[c["layout"] for c in LAYOUTS])
 @pytest.mark.parametrize("backend", backends("tilelang"))
 def test_tilelang_decode_layouts(backend, layout):
     """Both TileLang decode layouts (a thread per state column; a reduction over a tile), varlen with an empty
     sequence, the safe gate, beta logits and the state stored [N, HV, V, K]."""
-    from kda_compile.api import _options
-    from kda_compile.kernels_tl.fused_recurrent import fused_recurrent_kda_fwd
     case = CASES["varlen_vfirst_safe_fp32"]
     low, ref = case_inputs(case, device())
-    kw = flags(case)
-    opts = _options(low["q"], None, False, True, True, True, -5.0, 64, True)
-    o, s = fused_recurrent_kda_fwd(low["q"], low["k"], low["v"], low["g"], low["beta"], low["initial_state"],
-                                   low["cu_seqlens"], low["A_log"], low["dt_bias"], opts, output_final_state=True,
-                                   config=layout)
+    o, s = _tilelang_decode(low, case, layout, output_final_state=True)
     ro, rs = _reference(ref, case, output_final_state=True)
-    assert kw["state_v_first"]
+    assert flags(case)["state_v_first"]
     assert finite_err(o, ro) <= 2e-5 and finite_err(s, rs) <= 2e-5
 
 

@@ -8,6 +8,7 @@ from kda_compile import fused_recurrent_kda
 from kda_compile.model import HybridConfig, HybridModel
 
 from kda_inputs import rel_err
+from kernel_cases import backends
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -55,7 +56,7 @@ def test_model_decode_under_reduce_overhead():
             assert rel_err(clogits, logits) < 1e-4, t
 
 
-@pytest.mark.parametrize("backend", ["triton"])   # the backends that skip padding slots (TileLang does not)
+@pytest.mark.parametrize("backend", backends("triton", "tilelang"))   # the kernels that skip padding slots
 def test_pooled_inplace_decode_in_a_captured_graph(backend):
     N, P, H, D = 8, 12, 4, 64
     torch.manual_seed(0)

@@ -1,22 +1,25 @@
 """Serving inputs to ``fused_recurrent_kda``: padding slots (negative ``ssm_state_indices``) skip their
 sequence on every backend (nothing read from or written to the pool, zero output), and bad pool arguments
 fail with a clear error before any kernel runs.  The kernel cases run on the GPU when there is one (Triton runs
-under its interpreter without one); the argument checks use CPU tensors, whose values are read without a sync."""
+under its interpreter without one, TileLang on its C target); the argument checks use CPU tensors, whose values
+are read without a sync."""
 import pytest
 import torch
 
 from kda_compile import fused_recurrent_kda
 
 from kda_inputs import make_inputs
+from kernel_cases import backends
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = backends()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # where the kernel cases run
+D = 32   # head dims: the smallest TileLang compiles
 
 
 def _decode(B=4, T=1, pool_size=6, cu=None, device="cpu"):
-    args = make_inputs(B=B, T=T, H=1, HV=2, K=16, V=16, dtype=torch.float32, initial_state=False, cu_seqlens=cu,
+    args = make_inputs(B=B, T=T, H=1, HV=2, K=D, V=D, dtype=torch.float32, initial_state=False, cu_seqlens=cu,
                        device=device)
-    pool = torch.randn(pool_size, 2, 16, 16).mul_(0.5).to(device)
+    pool = torch.randn(pool_size, 2, D, D).mul_(0.5).to(device)
     return args, pool
 
 

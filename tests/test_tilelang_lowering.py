@@ -13,6 +13,7 @@ from kda_compile.kernels_tl.chunk_bwd_recompute import kda_bwd_states  # noqa: E
 from kda_compile.kernels_tl.chunk_bwd_solve import kda_bwd_solve  # noqa: E402
 from kda_compile.kernels_tl.chunk_bwd_state import kda_bwd_state  # noqa: E402
 from kda_compile.kernels_tl.chunk_intra import kda_intra  # noqa: E402
+from kda_compile.kernels_tl.decode_slots import SlotMode  # noqa: E402
 from kda_compile.kernels_tl.fused_recurrent import kda_decode, kda_decode_columns  # noqa: E402
 from kda_compile.kernels_tl.gate import Prologue  # noqa: E402
 from kda_compile.kernels_tl.segment_scan import kda_segment_fixup, kda_segment_scan  # noqa: E402
@@ -20,6 +21,8 @@ from kda_compile.kernels_tl.target import cuda_source, nvcc_compile  # noqa: E40
 
 SAFE = Prologue(l2norm=True, gate=True, has_A_log=True, has_dt_bias=True, lower_bound=-5.0, beta_sigmoid=True)
 PLAIN = Prologue(l2norm=True)
+# speculative decoding in place: 2-D slot table, initial column from num_accepted_tokens, per-token stores, padding
+SPECULATIVE = SlotMode(padding=True, columns=True, accepted=True, per_token=True)
 
 PROGRAMS = {
     # name: (factory, args, kwargs, run nvcc too)
@@ -41,6 +44,16 @@ PROGRAMS = {
     "decode_column_bf16": (kda_decode_columns, (128, 128),
                            dict(dtype="bfloat16", scale=128 ** -0.5, prologue=PLAIN, has_h0=True, store_final=True,
                                 block_V=64), True),
+    # the decode variants of serving: a 1-D pool with padding slots, and speculative decoding in place
+    "decode_column_pool_bf16": (kda_decode_columns, (128, 128),
+                                dict(dtype="bfloat16", scale=128 ** -0.5, prologue=PLAIN, has_h0=True, inplace=True,
+                                     slot_mode=SlotMode(padding=True), block_V=128), False),
+    "decode_tile_speculative_bf16": (kda_decode, (128, 128),
+                                     dict(dtype="bfloat16", scale=128 ** -0.5, prologue=SAFE, has_h0=True,
+                                          slot_mode=SPECULATIVE, state_v_first=True, block_V=16, threads=64), True),
+    "decode_column_speculative_fp16": (kda_decode_columns, (64, 64),
+                                       dict(dtype="float16", prologue=PLAIN, has_h0=True, slot_mode=SPECULATIVE,
+                                            block_V=64), True),
     # the backward's programs (the intra stage as a kernel of its own: the recompute)
     "bwd_recompute_intra_bf16": (kda_intra, (128, 128, 64),
                                  dict(dtype="bfloat16", scale=128 ** -0.5, prologue=PLAIN, threads=256), False),
@@ -74,15 +87,19 @@ def test_lowers_for_sm90a(name):
         nvcc_compile(source)
 
 
+@pytest.mark.parametrize("slot_mode", [SlotMode(), SPECULATIVE], ids=["plain", "speculative"])
 @pytest.mark.parametrize("state_v_first", [False, True])
-def test_column_decode_loads_each_threads_own_state_column(state_v_first):
+def test_column_decode_loads_each_threads_own_state_column(state_v_first, slot_mode):
     """Regression: the state load of the column decode kernel must be bound to the thread index.  When it
     was written as a parallel loop over columns that only wrote registers, sm_90a lowering made it a serial
-    loop in every thread, so all threads held the last column (H100 reference check: error 1.25)."""
+    loop in every thread, so all threads held the last column (H100 reference check: error 1.25).  The
+    speculative variant's per-token stores must be each thread's own column too."""
     source = cuda_source(kda_decode_columns(128, 128, dtype="bfloat16", prologue=Prologue(l2norm=True),
-                                                 has_h0=True, store_final=True, block_V=128,
-                                                 state_v_first=state_v_first, target="cuda"))
+                                                 has_h0=True, store_final=not slot_mode.per_token, block_V=128,
+                                                 state_v_first=state_v_first, slot_mode=slot_mode, target="cuda"))
     body = source[source.index("int slot"):source.index("for (int t = 0;")]  # the state load, before tokens
     assert "for (int j" not in body
     loads = [line for line in body.splitlines() if "h0[" in line]
     assert loads and all("threadIdx.x" in line for line in loads)
+    stores = [line for line in source.splitlines() if "h0[" in line and "] = S[" in line]
+    assert len(stores) == (1 if slot_mode.per_token else 0) and all("threadIdx.x" in line for line in stores)
