@@ -19,11 +19,18 @@ generic argument handling cost about 100 µs per call with grad enabled or a poo
 
 A tensor output that the caller did not ask for (the final state) is returned with 0 elements, since custom
 ops cannot return None; :mod:`kda_compile.api` maps it back to None.
+
+Plain eager inference (:func:`eager_inference`: nothing traces, compiles, profiles or records a gradient) skips
+the dispatcher: the API calls the op's kernel body (``run_chunk``, ``run_chunk_pooled``, ``run_recurrent``,
+``run_recurrent_inplace``) with the problem and options it has already checked.  The result is the same; what
+is saved is the dispatcher's entry and the options' round trip through the schema's scalars, a quarter of the
+per-call host time (bench/bench_overhead.py).
 """
 from __future__ import annotations
 
 import torch
 from torch import _C
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from . import dispatch
 from .checks import Problem
@@ -62,17 +69,41 @@ def _no_state(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(0, dtype=torch.float32)
 
 
+def eager_inference(tensors, needs_grad: bool) -> bool:
+    """Whether a call may run its op's kernel body directly: plain eager code (not compiling or exporting, no
+    dispatch or function mode, no functorch transform, no profiler recording op names), plain tensors off the
+    meta device, and no gradient to record (``needs_grad``)."""
+    if needs_grad or torch.compiler.is_compiling() or _C._is_torch_function_mode_enabled() \
+            or _C._are_functorch_transforms_active() or torch.autograd._profiler_enabled() \
+            or _current_dispatch_mode() is not None:
+        return False
+    return all(t is None or (type(t) is torch.Tensor and not t.is_meta) for t in tensors)
+
+
+def _bump_version(state: torch.Tensor) -> None:
+    """What the dispatcher's ADInplaceOrView kernel does for a written argument (nothing in inference mode)."""
+    if not torch.is_inference_mode_enabled() and not state.is_inference():
+        torch.autograd.graph.increment_version(state)
+
+
 # ------------------------------------------------------------------------------------------- chunk fwd
 
 CHUNK_FWD = f"({_INPUTS}, {_OPTIONS}, bool output_final_state, str backend) -> (Tensor, Tensor)"
 
 
-def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
-    opts, (output_final_state, backend) = _options(rest)
-    call = dispatch.KDACall("chunk", _problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state,
-                            cu_seqlens, A_log, dt_bias, output_final_state=output_final_state)
+def run_chunk(problem, opts, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, output_final_state,
+              backend):
+    """The kernel body of ``chunk_kda_fwd``."""
+    call = dispatch.KDACall("chunk", problem, opts, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias,
+                            output_final_state=output_final_state)
     o, final = dispatch.run(call, backend or None)
     return o, (final if output_final_state and final is not None else _no_state(q))
+
+
+def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
+    opts, (output_final_state, backend) = _options(rest)
+    return run_chunk(_problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias,
+                     output_final_state, backend)
 
 
 def chunk_kda_fwd_fake(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
@@ -118,8 +149,15 @@ CHUNK_POOLED = ("(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor(a!
 def chunk_kda_pooled(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices, *rest):
     """Chunk form with the initial states read from pool slots (and, in place, the final states written back)."""
     opts, (output_final_state, inplace_final_state, backend) = _options(rest)
+    return run_chunk_pooled(_problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state, cu_seqlens, A_log,
+                            dt_bias, ssm_state_indices, output_final_state, inplace_final_state, backend)
+
+
+def run_chunk_pooled(problem, opts, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices,
+                     output_final_state, inplace_final_state, backend):
+    """The kernel body of ``chunk_kda_pooled``."""
     pooled = ssm_state_indices is not None
-    call = dispatch.KDACall("chunk", _problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state,
+    call = dispatch.KDACall("chunk", problem, opts, q, k, v, g, beta, initial_state,
                             cu_seqlens, A_log, dt_bias, output_final_state=True,
                             ssm_state_indices=ssm_state_indices, inplace_final_state=inplace_final_state and pooled)
     o, final = dispatch.run(call, backend or None)
@@ -144,7 +182,14 @@ RECURRENT_FWD = f"({_INPUTS}, {_SERVING}, {_OPTIONS}, bool output_final_state, s
 def recurrent_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices,
                       num_accepted_tokens, *rest):
     opts, (output_final_state, backend) = _options(rest)
-    call = dispatch.KDACall("recurrent", _problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state,
+    return run_recurrent(_problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias,
+                         ssm_state_indices, num_accepted_tokens, output_final_state, backend)
+
+
+def run_recurrent(problem, opts, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices,
+                  num_accepted_tokens, output_final_state, backend):
+    """The kernel body of ``recurrent_kda_fwd``."""
+    call = dispatch.KDACall("recurrent", problem, opts, q, k, v, g, beta, initial_state,
                             cu_seqlens, A_log, dt_bias, output_final_state=output_final_state,
                             ssm_state_indices=ssm_state_indices, num_accepted_tokens=num_accepted_tokens)
     o, final = dispatch.run(call, backend or None)
@@ -168,7 +213,14 @@ RECURRENT_INPLACE = ("(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tens
 def recurrent_kda_inplace(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, ssm_state_indices,
                           num_accepted_tokens, *rest):
     opts, (backend,) = _options(rest)
-    call = dispatch.KDACall("recurrent", _problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state,
+    return run_recurrent_inplace(_problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state, cu_seqlens, A_log,
+                                 dt_bias, ssm_state_indices, num_accepted_tokens, backend)
+
+
+def run_recurrent_inplace(problem, opts, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias,
+                          ssm_state_indices, num_accepted_tokens, backend):
+    """The kernel body of ``recurrent_kda_inplace``."""
+    call = dispatch.KDACall("recurrent", problem, opts, q, k, v, g, beta, initial_state,
                             cu_seqlens, A_log, dt_bias, output_final_state=True,
                             ssm_state_indices=ssm_state_indices, num_accepted_tokens=num_accepted_tokens,
                             inplace_final_state=True)
