@@ -58,10 +58,11 @@ class ChunkConfig:
     o_BV: int = 128
     o_warps: int = 4
     # organisation of the forward ("staged" or "fused"); the fused kernel's V block (None: chosen per call,
-    # chunk_state.state_block_v) and warps.  The fused kernel also follows the precision fields and solve_diag.
+    # chunk_state.state_block_v) and warps (8: fewer spills than 4 in ptxas for sm_90 at K = V = 128, docs/triton.md;
+    # not timed).  The fused kernel also follows the precision fields and solve_diag.
     organisation: str = "staged"
     fused_BV: int | None = None
-    fused_warps: int = 4
+    fused_warps: int = 8
 
     def __post_init__(self):
         check_one_of("Triton", "organisation", self.organisation, ORGANISATIONS)

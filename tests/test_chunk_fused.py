@@ -185,5 +185,4 @@ def test_organisation_knob_is_checked_classified_and_searched():
     assert buckets.is_bit_changing("triton", "organisation")
     assert not buckets.is_bit_changing("triton", "fused_BV") and not buckets.is_bit_changing("triton", "fused_warps")
     space = get_configs()
-    assert space[:2] == [{}, FUSED] and len(space) == len({str(c) for c in space})
-    assert sum(c.get("organisation") == "fused" for c in space) >= 3
+    assert space[0] == {} and space[-1] == FUSED and len(space) == len({str(c) for c in space})
