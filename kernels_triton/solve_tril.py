@@ -84,3 +84,49 @@ def t_times_v(b_m, v, u, o_t, m_t, i_h, HV: tl.constexpr, V: tl.constexpr, BV: t
         p_v = o_t[:, None] * (HV * V) + i_h * V + o_v[None, :]
         b_v = tl.load(v + p_v, mask=m, other=0.0).to(tl.float32)
         tl.store(u + p_v, tl.dot(b_m, b_v, input_precision=DOT_PREC).to(u.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def diag_blocks_subst(b_l, C: tl.constexpr):
+    """``(I + L)^-1`` of a block-diagonal ``L [C, C]`` (registers) whose 16x16 blocks are strictly lower, by forward
+    substitution in float32 with all C/16 blocks at once (the ``"subst"`` method of :func:`block_inverse`, without
+    the scratch): the blocks are gathered into a ``[C/16, 16, 16]`` tensor and the result spread back."""
+    NB: tl.constexpr = C // 16
+    o_c = tl.arange(0, C)
+    own = tl.arange(0, NB)[None, :, None] == (o_c // 16)[:, None, None]   # [C, NB, 1]: a row's own column block
+    # row r of its own diagonal block, [C, 16], stacked into [NB, 16, 16]
+    b_ad = tl.reshape(tl.sum(tl.where(own, tl.reshape(b_l, (C, NB, 16)), 0.0), 1), (NB, 16, 16))
+    r3 = tl.arange(0, 16)[None, :, None]
+    c3 = tl.arange(0, 16)[None, None, :]
+    eye3 = tl.where(r3 == c3, 1.0, 0.0)
+    b_inv = eye3 + tl.zeros([NB, 16, 16], dtype=tl.float32)
+    for j in range(1, 16):  # row j of all diagonal blocks at once
+        row = tl.sum(tl.where(r3 == j, b_ad, 0.0), 1)                    # [NB, 16]: L[j, :] of each block
+        new = -tl.sum(row[:, :, None] * b_inv, 1)                        # -sum_s L[j, s] Inv[s, :]
+        b_inv = tl.where(r3 == j, new[:, None, :] + eye3, b_inv)
+    rows = tl.reshape(b_inv, (C, 16))
+    return tl.reshape(tl.where(own, rows[:, None, :], 0.0), (C, C))
+
+
+@triton.jit
+def block_inverse_registers(b_a, b_beta, C: tl.constexpr, SOLVE_PREC: tl.constexpr, DIAG: tl.constexpr):
+    """:func:`block_inverse` on a strictly lower ``A [C, C]`` held in registers (the fused forward keeps no
+    scratch): ``(I + A)^-1 diag(beta)``, non-finite entries of A read as 0, the same blocked method and knobs."""
+    NB: tl.constexpr = C // 16
+    o_c = tl.arange(0, C)
+    blk = o_c // 16
+    same = blk[:, None] == blk[None, :]
+    eye = tl.where(o_c[:, None] == o_c[None, :], 1.0, 0.0)
+    b_a = finite_or_zero(b_a)
+    b_l = tl.where(same, b_a, 0.0)
+    if DIAG == "subst":
+        b_dinv = diag_blocks_subst(b_l, C)
+    else:
+        b_dinv = diag_inverse_products(b_l, eye, DIAG)
+    b_aoff = tl.where(same, 0.0, b_a)
+    b_n = tl.dot(b_dinv, b_aoff, input_precision=SOLVE_PREC)
+    if NB > 2:
+        b_x = tl.dot(eye - b_n, eye + tl.dot(b_n, b_n, input_precision=SOLVE_PREC), input_precision=SOLVE_PREC)
+    else:
+        b_x = eye - b_n
+    return tl.dot(b_x, b_dinv, input_precision=SOLVE_PREC) * b_beta[None, :]
