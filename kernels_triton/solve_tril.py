@@ -65,12 +65,7 @@ def block_inverse(base, b_beta, C: tl.constexpr, SOLVE_PREC: tl.constexpr, DIAG:
         b_a = finite_or_zero(tl.load(base + o_c[:, None] * C + o_c[None, :]))
         b_dinv = diag_inverse_products(tl.where(same, b_a, 0.0), eye, DIAG)
         b_aoff = tl.where(same, 0.0, b_a)
-    b_n = tl.dot(b_dinv, b_aoff, input_precision=SOLVE_PREC)
-    if NB > 2:
-        b_x = tl.dot(eye - b_n, eye + tl.dot(b_n, b_n, input_precision=SOLVE_PREC), input_precision=SOLVE_PREC)
-    else:
-        b_x = eye - b_n
-    return tl.dot(b_x, b_dinv, input_precision=SOLVE_PREC) * b_beta[None, :]
+    return off_diagonal_inverse(b_dinv, b_aoff, eye, b_beta, NB, SOLVE_PREC)
 
 
 @triton.jit
@@ -84,6 +79,19 @@ def t_times_v(b_m, v, u, o_t, m_t, i_h, HV: tl.constexpr, V: tl.constexpr, BV: t
         p_v = o_t[:, None] * (HV * V) + i_h * V + o_v[None, :]
         b_v = tl.load(v + p_v, mask=m, other=0.0).to(tl.float32)
         tl.store(u + p_v, tl.dot(b_m, b_v, input_precision=DOT_PREC).to(u.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def off_diagonal_inverse(b_dinv, b_aoff, eye, b_beta, NB: tl.constexpr, SOLVE_PREC: tl.constexpr):
+    """``(I + A)^-1 diag(beta)`` from the inverse ``Dinv`` of its block diagonal and its off-diagonal part
+    ``A_off``: with ``N = Dinv A_off`` (nilpotent), ``(I + A)^-1 = (I - N)(I + N^2) Dinv`` for up to four blocks
+    (``I - N`` for two)."""
+    b_n = tl.dot(b_dinv, b_aoff, input_precision=SOLVE_PREC)
+    if NB > 2:
+        b_x = tl.dot(eye - b_n, eye + tl.dot(b_n, b_n, input_precision=SOLVE_PREC), input_precision=SOLVE_PREC)
+    else:
+        b_x = eye - b_n
+    return tl.dot(b_x, b_dinv, input_precision=SOLVE_PREC) * b_beta[None, :]
 
 
 @triton.jit
@@ -124,9 +132,4 @@ def block_inverse_registers(b_a, b_beta, C: tl.constexpr, SOLVE_PREC: tl.constex
     else:
         b_dinv = diag_inverse_products(b_l, eye, DIAG)
     b_aoff = tl.where(same, 0.0, b_a)
-    b_n = tl.dot(b_dinv, b_aoff, input_precision=SOLVE_PREC)
-    if NB > 2:
-        b_x = tl.dot(eye - b_n, eye + tl.dot(b_n, b_n, input_precision=SOLVE_PREC), input_precision=SOLVE_PREC)
-    else:
-        b_x = eye - b_n
-    return tl.dot(b_x, b_dinv, input_precision=SOLVE_PREC) * b_beta[None, :]
+    return off_diagonal_inverse(b_dinv, b_aoff, eye, b_beta, NB, SOLVE_PREC)

@@ -73,6 +73,18 @@ CAUSAL = {
 }
 
 
+def non_finite_gate_case(bad: str):
+    """``(case, inputs, the same inputs with a NaN or +inf gate at token t, t)``: t = 77 lies inside a 16-row
+    block, not at a chunk start."""
+    case = dict(dtype="float32", B=1, T=150, H=1, HV=1, K=32, V=32, l2norm=True)
+    low, _ = case_inputs(case, device())
+    t = 77
+    broken = dict(low)
+    broken["g"] = low["g"].clone()
+    broken["g"][:, t, :, 3] = float(bad)
+    return case, low, broken, t
+
+
 def _redraw_after(low, case):
     """The inputs with every input of the tokens from ``case["cut"]`` on (q, k, v, g, beta) redrawn."""
     cut, out = case["cut"], dict(low)
@@ -102,12 +114,7 @@ def test_later_tokens_never_move_earlier_outputs(backend, name):
 def test_non_finite_gate_never_moves_earlier_outputs(backend, bad):
     """A NaN or +inf gate at token t (inside a 16-row block, not at a chunk start): outputs before t are bit for
     bit those of the same inputs with a finite gate there."""
-    case = dict(dtype="float32", B=1, T=150, H=1, HV=1, K=32, V=32, l2norm=True)
-    low, _ = case_inputs(case, device())
-    t = 77
-    broken = dict(low)
-    broken["g"] = low["g"].clone()
-    broken["g"][:, t, :, 3] = float(bad)
+    case, low, broken, t = non_finite_gate_case(bad)
     good = _run(low, case, backend)[0][:, :t]
     got = _run(broken, case, backend)[0][:, :t]
     assert torch.equal(good, got), f"outputs before t moved ({bad} gate): {(good - got).abs().max().item():.3g}"

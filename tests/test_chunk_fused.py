@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernel_cases import GPU, backends, case_inputs, device, finite_err, flags, recurrence64
-from test_chunk import _redraw_after, _tol
+from test_chunk import _redraw_after, _tol, non_finite_gate_case
 
 FUSED = {"organisation": "fused"}
 
@@ -108,12 +108,7 @@ def test_fused_later_tokens_never_move_earlier_outputs(backend, name):
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 @pytest.mark.parametrize("backend", backends("triton"))
 def test_fused_non_finite_gate_never_moves_earlier_outputs(backend, bad):
-    case = dict(dtype="float32", B=1, T=150, H=1, HV=1, K=32, V=32, l2norm=True)
-    low, _ = case_inputs(case, device())
-    t = 77
-    broken = dict(low)
-    broken["g"] = low["g"].clone()
-    broken["g"][:, t, :, 3] = float(bad)
+    case, low, broken, t = non_finite_gate_case(bad)
     good = fused_forward(low, case)[0][:, :t]
     got = fused_forward(broken, case)[0][:, :t]
     assert torch.equal(good, got), f"outputs before t moved ({bad} gate): {(good - got).abs().max().item():.3g}"
