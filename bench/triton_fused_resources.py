@@ -28,10 +28,10 @@ POINTERS = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "g": "*fp32", "beta": "*fp
             "s_k": "i32", "s_v": "i32", "scale": "fp32", "shift": "fp32", "lower_bound": "fp32"}
 
 
-def resources(K: int, V: int, C: int, BV: int, warps: int, capability: int = 90) -> dict:
+def resources(K: int, V: int, C: int, BV: int, warps: int, KS: int = 32, capability: int = 90) -> dict:
     """``{"regs", "stack", "shared"}`` of ``kda_fused_kernel`` compiled for ``sm_{capability}``."""
-    const = dict(H=16, HV=16, K=K, V=V, C=C, BK=K, USE_GATE=True, USE_LB=True, HAS_A=True, HAS_BIAS=True,
-                 L2NORM=True, BETA_SIGMOID=True, BETA_SCALE=1.0, CHECK=False, HAS_H0=True, STORE_FINAL=True,
+    const = dict(H=16, HV=16, K=K, V=V, C=C, KS=KS, USE_GATE=True, USE_LB=True, HAS_A=True, HAS_BIAS=True,
+                 L2NORM=True, BETA_SIGMOID=True, BETA_SCALE=1.0, CHECK=False, HAS_H0=True,
                  INTERPRET=False, BV=BV, DOT_PREC="tf32", PREC="tf32", SOLVE_PREC="tf32", SOLVE_DIAG="tf32")
     sig = {**POINTERS, **{name: "constexpr" for name in const}}
     src = ASTSource(fn=kda_fused_kernel, signature=sig,
