@@ -1,8 +1,9 @@
 """The fused organisation of the Triton chunkwise forward: every stage of docs/algorithm.md in one kernel.
 
-``kda_fused_kernel``: one program per (V block, sequence, value head) walks its sequence's chunks in order with
-its ``[K, BV]`` slice of the float32 state in registers.  Per chunk it loads q, k, v, g and beta once and
-computes, without writing any intermediate to memory:
+``kda_fused_kernel``: one program per (V block, sequence, value head) walks its sequence's chunks in order.  Its
+running ``[K, BV]`` float32 state tile lives in its own tile of the final-state buffer ``ht`` (written once per
+chunk, read back from L1/L2 by the same program; nothing else touches it).  Per chunk it computes, without writing
+any other intermediate to memory:
 
     prologues   q/k L2 norm, the gate (safe gate / lower bound), beta's sigmoid (gate.py helpers)
     Gamma       chunk-local cumulative sum of the log decay, gc = Gamma at the chunk's last row
@@ -13,18 +14,23 @@ computes, without writing any intermediate to memory:
     O           = scale (q exp(Gamma)) S + aqk V_new
     S           = diag(exp(gc)) S + (k exp(gc - Gamma))^T V_new
 
-so memory sees the inputs, the output and the initial/final states only.  The V blocks of one (sequence, head)
-each repeat the intra part (A, T, W), as the TileLang fused kernel does.
+Everything over the K channels goes K slice by K slice (``K_SLICE`` channels): the A products and the rows'
+squared norms are summed over slices (q, k and Gamma of one slice loaded and computed at a time), then W S and
+qg S are summed over slices against the matching rows of S, then the state is updated slice by slice.  Each pass
+reloads q, k, g of its slice (from L1/L2) and recomputes the gate and Gamma rather than keeping ``[C, K]`` tiles:
+only ``[C, K_SLICE]`` tiles, the ``[C, C]`` products and ``[C, BV]`` blocks are live at once (register counts in
+docs/triton.md).  The V blocks of one (sequence, head) each repeat the intra part (A, T, W), as the TileLang fused
+kernel does.
 
 Numerics are those of the staged intra kernel (chunk_intra.py): entry (r, s) of a 16-row block's product is
 ``x_r exp(Gamma_r - Gamma_f + d) . k_s exp(Gamma_f - d - Gamma_s)`` with f the block's first row, so it reads
 only tokens up to max(r, s) (causal bit for bit); the safe gate with |lower_bound| <= SAFE_BOUND centres the
 range with ``d = -7.5 lower_bound`` and checks nothing, any other gate uses ``d = SPAN_MAX / 2`` and rows out of
 range take their diagonal tile element-wise (every exponent <= 0).  Gates are floored at G_FLOOR; non-finite
-entries of A_kk and of ``k exp(Gamma)`` are zeroed before the dense products.  The rows of q and k are
-normalised once, in float32, before the products (the staged kernels apply the same factors after them).
-Intermediates are rounded where the staged forward stores them (W, U, aqk, V_new, qg, kg in the input dtype), so
-both organisations compute the same function with a similar error; their bits differ.
+entries of A_kk and of ``k exp(Gamma)`` are zeroed before the dense products.  The rows' L2 norm factors (float32)
+multiply A after the products, as in the staged kernels, and q, k before W, qg and kg.  Intermediates are rounded
+where the staged forward stores them (W, U, aqk, V_new, qg, kg in the input dtype), so both organisations compute
+the same function with a similar error; their bits differ.
 
 Not covered (the staged organisation runs instead, :func:`fused_reason`): the states entering each chunk
 (``return_intermediate_states``), which the fused kernel never writes.
@@ -42,7 +48,7 @@ from .gate import (L2NORM_EPS, SPAN_MAX, chunk_beta, chunk_gamma, finite_or_zero
 from .solve_tril import block_inverse_registers
 
 BLOCK = tl.constexpr(16)   # row block of the A products and diagonal block of the inverse
-K_SLICE = 32               # channels of q, k and Gamma live at once in the A products
+K_SLICE = 16               # channels of q, k and Gamma live at once (one K slice)
 
 
 def get_configs() -> list[dict]:
@@ -55,7 +61,7 @@ def get_configs() -> list[dict]:
 def fused_reason(return_states: bool) -> str | None:
     """Why the fused organisation cannot run a forward (the staged one runs it instead), or None."""
     if return_states:
-        return "the fused kernel keeps the states entering each chunk on chip (return_intermediate_states)"
+        return "the fused kernel never writes the states entering each chunk (return_intermediate_states)"
     return None
 
 
@@ -252,8 +258,11 @@ def fused_chunk_step(q, k, v, g, beta, A_log, dt_bias, o, ht, bos, eos, j, i_h, 
     i_kh = i_h // (HV // H)
     t0 = bos + j * C
     o_c = tl.arange(0, C)
-    o_t = t0 + o_c
-    m_t = o_t < eos
+    # the chunk's first token: its rows are then addressed by int32 offsets o_t (0 .. C-1)
+    q, k, g, beta = q + t0 * (H * K), k + t0 * (H * K), g + t0 * (HV * K), beta + t0 * HV
+    v, o = v + t0 * (HV * V), o + t0 * (HV * V)
+    o_t = o_c
+    m_t = o_t < eos - t0
     # ---- A_kk (times beta, strictly causal) and aqk (scaled, causal), by selection, K slice by K slice
     b_akk, b_aqk, rq, rk = chunk_a(q, k, g, A_log, dt_bias, lower_bound, o_t, m_t, i_kh, i_h, shift, H, HV, K, C,
                                    KS, USE_GATE, USE_LB, HAS_A, HAS_BIAS, L2NORM, CHECK, DOT_PREC)
@@ -313,6 +322,8 @@ def kda_fused_kernel(
                              INTERPRET)
             j += 1
     else:
+        # no software pipelining of the loads and no hoisting of a chunk's loop-invariant tiles (masks, the
+        # identity, pointer offsets) out of the walk: either keeps extra tiles live across every chunk (spills)
         for j in tl.range(0, n_chunks, num_stages=1, disable_licm=True):
             fused_chunk_step(q, k, v, g, beta, A_log, dt_bias, o, ht, bos, eos, j, i_h, o_v, m_v, p_state, s_k,
                              scale, shift, lower_bound, H, HV, K, V, C, KS, USE_GATE, USE_LB, HAS_A, HAS_BIAS,
@@ -346,8 +357,8 @@ def chunk_fused(q, k, v, g, beta, A_log, dt_bias, initial_state, opts, table, ou
         q, k, v, g, beta, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g,
         initial_state if initial_state is not None else q, o, ht, table.cu, table.seq_first,
         s_k, s_v, float(opts.scale), shift, lower_bound,
-        H=H, HV=HV, K=K, V=V, C=table.chunk_size, KS=min(K_SLICE, triton.next_power_of_2(K)), USE_GATE=use_gate, USE_LB=use_lb,
-        HAS_A=use_gate and A_log is not None, HAS_BIAS=use_gate and dt_bias is not None,
+        H=H, HV=HV, K=K, V=V, C=table.chunk_size, KS=min(K_SLICE, triton.next_power_of_2(K)), USE_GATE=use_gate,
+        USE_LB=use_lb, HAS_A=use_gate and A_log is not None, HAS_BIAS=use_gate and dt_bias is not None,
         L2NORM=opts.use_qk_l2norm_in_kernel, BETA_SIGMOID=opts.use_beta_sigmoid_in_kernel,
         BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0, CHECK=check, HAS_H0=initial_state is not None,
         INTERPRET=interpreting(),
