@@ -6,10 +6,11 @@
 
 Every input is viewed as a flat token axis ``[TT = B*T, heads, dim]``; the chunk table
 (:mod:`kda_compile.chunks`) maps chunks to sequences, so ragged T and ``cu_seqlens`` share one code path.
-The ``organisation`` knob (config.ChunkConfig) picks instead the fused forward, one kernel with the state on
-chip (chunk_fused.py), for every call it covers (:func:`chunk_fused.fused_reason`).  Staged memory besides the
-outputs: aqk, w, u, v_new, qg, kg (token-sized, input dtype), h (chunks x HV x K x V,
-input dtype) and the intra stage's float32 scratch (~54 KB per chunk and head at C = 64, K = 128).
+The ``organisation`` knob (config.ChunkConfig) picks instead the fused forward, one kernel that keeps every
+intermediate but its running state tile on chip (chunk_fused.py), for every call it covers
+(:func:`chunk_fused.fused_reason`).  Staged memory besides the outputs: aqk, w, u, v_new, qg, kg (token-sized,
+input dtype), h (chunks x HV x K x V, input dtype) and the intra stage's float32 scratch (~54 KB per chunk and
+head at C = 64, K = 128).
 """
 from __future__ import annotations
 

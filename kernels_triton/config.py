@@ -26,7 +26,8 @@ DIAG_METHODS = ("subst",) + PRECISIONS
 # products ("split", default), or in one pass before everything ("first")
 NORM_PASSES = ("split", "first")
 # how the forward is organised: five kernels passing intermediates through memory (chunk_fwd.py), or one kernel
-# per (V block, sequence, value head) with the state on chip (chunk_fused.py; not measured on a GPU yet)
+# per (V block, sequence, value head) walking the chunks, no intermediate in memory but its running state tile
+# (chunk_fused.py; not measured on a GPU yet)
 ORGANISATIONS = ("staged", "fused")
 
 

@@ -36,6 +36,12 @@ CASES = {
     # the inverse's diagonal blocks by forward substitution, and by products; a narrower V block (two programs)
     "subst_bv16_fp32": (dict(dtype="float32", B=1, T=100, H=1, HV=2, K=32, V=32),
                         {"solve_diag": "subst", "fused_BV": 16}),
+    # more channels than one K slice (kernels_triton.chunk_fused.K_SLICE): the products summed over slices, the
+    # last one partly masked; and the element-wise diagonal tiles over slices
+    "k_slices_k80_l2_fp32": (dict(dtype="float32", B=1, T=100, H=1, HV=2, K=80, V=32, gate="raw", lower_bound=-5.0,
+                                  l2norm=True), {}),
+    "k_slices_masked_k64_fp32": (dict(dtype="float32", B=1, T=70, H=1, HV=1, K=64, V=16, masked=True, l2norm=True,
+                                      tol=3e-4), {}),
     "diag_products_c32_fp32": (dict(dtype="float32", B=2, T=45, H=1, HV=1, K=16, V=16, C=32),
                                {"solve_diag": "ieee", "precision": "ieee"}),
 }
