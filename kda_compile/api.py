@@ -3,7 +3,7 @@
 
 Both check their inputs (:mod:`kda_compile.checks`), then call the ``kda_compile::`` custom ops
 (:mod:`kda_compile.ops`), inside which the dispatch picks a backend; plain eager inference runs the op's kernel
-body directly (:func:`kda_compile.ops.eager_inference`).  ``explain`` answers, for the same
+body directly (:func:`kda_compile.ops.call`).  ``explain`` answers, for the same
 arguments, which backend a call would use and why, without running it.
 """
 from __future__ import annotations
@@ -104,15 +104,9 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
         if _requires_grad(q, k, v, g, beta, initial_state, A_log, dt_bias):
             raise ValueError("ssm_state_indices / inplace_final_state are for inference only: run under "
                              "torch.inference_mode() or torch.no_grad()")
-        if ops.eager_inference(tensors + (ssm_state_indices,), False):
-            o, final = ops.run_chunk_pooled(problem, opts, *tensors, ssm_state_indices, bool(output_final_state),
-                                            bool(inplace_final_state), backend)
-            if inplace_final_state:
-                ops._bump_version(initial_state)
-        else:
-            o, final = torch.ops.kda_compile.chunk_kda_pooled(*tensors, ssm_state_indices, *opts.as_op_args(),
-                                                              bool(output_final_state), bool(inplace_final_state),
-                                                              backend)
+        o, final = ops.call("chunk_kda_pooled", problem, opts, tensors + (ssm_state_indices,),
+                            bool(output_final_state), bool(inplace_final_state), backend,
+                            written=initial_state if inplace_final_state else None)
         return o, (final if output_final_state and not inplace_final_state else None)
     if return_intermediate_states:
         if _requires_grad(q, k, v, g, beta, initial_state, A_log, dt_bias):
@@ -120,11 +114,8 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
                              "torch.inference_mode() or torch.no_grad()")
         o, final, h = torch.ops.kda_compile.chunk_kda_fwd_states(*tensors, *opts.as_op_args(), backend)
         return o, (final if output_final_state else None), h
-    if ops.eager_inference(tensors, _requires_grad(q, k, v, g, beta, initial_state, A_log, dt_bias)):
-        o, final = ops.run_chunk(problem, opts, *tensors, bool(output_final_state), backend)
-    else:
-        o, final = torch.ops.kda_compile.chunk_kda_fwd(*tensors, *opts.as_op_args(), bool(output_final_state),
-                                                       backend)
+    o, final = ops.call("chunk_kda_fwd", problem, opts, tensors, bool(output_final_state), backend,
+                        needs_grad=_requires_grad(q, k, v, g, beta, initial_state, A_log, dt_bias))
     return o, (final if output_final_state else None)
 
 
@@ -157,19 +148,11 @@ def fused_recurrent_kda(q, k, v, g, beta, A_log=None, dt_bias=None, scale=None, 
     if inplace_final_state:
         if needs_grad:
             raise ValueError("inplace_final_state=True is for inference only: run under torch.no_grad()")
-        if ops.eager_inference(tensors, False):
-            o = ops.run_recurrent_inplace(problem, opts, *tensors, backend)
-            ops._bump_version(initial_state)
-        else:
-            o = torch.ops.kda_compile.recurrent_kda_inplace(*tensors, *opts.as_op_args(), backend)
-        return o, None
+        return ops.call("recurrent_kda_inplace", problem, opts, tensors, backend, written=initial_state), None
     if pooled and needs_grad:
         raise ValueError("ssm_state_indices / num_accepted_tokens are for inference only: run under torch.no_grad()")
-    if ops.eager_inference(tensors, needs_grad):
-        o, final = ops.run_recurrent(problem, opts, *tensors, bool(output_final_state), backend)
-    else:
-        o, final = torch.ops.kda_compile.recurrent_kda_fwd(*tensors, *opts.as_op_args(), bool(output_final_state),
-                                                           backend)
+    o, final = ops.call("recurrent_kda_fwd", problem, opts, tensors, bool(output_final_state), backend,
+                        needs_grad=needs_grad)
     return o, (final if output_final_state else None)
 
 

@@ -21,10 +21,10 @@ A tensor output that the caller did not ask for (the final state) is returned wi
 ops cannot return None; :mod:`kda_compile.api` maps it back to None.
 
 Plain eager inference (:func:`eager_inference`: nothing traces, compiles, profiles or records a gradient) skips
-the dispatcher: the API calls the op's kernel body (``run_chunk``, ``run_chunk_pooled``, ``run_recurrent``,
-``run_recurrent_inplace``) with the problem and options it has already checked.  The result is the same; what
-is saved is the dispatcher's entry and the options' round trip through the schema's scalars, a quarter of the
-per-call host time (bench/bench_overhead.py).
+the dispatcher: :func:`call` runs the op's kernel body (``run_chunk``, ``run_chunk_pooled``, ``run_recurrent``,
+``run_recurrent_inplace``) with the problem and options the API has already checked.  The result is the same; what
+is saved is the dispatcher's entry and the options' round trip through the schema's scalars, about a third of
+the per-call host time (bench/bench_overhead.py).
 """
 from __future__ import annotations
 
@@ -341,3 +341,22 @@ _register("recurrent_kda_fwd", RECURRENT_FWD, recurrent_kda_fwd, recurrent_kda_f
 _register("recurrent_kda_inplace", RECURRENT_INPLACE, recurrent_kda_inplace, recurrent_kda_inplace_fake,
           mutated=(_STATE_ARG,))
 _register("kda_bwd", KDA_BWD, kda_bwd, kda_bwd_fake)
+
+
+# Kernel bodies the API may run without the dispatcher (see call).
+_BODIES = {"chunk_kda_fwd": run_chunk, "chunk_kda_pooled": run_chunk_pooled, "recurrent_kda_fwd": run_recurrent,
+           "recurrent_kda_inplace": run_recurrent_inplace}
+
+
+def call(name: str, problem: Problem, opts: KDAOptions, tensors: tuple, *trailing, needs_grad: bool = False,
+         written: torch.Tensor | None = None):
+    """Op ``kda_compile::name`` on its ``tensors`` and ``trailing`` scalars (those after the options): its kernel
+    body straight away in plain eager inference (:func:`eager_inference`), else through the dispatcher.
+    ``written``: the argument the call writes in place, whose version the direct route bumps as the
+    dispatcher's ADInplaceOrView kernel would."""
+    if eager_inference(tensors, needs_grad):
+        out = _BODIES[name](problem, opts, *tensors, *trailing)
+        if written is not None:
+            _bump_version(written)
+        return out
+    return getattr(torch.ops.kda_compile, name)(*tensors, *opts.as_op_args(), *trailing)
