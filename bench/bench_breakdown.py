@@ -10,6 +10,11 @@ compiles; the table gives each kernel's mean GPU µs per call, its share and the
 little per launch, so end-to-end ratios come from bench/bench_chunk.py, not from here. On the CPU the table
 lists the ten costliest operators by self CPU time instead.
 
+With ``--training SETTING`` (a setting of bench/bench_chunk_bwd.py: prenorm_log, l2_log, l2_safe) the table is
+the same for one forward + backward call (the backward's kernels after the forward's):
+
+    python bench/bench_breakdown.py --training prenorm_log --backends triton
+
 For Nsight Compute, ``--ncu`` only runs a few forward calls of ours (the first backend that can run, the
 first shape, gate and config) with nothing timed; the first call compiles, so skip its launches. Every
 kernel of ours is named ``kda_*``:
@@ -66,6 +71,13 @@ def provider_rows(label: str, times: dict[str, float]) -> list[list]:
 def providers(args, device, configs):
     """(label, builder(x, gate)) for every provider: ours per backend and config, then the peers."""
     out = []
+    if args.training:
+        import bench_chunk_bwd as train
+        for name in our_backends(device, args.backends):
+            out.append((f"ours:{name}", lambda x, kw, n=name: train.ours(n, x, kw)))
+        if not args.no_peers:
+            out += [("fla", train.fla), ("cudnn", train.cudnn)]
+        return out
     for name in our_backends(device, args.backends):
         for config in configs:
             label = f"ours:{name}" + (f" {config}" if config is not None else "")
@@ -101,9 +113,11 @@ def main(argv=None) -> int:
     p.add_argument("--backends", default=None, help="our backends (default: every registered one but the "
                    "reference on CUDA)")
     p.add_argument("--config", action="append", default=None, help="a kernel config for ours, JSON or "
-                   "key=value,...; repeatable (default: what the dispatch picks)")
+                   "key=value,..., or 'tuned' (what the dispatch picks, the default); repeatable")
     p.add_argument("--calls", type=int, default=5, help="profiled forward calls per provider (default 5)")
     p.add_argument("--no-peers", action="store_true", help="leave FLA and cuDNN-frontend out")
+    p.add_argument("--training", default=None, metavar="SETTING", help="forward + backward calls in this setting "
+                   "of bench_chunk_bwd.py (prenorm_log, l2_log, l2_safe) instead of forwards")
     p.add_argument("--ncu", action="store_true", help="only run --calls forwards of ours (for ncu), no table")
     args = p.parse_args(argv)
     device = pick_device(args.device)
@@ -112,23 +126,33 @@ def main(argv=None) -> int:
     gates = [g.strip() for g in args.gates.split(",") if g.strip()]
     if set(gates) - set(GATES):
         raise ValueError(f"--gates takes {GATES}, got {args.gates!r}")
-    configs = [parse_config(c) for c in args.config] if args.config else [None]
+    configs = [None if c == "tuned" else parse_config(c) for c in args.config] if args.config else [None]
     if args.ncu:
         return run_ncu(args, device, shapes[0], gates[0], configs[0])
+    if args.training:
+        import bench_chunk_bwd as train
+        if args.training not in train.SETTINGS:
+            raise ValueError(f"--training takes one of {train.SETTINGS}, got {args.training!r}")
+        gates = [args.training]
     for B, T, H in shapes:
         for gate in gates:
-            x = make_inputs(B, T, H, D=16 if tiny else 128, gate=gate, device=device)
+            if args.training:
+                x = train.setting_inputs(args.training, B, T, H, 16 if tiny else 128, device)
+            else:
+                x = (make_inputs(B, T, H, D=16 if tiny else 128, gate=gate, device=device),)
             rows = []
             for label, build in providers(args, device, configs):
                 try:
-                    rows += provider_rows(label, kernel_times(build(x, gate), args.calls, device))
+                    rows += provider_rows(label, kernel_times(build(*x, *([] if args.training else [gate])),
+                                                              args.calls, device))
                 except (ImportError, Skip) as exc:
                     print(f"[skip] {label}: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
                 except Exception as exc:  # a peer that fails is a note, not a crash
                     print(f"[fail] {label}: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
-            unit = "GPU µs per forward" if device == "cuda" else "CPU µs per forward (self time, top 10 ops)"
-            title = (f"Kernels of one forward, B{B}·T{T}·H{H}, {gate} gate: {unit} ({args.calls} calls, "
-                     f"torch.profiler)")
+            what = "forward + backward" if args.training else "forward"
+            unit = f"GPU µs per {what}" if device == "cuda" else f"CPU µs per {what} (self time, top 10 ops)"
+            setting = f"{gate} setting" if args.training else f"{gate} gate"
+            title = f"Kernels of one {what}, B{B}·T{T}·H{H}, {setting}: {unit} ({args.calls} calls, torch.profiler)"
             emit(f"\n{header(title, device)}\n{markdown_table(['provider', 'kernel', 'µs', 'share'], rows)}\n",
                  args.out)
             del x

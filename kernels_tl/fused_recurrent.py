@@ -157,6 +157,22 @@ def kda_decode_columns(K: int, V: int, *, dtype: str = "bfloat16", g_dtype: str 
     def one(j):      # index of a per-thread scalar
         return (j,) if ops.cpu else (0,)
 
+    @T.macro
+    def load_column(S, h0, slot, hv, v0, j):
+        """Column ``j`` of the program's state slice from the initial slot (zeros without one)."""
+        for c in loop_k(K):
+            S[col(j, c)] = state_entry(h0, slot, hv, c, v0 + j, state_v_first, skip) if has_h0 else 0.0
+
+    @T.macro
+    def store_column(S, h0, ht, slot, n, hv, v0, j):
+        """Column ``j`` of the final state: back to the initial slot (``inplace``) and/or to row ``n`` of ``ht``."""
+        for c in loop_k(K):
+            if inplace:
+                if is_live(slot_mode, slot):
+                    store_state_entry(h0, S[col(j, c)], slot, hv, c, v0 + j, state_v_first)
+            if store_final:
+                store_state_entry(ht, S[col(j, c)], n, hv, c, v0 + j, state_v_first)
+
     @T.prim_func
     def kda_decode_columns(q: T.Tensor((TT, H, K), dtype), k: T.Tensor((TT, H, K), dtype),
                            v: T.Tensor((TT, HV, V), dtype), g: T.Tensor((TT, HV, K), g_dtype),
@@ -178,17 +194,14 @@ def kda_decode_columns(K: int, V: int, *, dtype: str = "bfloat16", g_dtype: str 
             h = hv // (HV // H)
             bos = seq_bos[n]
             slot = initial_slot(slot_mode, slots, accepted, n)
-            # Load the state columns.  On the GPU the thread index is bound explicitly: this loop writes only
-            # the thread's own registers, and a T.Parallel over j was lowered to a serial loop in every
-            # thread (each thread ended up holding column BV-1; found in the sm_90a source).
+            # Load the state columns.  On the GPU the thread index is bound explicitly (own_columns): this
+            # loop touches only the thread's own registers, and a T.Parallel over j was lowered to a serial
+            # loop in every thread (each thread ended up holding column BV-1; found in the sm_90a source).
             if ops.cpu:
                 for j in T.serial(BV):
-                    for c in loop_k(K):
-                        S[col(j, c)] = state_entry(h0, slot, hv, c, v0 + j, state_v_first, skip) if has_h0 else 0.0
+                    load_column(S, h0, slot, hv, v0, j)
             else:
-                tx = T.get_thread_binding()
-                for c in loop_k(K):
-                    S[col(tx, c)] = state_entry(h0, slot, hv, c, v0 + tx, state_v_first, skip) if has_h0 else 0.0
+                load_column(S, h0, slot, hv, v0, T.get_thread_binding())
             if slot_mode.padding:
                 zero_padding_outputs(ops, o, slot, bos, seq_len[n], hv, v0, BV)
             for t in T.serial(live_tokens(slot_mode, slot, seq_len[n])):
@@ -224,13 +237,13 @@ def kda_decode_columns(K: int, V: int, *, dtype: str = "bfloat16", g_dtype: str 
                         if next_slot >= 0:
                             for c in loop_k(K):
                                 store_state_entry(h0, S[col(j, c)], next_slot, hv, c, v0 + j, state_v_first)
-            for j in ops.Parallel(BV):
-                for c in loop_k(K):
-                    if inplace:
-                        if is_live(slot_mode, slot):
-                            store_state_entry(h0, S[col(j, c)], slot, hv, c, v0 + j, state_v_first)
-                    if store_final:
-                        store_state_entry(ht, S[col(j, c)], n, hv, c, v0 + j, state_v_first)
+            # the final stores read only the thread's own registers too: the same explicit binding (a
+            # T.Parallel here had every thread store every column of the output with its own values)
+            if ops.cpu:
+                for j in T.serial(BV):
+                    store_column(S, h0, ht, slot, n, hv, v0, j)
+            else:
+                store_column(S, h0, ht, slot, n, hv, v0, T.get_thread_binding())
 
     return kda_decode_columns
 

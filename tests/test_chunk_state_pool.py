@@ -16,6 +16,14 @@ BACKENDS = ["reference", "triton"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # where the kernel cases run
 
 
+def _device(backend: str) -> str:
+    """The kernels' cases run on the GPU when there is one.  The reference backend's bit-for-bit case runs on
+    the CPU: on CUDA its products go through cuBLAS, which picks its algorithm per matrix shape, so a sequence
+    alone and in a pack agree in the math but not always in the bits (H200: the pack differed from the call
+    alone)."""
+    return "cpu" if backend == "reference" else DEVICE
+
+
 def _pack(lengths, pool_size, dtype, gate="log", device="cpu"):
     cu = [0]
     for n in lengths:
@@ -35,8 +43,8 @@ def _alone(args, cu, n, h0, backend, **kw):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("inplace", [False, True])
 def test_pack_equals_each_sequence_alone(backend, inplace):
-    args, pool, cu = _pack(LENGTHS, pool_size=8, dtype=torch.float32, device=DEVICE)
-    slots = torch.tensor([6, 0, 3, 7, 2], dtype=torch.int32, device=DEVICE)
+    args, pool, cu = _pack(LENGTHS, pool_size=8, dtype=torch.float32, device=_device(backend))
+    slots = torch.tensor([6, 0, 3, 7, 2], dtype=torch.int32, device=_device(backend))
     before = pool.clone()
     with torch.inference_mode():
         o, final = chunk_kda(**args, initial_state=pool, ssm_state_indices=slots, output_final_state=True,

@@ -93,7 +93,7 @@ def test_column_decode_loads_each_threads_own_state_column(state_v_first, slot_m
     """Regression: the state load of the column decode kernel must be bound to the thread index.  When it
     was written as a parallel loop over columns that only wrote registers, sm_90a lowering made it a serial
     loop in every thread, so all threads held the last column (H100 reference check: error 1.25).  The
-    speculative variant's per-token stores must be each thread's own column too."""
+    speculative variant's per-token stores and the final-state stores must be each thread's own column too."""
     source = cuda_source(kda_decode_columns(128, 128, dtype="bfloat16", prologue=Prologue(l2norm=True),
                                                  has_h0=True, store_final=not slot_mode.per_token, block_V=128,
                                                  state_v_first=state_v_first, slot_mode=slot_mode, target="cuda"))
@@ -103,3 +103,6 @@ def test_column_decode_loads_each_threads_own_state_column(state_v_first, slot_m
     assert loads and all("threadIdx.x" in line for line in loads)
     stores = [line for line in source.splitlines() if "h0[" in line and "] = S[" in line]
     assert len(stores) == (1 if slot_mode.per_token else 0) and all("threadIdx.x" in line for line in stores)
+    # the final state's stores (H200 reference check, before they were bound: final-state error 1.4)
+    finals = [line for line in source.splitlines() if "ht[" in line and "] = S[" in line]
+    assert len(finals) == (0 if slot_mode.per_token else 1) and all("threadIdx.x" in line for line in finals)
