@@ -47,6 +47,13 @@ def _info(args) -> int:
     for name, ops in backend_status(device).items():
         for op, why_not in ops.items():
             print(f"  {name:<10} {op:<10} " + ("yes" if why_not is None else f"no: {why_not}"))
+    try:
+        from .kernels_triton import prebuilt
+    except ImportError:
+        return 0
+    if device == "cuda":
+        prebuilt.install(torch.device("cuda"))
+    print(f"prebuilt Triton kernels: {prebuilt.status()}")
     return 0
 
 

@@ -233,13 +233,13 @@ def tune_shape(op: str, dtype: str, D: int, N: int, T: int, H: int, layout: str 
 def default_tune_shapes(device: str, dtypes=("bf16",), dims=(128,), ops=tuple(TUNED_OPS),
                         gates=("log", "safe")) -> list[TuneShape]:
     """The buckets tuned by default, most used first (a budget-limited run covers what real workloads hit):
-    prefill T8k, decode t1, long prefill, varlen, the backward (training) at T8k, then the rest (short prefill,
-    the many-heads T8k shape).
+    prefill T8k, decode t1, long prefill, varlen, then the rest (short prefill, the many-heads T8k shape), and last
+    the backward (training) at T8k, whose TileLang candidates take the longest to compile.
     On CUDA these are the standard shapes of bench/RESULTS.md; on the CPU they are small (the CPU backends are
     for correctness checks, tuning there exercises the machinery)."""
     gpu = device.startswith("cuda")
     sms = sm_count(device)
-    first, rest = [], []
+    first, rest, last = [], [], []
     for dtype in dtypes:
         for D in dims:
             for gate in gates:
@@ -261,7 +261,7 @@ def default_tune_shapes(device: str, dtypes=("bf16",), dims=(128,), ops=tuple(TU
                     first += [shape("chunk", 1, 32768, 16), shape("chunk", 4, 4096, 16, "varlen")]
                     rest += [shape("chunk", 16, 1024, 16), shape("chunk", 8, 4096, 32)]
                 if BACKWARD_OP in ops:
-                    first += [shape(BACKWARD_OP, 2, 8192, 16)]
+                    last += [shape(BACKWARD_OP, 2, 8192, 16)]
 
     def rank(s: TuneShape) -> int:
         b = s.bucket
@@ -271,4 +271,4 @@ def default_tune_shapes(device: str, dtypes=("bf16",), dims=(128,), ops=tuple(TU
             return 3
         return {"chunk/T8k": 0, "recurrent/t1": 1, "chunk/Tlong": 2}.get(f"{b.op}/{b.length}", 9)
     first.sort(key=rank)  # stable
-    return first + rest
+    return first + rest + last

@@ -15,7 +15,7 @@ import torch
 from kda_compile.dispatch import Backend, KDACall, register_backend
 from kda_compile.kernel_config import op_config_checker
 
-from . import chunk_fwd, fused_recurrent
+from . import chunk_fwd, fused_recurrent, prebuilt
 from .chunk_intra import kda_intra_kernel
 from .config import backward_config, chunk_config, decode_config
 from .gate import interpreting
@@ -88,8 +88,15 @@ def backward_configs(call: KDACall) -> list[dict]:
     return get_configs()
 
 
+def _use_prebuilt(call: KDACall) -> None:
+    """Before the first kernel of the process: the shipped compiled kernels into Triton's cache (prebuilt.py)."""
+    if not prebuilt.DONE and call.problem.device.type == "cuda":
+        prebuilt.install(call.problem.device)
+
+
 def run(call: KDACall, config: dict):
     """Run ``call`` with the Triton kernels; returns ``(o, final_state or None)``."""
+    _use_prebuilt(call)
     if call.op == "chunk" and call.ssm_state_indices is not None:
         return chunk_fwd.chunk_kda_fwd_pooled(call.q, call.k, call.v, call.g, call.beta, call.initial_state,
                                               call.ssm_state_indices, call.cu_seqlens, call.A_log, call.dt_bias,
@@ -106,6 +113,7 @@ def run(call: KDACall, config: dict):
 
 def run_states(call: KDACall, config: dict):
     """Chunk ``call`` plus the state entering each chunk: ``(o, final_state, h)``."""
+    _use_prebuilt(call)
     return chunk_fwd.chunk_kda_fwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens,
                                    call.A_log, call.dt_bias, call.opts, True, config, return_states=True)
 
@@ -114,6 +122,7 @@ def run_backward(call: KDACall, config: dict, do, dht):
     """Gradients of a chunk ``call`` (kernels_triton/chunk_bwd.py): ``(dq, dk, dv, dg, dbeta, dh0, dA_log,
     ddt_bias)``, None for absent inputs."""
     from .chunk_bwd import chunk_kda_bwd
+    _use_prebuilt(call)
     return chunk_kda_bwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens, call.A_log,
                          call.dt_bias, call.opts, do, dht, config)
 
