@@ -60,8 +60,7 @@ BIT_CHANGING = {
     # The decode kernels reduce over K with element-wise sums whose thread layout follows the tile shape and the
     # warps (threads), so all their knobs change bits.
     "triton": ("gamma_BK", "intra_BK", "intra_row_BK", "intra_norms", "solve_BK", "solve_diag", "precision",
-               "solve_precision", "o_BK", "organisation", "bwd_solve_BK", "bwd_intra_BK", "decode_BV",
-               "decode_warps"),
+               "solve_precision", "o_BK", "bwd_solve_BK", "bwd_intra_BK", "decode_BV", "decode_warps"),
     "tilelang": ("segment_len", "layout", "decode_threads", "decode_BV", "bwd_intra_BK"),
     "reference": (),
 }
@@ -69,7 +68,7 @@ BIT_CHANGING = {
 # these may differ between buckets of one sequence class.
 BIT_NEUTRAL = {
     "triton": ("intra_warps", "solve_warps", "solve_maxnreg", "state_BV", "state_warps", "state_stages", "o_BV",
-               "o_warps", "fused_BV", "fused_warps", "bwd_state_BV", "bwd_state_warps", "bwd_state_stages",
+               "o_warps", "bwd_state_BV", "bwd_state_warps", "bwd_state_stages",
                "bwd_solve_BV", "bwd_solve_warps", "bwd_intra_BV", "bwd_intra_warps", "bwd_prologue_BT",
                "bwd_prologue_warps"),
     "tilelang": ("state_BV", "threads", "intra_threads", "states_BV", "bwd_state_BV", "bwd_solve_BV",

@@ -1,7 +1,7 @@
 """Stage 0 of the Triton backward: the forward's per-chunk intermediates, recomputed by the forward's own kernels.
 
 The forward stores nothing for the backward; this is the one place that calls the forward's stages (intra and
-state), so a change of the forward's organisation only touches :func:`recompute_forward`.  What the backward
+state), so a change in how the forward splits into kernels only touches :func:`recompute_forward`.  What the backward
 kernels read (conventions of docs/algorithm.md, flat token axis):
 
     gamma  [chunks, HV, C, KP] float32   Gamma, chunk-local cumulative log decay (a strided view of the scratch)

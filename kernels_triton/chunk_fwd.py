@@ -6,17 +6,15 @@
 
 Every input is viewed as a flat token axis ``[TT = B*T, heads, dim]``; the chunk table
 (:mod:`kda_compile.chunks`) maps chunks to sequences, so ragged T and ``cu_seqlens`` share one code path.
-The ``organisation`` knob (config.ChunkConfig) picks instead the fused forward, one kernel that keeps every
-intermediate but its running state tile on chip (chunk_fused.py), for every call it covers
-(:func:`chunk_fused.fused_reason`).  Staged memory besides the outputs: aqk, w, u, v_new, qg, kg (token-sized,
-input dtype), h (chunks x HV x K x V, input dtype) and the intra stage's float32 scratch (~54 KB per chunk and
-head at C = 64, K = 128).
+Memory besides the outputs: aqk, w, u, v_new, qg, kg (token-sized, input dtype), h (chunks x HV x K x V,
+input dtype) and the intra stage's float32 scratch (~54 KB per chunk and head at C = 64, K = 128).  One kernel
+for the whole forward measured 8-30x slower on the H200 (docs/triton.md, "A fused forward").
 """
 from __future__ import annotations
 
 from kda_compile.chunks import chunk_table
 
-from . import chunk_fused, chunk_intra, chunk_o, chunk_state
+from . import chunk_intra, chunk_o, chunk_state
 from .chunk_intra import chunk_intra as run_intra
 from .chunk_o import chunk_o as run_output
 from .chunk_state import chunk_state as run_state
@@ -41,10 +39,6 @@ def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
     beta = beta.reshape(B * T, HV).contiguous()
     A_log, dt_bias = (x.contiguous() if x is not None else None for x in (A_log, dt_bias))
 
-    if cfg.organisation == "fused" and chunk_fused.fused_reason(return_states) is None:
-        o, final = chunk_fused.chunk_fused(q, k, v, g, beta, A_log, dt_bias, initial_state, opts, table,
-                                           output_final_state, cfg)
-        return o.view(B, T, HV, V), final
     intra = run_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg)
     h, v_new, final = run_state(intra.kg, intra.w, intra.u, intra.gc, initial_state, table, opts.state_v_first,
                                 output_final_state, cfg)
@@ -75,12 +69,11 @@ def chunk_kda_fwd_pooled(q, k, v, g, beta, pool, slots, cu_seqlens, A_log, dt_bi
 def get_configs() -> list[dict]:
     """The search space: the default (``{}``), then each stage's alternatives with the other stages at their
     defaults (the stages are separate kernels, so they can be tuned one at a time), taken from the stages in
-    turn so that a budget-limited search still tries every stage; last the fused organisation
-    (chunk_fused.get_configs), so that the greedy search measures it against the tuned staged config."""
+    turn so that a budget-limited search still tries every stage."""
     out = [{}]
     per_stage = [stage.get_configs() for stage in (chunk_intra, chunk_state, chunk_o)]
     for i in range(max(map(len, per_stage))):
         for configs in per_stage:
             if i < len(configs) and configs[i] not in out:
                 out.append(configs[i])
-    return out + chunk_fused.get_configs()
+    return out

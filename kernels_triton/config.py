@@ -25,10 +25,6 @@ DIAG_METHODS = ("subst",) + PRECISIONS
 # where the intra kernel takes the L2-norm factors of the k rows it uses as columns: in a pass after its
 # products ("split", default), or in one pass before everything ("first")
 NORM_PASSES = ("split", "first")
-# how the forward is organised: five kernels passing intermediates through memory (chunk_fwd.py), or one kernel
-# per (V block, sequence, value head) walking the chunks, no intermediate in memory but its running state tile
-# (chunk_fused.py; not measured on a GPU yet)
-ORGANISATIONS = ("staged", "fused")
 
 
 @dataclass(frozen=True)
@@ -58,22 +54,14 @@ class ChunkConfig:
     o_BK: int = 128
     o_BV: int = 128
     o_warps: int = 4
-    # organisation of the forward ("staged" or "fused"); the fused kernel's V block (None: chosen per call,
-    # chunk_state.state_block_v) and warps (8: fewer spills than 4 in ptxas for sm_90 at K = V = 128, docs/triton.md;
-    # not timed).  The fused kernel also follows the precision fields and solve_diag.
-    organisation: str = "staged"
-    fused_BV: int | None = None
-    fused_warps: int = 8
 
     def __post_init__(self):
-        check_one_of("Triton", "organisation", self.organisation, ORGANISATIONS)
         check_one_of("Triton", "intra_norms", self.intra_norms, NORM_PASSES)
         check_one_of("Triton", "solve_diag", self.solve_diag, DIAG_METHODS)
         check_one_of("Triton", "precision", self.precision, PRECISIONS)
         check_one_of("Triton", "solve_precision", self.solve_precision, PRECISIONS)
-        for name in ("gamma_BK", "intra_BK", "solve_BK", "o_BK", "o_BV", "intra_row_BK", "state_BV",
-                     "fused_BV"):
-            _power_of_two(name, getattr(self, name), optional=name in ("intra_row_BK", "state_BV", "fused_BV"))
+        for name in ("gamma_BK", "intra_BK", "solve_BK", "o_BK", "o_BV", "intra_row_BK", "state_BV"):
+            _power_of_two(name, getattr(self, name), optional=name in ("intra_row_BK", "state_BV"))
 
 
 @dataclass(frozen=True)
