@@ -14,6 +14,10 @@ from typing import Callable
 from .buckets import with_bit_changing
 
 DROP_RATIO = 1.5  # a backend whose default is slower than this times the best default is not searched
+# Another backend replaces the one the dispatch runs untuned only when faster by more than this factor: the switch
+# costs a second code path and its compile on a cold start (TileLang: 6-36 s per kernel), so a gain within timing
+# noise does not pay (H200, 2026-12-02: TileLang decode 0.0842 ms against Triton's 0.0854 ms, safe gate)
+SWITCH_MARGIN = 1.03
 
 
 class OutOfTime(Exception):
@@ -88,6 +92,9 @@ class BucketSearch:
         if not good:
             return None
         ms, backend, config = min(good, key=lambda t: t[0])
+        home = [t for t in good if t[1] == self.untuned]
+        if home and backend != self.untuned and ms * SWITCH_MARGIN >= min(home, key=lambda t: t[0])[0]:
+            ms, backend, config = min(home, key=lambda t: t[0])   # not worth leaving the untuned backend
         per_backend = {}
         for t_ms, name, cfg in sorted(good, key=lambda t: t[0]):
             per_backend.setdefault(name, {"config": cfg, "time_ms": t_ms})

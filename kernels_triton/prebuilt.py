@@ -168,7 +168,12 @@ def collect(cache_dir: Path, out: Path, capability: tuple[int, int], problems: l
         for name in names:
             shutil.copyfile(entry / name, out / entry.name / name)
         entries[entry.name] = names
-    manifest = {"triton": triton.__version__, "triton_installation": triton_installation_hash(),
+    import datetime
+
+    import torch
+    manifest = {"made": f"{datetime.date.today()} on {torch.cuda.get_device_name()}" if torch.cuda.is_available()
+                else str(datetime.date.today()),
+                "triton": triton.__version__, "triton_installation": triton_installation_hash(),
                 "capability": list(capability), "abi": abi_tag(), "kernel_sources": kernel_sources_hash(),
                 "problems": problems, "entries": entries}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

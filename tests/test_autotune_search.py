@@ -367,3 +367,16 @@ def test_tuned_dispatch_keeps_batch_invariance_on_cuda(tmp_path, monkeypatch):
     pack, _ = chunk_kda(*flat, initial_state=h0, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
     assert torch.equal(batch[:1], alone) and torch.equal(pack[:, :T], alone)
     tuning_table.invalidate()
+
+
+@pytest.mark.parametrize("other_ms, winner", [(0.98, "home"), (0.96, "other")])
+def test_another_backend_must_win_by_the_switch_margin(other_ms, winner):
+    """The untuned backend keeps the bucket unless another is faster by more than SWITCH_MARGIN (3 %)."""
+    def measure(name, config):
+        return (1.0 if name == "home" else other_ms), None
+
+    cands = [Candidate(n, {}, []) for n in ("home", "other")]
+    record = BucketSearch("k", cands, measure, log=lambda *a: None, untuned="home").run()
+    assert record["backend"] == winner
+    assert record["time_ms"] == (1.0 if winner == "home" else other_ms)
+    assert set(record["per_backend"]) == {"home", "other"}   # both timings kept
