@@ -21,6 +21,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import sys
 import sysconfig
 from pathlib import Path
@@ -38,7 +39,7 @@ def kernel_sources_hash() -> str:
     h = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):
         text = path.read_bytes()
-        if b"@triton.jit" in text:
+        if re.search(rb"^@triton\.jit", text, re.MULTILINE):
             h.update(path.name.encode() + b"\0" + text + b"\0")
     return h.hexdigest()
 
