@@ -13,6 +13,10 @@
 #   overhead   bench/bench_overhead.py --decode-model: per-call host time; the model's decode step in a graph
 #   kimi       bench/bench_kimi_transformers.py: transformers' Kimi Linear with three KDA providers
 #   breakdown  bench/bench_breakdown.py --gates log,safe: per-kernel GPU time, ours and the peers
+#   trainbreak bench/bench_breakdown.py --training prenorm_log: the kernels of one forward + backward, ours alone
+#              first (FLA's first compile of its backward can take minutes), then with FLA and cuDNN-frontend
+#   prebuild   python -m kda_compile.prebuild: remake the shipped compiled Triton kernels for this GPU (after a
+#              Triton kernel or the shipped table changed); the set comes back as $OUT/prebuilt.tgz
 #   ncu        Nsight Compute on a few forward calls (every kernel of ours: regex:^kda_)
 #   tune       python -m kda_compile.autotune --output $OUT/tuned.json (TUNE_ARGS adds arguments)
 #   cold       bench/bench_cold_start.py: fresh process to the first chunk_kda, ours and FLA
@@ -64,6 +68,12 @@ for section in $SECTIONS; do
     kimi)      run kimi 300 $PY bench/bench_kimi_transformers.py --preset published --layers 4 --device cuda \
                  --dtype bfloat16 --prompt 4096 --decode 64 --reps 2 ;;
     breakdown) run breakdown 420 $PY bench/bench_breakdown.py --gates log,safe --out "$OUT/results.md" ;;
+    trainbreak) run trainbreak_ours 240 $PY bench/bench_breakdown.py --training prenorm_log --no-peers \
+                 --shapes 2,8192,16 1,32768,16 8,4096,32 --out "$OUT/results.md"
+               run trainbreak 420 $PY bench/bench_breakdown.py --training prenorm_log --shapes 2,8192,16 \
+                 --out "$OUT/results.md" ;;
+    prebuild)  run prebuild 300 $PY -m kda_compile.prebuild
+               tar czf "$OUT/prebuilt.tgz" kernels_triton/prebuilt ;;
     ncu)       run ncu 240 ncu --clock-control none --kernel-name regex:^kda_ --launch-skip 5 --launch-count 5 \
                  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
                  --section MemoryWorkloadAnalysis $PY bench/bench_breakdown.py --ncu --backends triton \
@@ -73,8 +83,8 @@ for section in $SECTIONS; do
     model)     run model 300 $PY bench/bench_model.py --device cuda --seq-lens 8192 32768 --compile \
                  --out "$OUT/results.md" ;;
     onnx)      run onnx 300 $PY bench/bench_onnx.py --rounds 5 --threads 1 --out "$OUT/results.md" ;;
-    *)         echo "unknown section '$section' (known: tests chunk train sweep decode overhead breakdown ncu tune cold kimi"\
-                    "model onnx)" ;;
+    *)         echo "unknown section '$section' (known: tests chunk train sweep decode overhead breakdown trainbreak"\
+                    "prebuild ncu tune cold kimi model onnx)" ;;
   esac
 done
 echo; echo "done at $(date -u +%T); tables in $OUT/results.md, plots in $OUT/plots"

@@ -135,3 +135,16 @@ def test_forward_script_runs_tiny_on_cpu(tmp_path, capsys):
     assert (tmp_path / "chunk_forward_log.png").exists()
     with pytest.raises(ValueError, match="--providers"):
         bench_chunk.main(["--device", "cpu", "--providers", "ours,flash"])
+
+
+@pytest.mark.parametrize("args", [["--config", "tuned"], ["--training", "l2_safe"]], ids=["forward", "training"])
+def test_breakdown_script_runs_on_the_cpu(args, tmp_path, capsys):
+    """bench_breakdown.py at a tiny size on the CPU: the forward table, and with --training the forward + backward
+    table (the reference backend's operators)."""
+    import bench_breakdown
+    out = tmp_path / "results.md"
+    assert bench_breakdown.main(["--device", "cpu", "--shapes", "1,64,2", "--no-peers", "--backends", "reference",
+                                 "--calls", "1", "--out", str(out), *args]) == 0
+    text = out.read_text()
+    assert ("forward + backward" in text) == ("--training" in args)
+    assert "ours:reference" in text and "**total**" in text
