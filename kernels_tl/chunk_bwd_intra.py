@@ -80,9 +80,17 @@ def kda_bwd_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
             As = ops.alloc_shared((C, C), ACC)
             Pm = ops.alloc_shared((C, C), tile)
             Am = ops.alloc_shared((C, C), tile)
+            # The off-diagonal products' q/k operands as pairs hi + lo, each rounded to the tile dtype (about 16
+            # mantissa bits for bf16).  The intra-chunk terms depend on differences of Gamma only, so their dGamma
+            # contributions sum to zero over a chunk; but the row side and the column side round different
+            # operands, and a single bf16 rounding leaves a residue that the reverse cumsum and the sum over all
+            # tokens (ddt_bias) add up coherently.  The pairs keep the products on 16-bit tensor cores.
             kb_s = ops.alloc_shared((C, BK), tile)
             qe_s = ops.alloc_shared((C, BK), tile)
             be_s = ops.alloc_shared((C, BK), tile)
+            kb_l = ops.alloc_shared((C, BK), tile)
+            qe_l = ops.alloc_shared((C, BK), tile)
+            be_l = ops.alloc_shared((C, BK), tile)
             Gq = ops.alloc_fragment((C, BK), ACC)
             Gk = ops.alloc_fragment((C, BK), ACC)
             Hc = ops.alloc_fragment((C, BK), ACC)
@@ -128,20 +136,28 @@ def kda_bwd_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
                 for r, c in ops.Parallel(C, BK):
                     inb = T.And(r >= f, r < f + BLOCK)
                     e_rf = T.exp(T.if_then_else(inb, Gs[r, c] - Gs[f, c], 0.0))
-                    qe_s[r, c] = T.if_then_else(inb, ops.to_tile(T.cast(qs[r, c], ACC) * rq[r] * e_rf, dtype), zero)
-                    be_s[r, c] = T.if_then_else(
-                        inb, ops.to_tile(T.cast(ks[r, c], ACC) * (rk[r] * bs[r]) * e_rf, dtype), zero)
-                    kb_s[r, c] = T.if_then_else(
-                        r < f, ops.to_tile(T.cast(ks[r, c], ACC) * rk[r] * T.exp(Gs[f, c] - Gs[r, c]), dtype), zero)
+                    xq = T.if_then_else(inb, T.cast(qs[r, c], ACC) * rq[r] * e_rf, 0.0)
+                    xb = T.if_then_else(inb, T.cast(ks[r, c], ACC) * (rk[r] * bs[r]) * e_rf, 0.0)
+                    xk = T.if_then_else(r < f, T.cast(ks[r, c], ACC) * rk[r] * T.exp(Gs[f, c] - Gs[r, c]), 0.0)
+                    qe_s[r, c] = ops.to_tile(xq, dtype)
+                    be_s[r, c] = ops.to_tile(xb, dtype)
+                    kb_s[r, c] = ops.to_tile(xk, dtype)
+                    qe_l[r, c] = ops.to_tile(xq - T.cast(qe_s[r, c], ACC), dtype)
+                    be_l[r, c] = ops.to_tile(xb - T.cast(be_s[r, c], ACC), dtype)
+                    kb_l[r, c] = ops.to_tile(xk - T.cast(kb_s[r, c], ACC), dtype)
                 for r, s in ops.Parallel(C, C):
                     inb = T.And(T.And(r >= f, r < f + BLOCK), s < f)
                     Pm[r, s] = T.if_then_else(inb, ops.to_tile(Ps[r, s], dtype), zero)
                     Am[r, s] = T.if_then_else(inb, ops.to_tile(As[r, s], dtype), zero)
                 T.gemm(Pm, kb_s, Gq)
+                T.gemm(Pm, kb_l, Gq)
                 T.gemm(Am, kb_s, Gk)
+                T.gemm(Am, kb_l, Gk)
                 T.clear(Hi)
                 T.gemm(Pm, qe_s, Hi, transpose_A=True)
+                T.gemm(Pm, qe_l, Hi, transpose_A=True)
                 T.gemm(Am, be_s, Hi, transpose_A=True)
+                T.gemm(Am, be_l, Hi, transpose_A=True)
                 for s, c in ops.Parallel(C, BK):
                     Hc[s, c] = Hc[s, c] + T.if_then_else(s < f, Hi[s, c] * T.exp(Gs[f, c] - Gs[s, c]), 0.0)
             # row-side factor of each row's own block; then the diagonal tiles element-wise
