@@ -8,6 +8,8 @@ arguments, which backend a call would use and why, without running it.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import dispatch, ops  # noqa: F401  (ops registers the custom ops)
@@ -17,13 +19,23 @@ from .reference import KDAOptions
 
 def _options(q, scale, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval,
              lower_bound, chunk_size, state_v_first) -> KDAOptions:
+    return _build_options(q.shape[-1], scale, bool(use_qk_l2norm_in_kernel), bool(use_gate_in_kernel),
+                          bool(use_beta_sigmoid_in_kernel), bool(allow_neg_eigval), lower_bound, chunk_size,
+                          bool(state_v_first))
+
+
+@functools.lru_cache(maxsize=256)
+def _build_options(K, scale, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval,
+                   lower_bound, chunk_size, state_v_first) -> KDAOptions:
+    """The options of a call (immutable, so one object serves every call with the same arguments: building the
+    frozen dataclass costs more than the cache lookup)."""
     return KDAOptions(
-        scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
-        use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel), use_gate_in_kernel=bool(use_gate_in_kernel),
-        use_beta_sigmoid_in_kernel=bool(use_beta_sigmoid_in_kernel), allow_neg_eigval=bool(allow_neg_eigval),
+        scale=float(K ** -0.5 if scale is None else scale),
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
+        use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
         # lower_bound only shapes the gate computed in the kernel; a precomputed g is used as given.
         lower_bound=None if lower_bound is None or not use_gate_in_kernel else float(lower_bound),
-        chunk_size=int(chunk_size), state_v_first=bool(state_v_first))
+        chunk_size=int(chunk_size), state_v_first=state_v_first)
 
 
 def _check(q, k, v, g, beta, *, initial_state=None, cu_seqlens=None, cu_seqlens_cpu=None, A_log=None,

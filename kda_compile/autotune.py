@@ -420,7 +420,7 @@ def explain_table(shapes: list[TuneShape], device: str, log=print) -> None:
         call = make_call(shape.bucket, shape.N, min(shape.T, 256), shape.H, shape.HV, device, 0)
         if call.op == "chunk" and shape.T > 256:  # classify by the real length, build small tensors
             varlen = shape.bucket.layout == "varlen"
-            call.problem = Problem(**{**call.problem.__dict__, "T": shape.N * shape.T if varlen else shape.T})
+            call.problem = call.problem._replace(T=shape.N * shape.T if varlen else shape.T)
             if varlen:  # offsets as on the GPU (not readable without a sync): classed by the packed length
                 call.cu_seqlens = call.cu_seqlens.to("meta")
         backward = shape.bucket.op == BACKWARD_OP

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -26,9 +26,9 @@ DEBUG_ENV = "KDA_COMPILE_DEBUG"
 DEBUG = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-@dataclass(frozen=True)
-class Problem:
-    """Sizes of one KDA call (N = number of sequences: B, or len(cu_seqlens) - 1)."""
+class Problem(NamedTuple):
+    """Sizes of one KDA call (N = number of sequences: B, or len(cu_seqlens) - 1).  A named tuple, not a frozen
+    dataclass: every call builds one, and a frozen dataclass costs 1.6 µs to build against 0.3 µs."""
 
     B: int
     T: int
@@ -61,7 +61,7 @@ def _float(name: str, x: torch.Tensor) -> None:
 
 
 def _expect_shape(name: str, x: torch.Tensor, shape: tuple, text: str) -> None:
-    if tuple(x.shape) != tuple(shape):
+    if x.shape != tuple(shape):   # torch.Size is a tuple
         raise ValueError(f"{name} must have shape {text} = {list(shape)}, got {_shape(x)}")
 
 
@@ -166,7 +166,7 @@ def check_inputs(q, k, v, g, beta, *, initial_state=None, cu_seqlens=None, cu_se
     _tensor("k", k, ndim=4, expected="[B, T, H, K]")
     _expect_shape("k", k, q.shape, "[B, T, H, K] (the shape of q)")
     _tensor("v", v, ndim=4, expected="[B, T, HV, V]")
-    if tuple(v.shape[:2]) != (B, T):
+    if v.shape[0] != B or v.shape[1] != T:
         raise ValueError(f"v must have shape [B, T, HV, V] with B={B}, T={T} (from q), got {_shape(v)}")
     HV, V = v.shape[2], v.shape[3]
     if H == 0 or HV % H != 0:
@@ -183,9 +183,10 @@ def check_inputs(q, k, v, g, beta, *, initial_state=None, cu_seqlens=None, cu_se
         _float(name, x)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    device = q.device
     for name, x in (("k", k), ("v", v), ("g", g), ("beta", beta)):
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; all inputs must share a device")
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but q is on {device}; all inputs must share a device")
 
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
@@ -231,7 +232,7 @@ def check_inputs(q, k, v, g, beta, *, initial_state=None, cu_seqlens=None, cu_se
     if not use_gate_in_kernel and _check_values():
         check_gate_values(g)
     return Problem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=N, varlen=cu_seqlens is not None, dtype=q.dtype,
-                   device=q.device)
+                   device=device)
 
 
 def check_gate_values(g: torch.Tensor) -> None:

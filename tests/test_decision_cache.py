@@ -70,3 +70,19 @@ def test_the_backward_decision_is_cached_apart_from_the_forward(monkeypatch):
     assert forward.op == "chunk" and backward.op == "chunk backward" and calls == ["chunk"]
     assert dispatch.choose_backward(call) is backward and dispatch.choose(call) is forward and len(calls) == 1
     assert decision_key(call, None, "chunk_bwd") != decision_key(call, None)
+
+
+def test_the_key_follows_the_environment_as_it_changes(monkeypatch):
+    """The environment part of the key is read live on every call (on POSIX from os.environ's own mapping, which
+    os.environ assignments update), so setting KDA_COMPILE_BACKEND or the cache folder mid-process takes effect."""
+    from kda_compile.decision_cache import environment
+    monkeypatch.delenv("KDA_COMPILE_BACKEND", raising=False)
+    before = environment()
+    monkeypatch.setenv("KDA_COMPILE_BACKEND", "reference")
+    during = environment()
+    monkeypatch.setenv("KDA_COMPILE_CACHE_DIR", "/tmp/elsewhere")
+    after = environment()
+    assert before != during != after
+    assert during[0] in ("reference", b"reference") and after[1] in ("/tmp/elsewhere", b"/tmp/elsewhere")
+    monkeypatch.delenv("KDA_COMPILE_BACKEND")
+    assert environment()[0] is None
