@@ -66,8 +66,10 @@ def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
     bias = dt_bias.reshape(HV, K).to(**f32).contiguous() if prologue.has_dt_bias else torch.zeros(HV, K, **f32)
     flat = flat_inputs(q, k, v, g, beta, target)
     qf, kf, vf, gf, bf = flat
-    dof = for_target(do.reshape(TT, HV, V), target).to(qf.dtype).contiguous()
-    dtype, g_dtype, beta_dtype = TL_DTYPES[qf.dtype], TL_DTYPES[gf.dtype], TL_DTYPES[bf.dtype]
+    dof = for_target(do.reshape(TT, HV, V).to(q.dtype), target).contiguous()
+    # the call's dtype on every target (on the CPU the kernels take float32 tensors and round to it where the
+    # GPU does: target.TargetOps.to_tile); g and beta as the host passes them
+    dtype, g_dtype, beta_dtype = TL_DTYPES[q.dtype], TL_DTYPES[gf.dtype], TL_DTYPES[bf.dtype]
     task = dict(dtype=dtype, g_dtype=g_dtype, beta_dtype=beta_dtype, scale=float(opts.scale), prologue=prologue)
     BK = min(cfg.bwd_intra_BK, K)
     NKB = K // BK
@@ -88,7 +90,7 @@ def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
 
     if NC:
         # 0. the forward's intermediates
-        fwd = recompute_forward(flat, a_log, bias, h0, table, opts, prologue, target, cfg)
+        fwd = recompute_forward(flat, dtype, a_log, bias, h0, table, opts, prologue, target, cfg)
         # 1. reverse state recurrence
         state = compile_kernel(kda_bwd_state, target, K, V, C, dtype=dtype, scale=float(opts.scale),
                                has_dht=dht is not None, store_dh0=h0 is not None, state_v_first=opts.state_v_first,

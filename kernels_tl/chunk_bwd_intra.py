@@ -55,16 +55,17 @@ def kda_bwd_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
     NKB = K // BK
     H, HV, TT, TP, NC, NG = runtime_sizes("H HV TT TP NC NG")
     tile = ops.tile_dtype(dtype)
+    io = ops.tensor_dtype(dtype)   # global tensors of dtype (float32 on the CPU)
     zero = T.cast(0, tile)
 
     @T.prim_func
-    def kda_bwd_intra(q: T.Tensor((TT, H, K), dtype), k: T.Tensor((TT, H, K), dtype),
+    def kda_bwd_intra(q: T.Tensor((TT, H, K), io), k: T.Tensor((TT, H, K), io),
                       g: T.Tensor((TT, HV, K), g_dtype), beta: T.Tensor((TT, HV), beta_dtype),
                       A_log: T.Tensor((HV,), ACC), dt_bias: T.Tensor((HV, K), ACC),
                       chunk_bos: T.Tensor((NC,), "int32"), chunk_len: T.Tensor((NC,), "int32"),
-                      dO: T.Tensor((TT, HV, V), dtype), v_new: T.Tensor((TP, HV, V), dtype),
-                      dv: T.Tensor((TT, HV, V), ACC), h: T.Tensor((NC, HV, K, V), dtype),
-                      dhn: T.Tensor((NC, HV, K, V), dtype), dAkk: T.Tensor((TP, HV, C), ACC),
+                      dO: T.Tensor((TT, HV, V), io), v_new: T.Tensor((TP, HV, V), io),
+                      dv: T.Tensor((TT, HV, V), ACC), h: T.Tensor((NC, HV, K, V), io),
+                      dhn: T.Tensor((NC, HV, K, V), io), dAkk: T.Tensor((TP, HV, C), ACC),
                       dAqk: T.Tensor((TP, HV, C), ACC), dq: T.Tensor((TT, HV, K), ACC),
                       dk: T.Tensor((TT, HV, K), ACC), dg: T.Tensor((TT, HV, K), g_dtype),
                       dbeta_part: T.Tensor((NKB, TT, HV), ACC), dA_part: T.Tensor((NG, HV, K), ACC),

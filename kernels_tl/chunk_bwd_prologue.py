@@ -50,17 +50,18 @@ def kda_bwd_prologue(K: int, *, dtype: str = "bfloat16", beta_dtype: str = "floa
     """Kernel factory for the prologue stage.  Task config: ``num_k_blocks`` (K blocks of the intra stage's
     beta terms).  Kernel config: ``block_T`` (tokens per program), ``threads``."""
     ops = ops_for(target)
+    io = ops.tensor_dtype(dtype)   # q, k, dq, dk (float32 on the CPU)
     p = prologue
     BT = block_T
     NKB = num_k_blocks
     H, HV, TT = runtime_sizes("H HV TT")
 
     @T.prim_func
-    def kda_bwd_prologue(q: T.Tensor((TT, H, K), dtype), k: T.Tensor((TT, H, K), dtype),
+    def kda_bwd_prologue(q: T.Tensor((TT, H, K), io), k: T.Tensor((TT, H, K), io),
                          beta: T.Tensor((TT, HV), beta_dtype), dq_h: T.Tensor((TT, HV, K), ACC),
                          dk_h: T.Tensor((TT, HV, K), ACC), dbeta_solve: T.Tensor((TT, HV), ACC),
-                         dbeta_part: T.Tensor((NKB, TT, HV), ACC), dq: T.Tensor((TT, H, K), dtype),
-                         dk: T.Tensor((TT, H, K), dtype), dbeta: T.Tensor((TT, HV), beta_dtype)):
+                         dbeta_part: T.Tensor((NKB, TT, HV), ACC), dq: T.Tensor((TT, H, K), io),
+                         dk: T.Tensor((TT, H, K), io), dbeta: T.Tensor((TT, HV), beta_dtype)):
         with T.Kernel(T.ceildiv(TT, BT), H, threads=threads) as (it, hk):
             dy = ops.alloc_fragment((BT, K), ACC)
             x = ops.alloc_fragment((BT, K), ACC)

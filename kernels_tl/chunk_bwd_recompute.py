@@ -32,15 +32,16 @@ def kda_bwd_states(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", has_
     HV, TP, NC, NS, N0 = runtime_sizes("HV TP NC NS N0")
     state = (HV, V, K) if state_v_first else (HV, K, V)
     tile = ops.tile_dtype(dtype)
+    io = ops.tensor_dtype(dtype)   # global tensors of dtype (float32 on the CPU)
     zero = T.cast(0, tile)
 
     @T.prim_func
-    def kda_bwd_states(w: T.Tensor((TP, HV, K), dtype), u: T.Tensor((TP, HV, V), dtype),
-                       kg: T.Tensor((TP, HV, K), dtype), gc: T.Tensor((NC, HV, K), ACC),
+    def kda_bwd_states(w: T.Tensor((TP, HV, K), io), u: T.Tensor((TP, HV, V), io),
+                       kg: T.Tensor((TP, HV, K), io), gc: T.Tensor((NC, HV, K), ACC),
                        chunk_bos: T.Tensor((NC,), "int32"), chunk_len: T.Tensor((NC,), "int32"),
                        seq_chunk0: T.Tensor((NS,), "int32"), seq_nchunks: T.Tensor((NS,), "int32"),
-                       h0: T.Tensor((N0, *state), ACC), h: T.Tensor((NC, HV, K, V), dtype),
-                       v_new: T.Tensor((TP, HV, V), dtype)):
+                       h0: T.Tensor((N0, *state), ACC), h: T.Tensor((NC, HV, K, V), io),
+                       v_new: T.Tensor((TP, HV, V), io)):
         with T.Kernel(T.ceildiv(V, BV), HV, NS, threads=threads) as (iv, hv, n):
             w_s = ops.alloc_shared((C, K), tile)
             k_s = ops.alloc_shared((C, K), tile)
@@ -65,7 +66,7 @@ def kda_bwd_states(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", has_
                 for c in ops.Parallel(K):
                     gc_s[c] = gc[c0 + i, hv, c]
                 for c, j in ops.Parallel(K, BV):
-                    h[c0 + i, hv, c, v0 + j] = T.cast(S[c, j], dtype)
+                    h[c0 + i, hv, c, v0 + j] = ops.to_tile(S[c, j], dtype)
                     S_s[c, j] = ops.to_tile(S[c, j], dtype)
                 T.clear(vn_f)
                 T.gemm(w_s, S_s, vn_f)
@@ -73,7 +74,7 @@ def kda_bwd_states(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", has_
                     vn_s[r, j] = T.if_then_else(r < L, ops.to_tile(T.cast(u_s[r, j], ACC) - vn_f[r, j], dtype), zero)
                 for r, j in ops.Parallel(C, BV):
                     if r < L:
-                        v_new[bos + r, hv, v0 + j] = T.cast(vn_s[r, j], dtype)
+                        v_new[bos + r, hv, v0 + j] = ops.to_tile(vn_s[r, j], dtype)
                 for c, j in ops.Parallel(K, BV):
                     S[c, j] = S[c, j] * T.exp(gc_s[c])
                 T.gemm(k_s, vn_s, S, transpose_A=True)
@@ -95,14 +96,15 @@ class Forward:
     v_new: torch.Tensor  # [TP, HV, V]
 
 
-def recompute_forward(flat, a_log, bias, h0, table, opts, prologue: Prologue, target: str, cfg) -> Forward:
+def recompute_forward(flat, dtype: str, a_log, bias, h0, table, opts, prologue: Prologue, target: str,
+                      cfg) -> Forward:
     """Run the forward's intra kernel and :func:`kda_bwd_states` on the flat inputs ``flat = (q, k, v, g, beta)``
-    (already in the target's dtypes); ``h0`` float32 in the user's state layout or None."""
+    (already in the target's dtypes; ``dtype`` the call's, e.g. "bfloat16" also where the C target takes them as
+    float32); ``h0`` float32 in the user's state layout or None."""
     q, k, v, g, beta = flat
     TT, _, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     C = opts.chunk_size
-    dtype = TL_DTYPES[q.dtype]
     intra = compile_kernel(kda_intra, target, K, V, C, dtype=dtype, g_dtype=TL_DTYPES[g.dtype],
                            beta_dtype=TL_DTYPES[beta.dtype], scale=float(opts.scale), prologue=prologue,
                            threads=cfg.intra_threads)

@@ -37,15 +37,16 @@ def kda_bwd_solve(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dty
     NB = C // BLOCK
     H, HV, TT, TP, NC = runtime_sizes("H HV TT TP NC")
     tile = ops.tile_dtype(dtype)
+    io = ops.tensor_dtype(dtype)   # global tensors of dtype (float32 on the CPU)
     zero = T.cast(0, tile)
 
     @T.prim_func
-    def kda_bwd_solve(k: T.Tensor((TT, H, K), dtype), v: T.Tensor((TT, HV, V), dtype),
+    def kda_bwd_solve(k: T.Tensor((TT, H, K), io), v: T.Tensor((TT, HV, V), io),
                       g: T.Tensor((TT, HV, K), g_dtype), beta: T.Tensor((TT, HV), beta_dtype),
                       A_log: T.Tensor((HV,), ACC), dt_bias: T.Tensor((HV, K), ACC),
                       chunk_bos: T.Tensor((NC,), "int32"), chunk_len: T.Tensor((NC,), "int32"),
-                      dO: T.Tensor((TT, HV, V), dtype), v_new: T.Tensor((TP, HV, V), dtype),
-                      dvn: T.Tensor((TP, HV, V), ACC), h: T.Tensor((NC, HV, K, V), dtype),
+                      dO: T.Tensor((TT, HV, V), io), v_new: T.Tensor((TP, HV, V), io),
+                      dvn: T.Tensor((TP, HV, V), ACC), h: T.Tensor((NC, HV, K, V), io),
                       dv: T.Tensor((TT, HV, V), ACC), dAkk: T.Tensor((TP, HV, C), ACC),
                       dAqk: T.Tensor((TP, HV, C), ACC), dbeta: T.Tensor((TT, HV), ACC)):
         with T.Kernel(NC, HV, threads=threads) as (ic, hv):

@@ -29,15 +29,16 @@ def kda_bwd_state(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", scale
     HV, TT, TP, NC, NS, N0, N1 = runtime_sizes("HV TT TP NC NS N0 N1")
     state = (HV, V, K) if state_v_first else (HV, K, V)
     tile = ops.tile_dtype(dtype)
+    io = ops.tensor_dtype(dtype)   # global tensors of dtype (float32 on the CPU)
     zero = T.cast(0, tile)
 
     @T.prim_func
-    def kda_bwd_state(qg: T.Tensor((TP, HV, K), dtype), kg: T.Tensor((TP, HV, K), dtype),
-                      w: T.Tensor((TP, HV, K), dtype), Aqk: T.Tensor((TP, HV, C), dtype),
-                      gc: T.Tensor((NC, HV, K), ACC), dO: T.Tensor((TT, HV, V), dtype),
+    def kda_bwd_state(qg: T.Tensor((TP, HV, K), io), kg: T.Tensor((TP, HV, K), io),
+                      w: T.Tensor((TP, HV, K), io), Aqk: T.Tensor((TP, HV, C), io),
+                      gc: T.Tensor((NC, HV, K), ACC), dO: T.Tensor((TT, HV, V), io),
                       chunk_bos: T.Tensor((NC,), "int32"), chunk_len: T.Tensor((NC,), "int32"),
                       seq_chunk0: T.Tensor((NS,), "int32"), seq_nchunks: T.Tensor((NS,), "int32"),
-                      dht: T.Tensor((N1, *state), ACC), dhn: T.Tensor((NC, HV, K, V), dtype),
+                      dht: T.Tensor((N1, *state), ACC), dhn: T.Tensor((NC, HV, K, V), io),
                       dvn: T.Tensor((TP, HV, V), ACC), dh0: T.Tensor((N0, *state), ACC)):
         with T.Kernel(T.ceildiv(V, BV), HV, NS, threads=threads) as (iv, hv, n):
             q_s = ops.alloc_shared((C, K), tile)
@@ -71,7 +72,7 @@ def kda_bwd_state(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", scale
                 for c in ops.Parallel(K):
                     gc_s[c] = gc[ic, hv, c]
                 for c, j in ops.Parallel(K, BV):
-                    dhn[ic, hv, c, v0 + j] = T.cast(dh[c, j], dtype)
+                    dhn[ic, hv, c, v0 + j] = ops.to_tile(dh[c, j], dtype)
                     dh_s[c, j] = ops.to_tile(dh[c, j], dtype)
                 T.clear(dv_f)
                 T.gemm(a_s, do_s, dv_f, transpose_A=True)

@@ -61,19 +61,20 @@ def kda_fused(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dtype: 
     H, HV, TT, TQ, NC, NH, NSEG, N0, VA = runtime_sizes("H HV TT TQ NC NH NSEG N0 VA")
     state = (HV, V, K) if state_v_first else (HV, K, V)
     tile = ops.tile_dtype(dtype)
+    io = ops.tensor_dtype(dtype)   # global tensors of dtype (float32 on the CPU)
     # fp16 cannot hold exp(60) |k|: the A products of fp16 inputs take float32 operands (TF32 on the GPU)
     a_dtype = "float32" if dtype == "float16" else dtype
     a_tile = ops.tile_dtype(a_dtype)
 
     @T.prim_func
-    def kda_fused(q: T.Tensor((TT, H, K), dtype), k: T.Tensor((TT, H, K), dtype), v: T.Tensor((TT, HV, V), dtype),
+    def kda_fused(q: T.Tensor((TT, H, K), io), k: T.Tensor((TT, H, K), io), v: T.Tensor((TT, HV, V), io),
                   g: T.Tensor((TT, HV, K), g_dtype), beta: T.Tensor((TT, HV), beta_dtype),
                   A_log: T.Tensor((HV,), ACC), dt_bias: T.Tensor((HV, K), ACC),
                   chunk_bos: T.Tensor((NC,), "int32"), chunk_len: T.Tensor((NC,), "int32"),
                   seg_chunk0: T.Tensor((NSEG,), "int32"), seg_nchunks: T.Tensor((NSEG,), "int32"),
                   seg_seq: T.Tensor((NSEG,), "int32"), seg_first: T.Tensor((NSEG,), "int32"),
-                  h0: T.Tensor((N0, *state), ACC), o: T.Tensor((TT, HV, V), dtype), qt: T.Tensor((TQ, HV, K), dtype),
-                  hs: T.Tensor((NSEG, HV, K, VA), ACC), hc: T.Tensor((NH, HV, K, V), dtype)):
+                  h0: T.Tensor((N0, *state), ACC), o: T.Tensor((TT, HV, V), io), qt: T.Tensor((TQ, HV, K), io),
+                  hs: T.Tensor((NSEG, HV, K, VA), ACC), hc: T.Tensor((NH, HV, K, V), io)):
         with T.Kernel(T.ceildiv(VA, BV), HV, NSEG, threads=threads) as (iv, hv, n):
             qs = ops.alloc_shared((C, K), tile)
             ks = ops.alloc_shared((C, K), tile)
@@ -161,7 +162,7 @@ def kda_fused(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dtype: 
                     # ---- state and output
                     if store_states:
                         for c, j in ops.Parallel(K, BV):
-                            hc[c0 + i, hv, c, v0 + j] = T.cast(S[c, j], dtype)
+                            hc[c0 + i, hv, c, v0 + j] = ops.to_tile(S[c, j], dtype)
                     for c, j in ops.Parallel(K, BV):
                         S_s[c, j] = ops.to_tile(S[c, j], dtype)
                     for r, c in ops.Parallel(C, K):   # qg, kg in place
@@ -183,9 +184,9 @@ def kda_fused(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", g_dtype: 
                     for r, j in ops.Parallel(C, BV):
                         if r < L:
                             if v0 < V:
-                                o[bos + r, hv, v0 + j] = T.cast(o_f[r, j], dtype)
+                                o[bos + r, hv, v0 + j] = ops.to_tile(o_f[r, j], dtype)
                             else:
-                                qt[bos + r, hv, v0 + j - V] = T.cast(o_f[r, j], dtype)
+                                qt[bos + r, hv, v0 + j - V] = ops.to_tile(o_f[r, j], dtype)
                     for c, j in ops.Parallel(K, BV):
                         S[c, j] = S[c, j] * T.exp(Gs[C - 1, c])
                     T.gemm(ks, vn_s, S, transpose_A=True)

@@ -46,16 +46,19 @@ def plan(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts: KDAO
     device = q.device
     target = target_for(device)
     TT = B * T
-    C, BV = kernel_tiles(K, V, opts.chunk_size, cfg.state_BV, TL_DTYPES.get(q.dtype, "float32"), target)
+    # the kernels are built for the call's dtype on every target (on the CPU its tensors are float32 and the
+    # kernels round to it where the GPU does: target.TargetOps.to_tile)
+    dtype = TL_DTYPES.get(q.dtype, "float32")
+    C, BV = kernel_tiles(K, V, opts.chunk_size, cfg.state_BV, dtype, target)
     table = chunk_table(B, T, cu_seqlens, C, device)
     seg_len = 0 if return_states else segment_length(cfg, device)
     segs = segments.segment_table(sequence_lengths(B, T, cu_seqlens), C, seg_len, device)
     split = segs.split
 
     x = flat_inputs(q, k, v, g, beta, A_log, dt_bias, opts, target)
-    qf, kf, vf, gf, bf, a_log, bias, prologue = x.q, x.k, x.v.to(x.q.dtype), x.g, x.beta, x.a_log, x.dt_bias, x.prologue
+    qf, kf, gf, bf, a_log, bias, prologue = x.q, x.k, x.g, x.beta, x.a_log, x.dt_bias, x.prologue
+    vf = x.v.to(q.dtype).to(qf.dtype)   # v in q's dtype (values rounded to it on the CPU too)
     f32 = dict(dtype=torch.float32, device=device)
-    dtype = TL_DTYPES[qf.dtype]
 
     has_h0 = initial_state is not None
     state_shape = (HV, V, K) if opts.state_v_first else (HV, K, V)

@@ -47,16 +47,17 @@ def kda_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
     NB = C // block
     TT, TP, NC = runtime_sizes("TT TP NC")
     tile = ops.tile_dtype(dtype)   # on-chip copies and tensor-core operands
+    io = ops.tensor_dtype(dtype)   # global tensors of dtype (float32 on the CPU)
     zero = T.cast(0, tile)
 
     @T.prim_func
-    def kda_intra(q: T.Tensor((TT, H, K), dtype), k: T.Tensor((TT, H, K), dtype), v: T.Tensor((TT, HV, V), dtype),
+    def kda_intra(q: T.Tensor((TT, H, K), io), k: T.Tensor((TT, H, K), io), v: T.Tensor((TT, HV, V), io),
                   g: T.Tensor((TT, HV, K), g_dtype), beta: T.Tensor((TT, HV), beta_dtype),
                   A_log: T.Tensor((HV,), ACC), dt_bias: T.Tensor((HV, K), ACC),
                   chunk_bos: T.Tensor((NC,), "int32"), chunk_len: T.Tensor((NC,), "int32"),
-                  w: T.Tensor((TP, HV, K), dtype), u: T.Tensor((TP, HV, V), dtype),
-                  qg: T.Tensor((TP, HV, K), dtype), kg: T.Tensor((TP, HV, K), dtype),
-                  Aqk: T.Tensor((TP, HV, C), dtype), gc: T.Tensor((NC, HV, K), ACC)):
+                  w: T.Tensor((TP, HV, K), io), u: T.Tensor((TP, HV, V), io),
+                  qg: T.Tensor((TP, HV, K), io), kg: T.Tensor((TP, HV, K), io),
+                  Aqk: T.Tensor((TP, HV, C), io), gc: T.Tensor((NC, HV, K), ACC)):
         with T.Kernel(NC, HV, threads=threads) as (ic, hv):
             qs = ops.alloc_shared((C, K), tile)
             ks = ops.alloc_shared((C, K), tile)
@@ -135,7 +136,7 @@ def kda_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
                 Aqs[r, s] = T.if_then_else(s <= r, Aqs[r, s] * (scale * rq[r] * rk[s]), 0.0)
             for r, s in ops.Parallel(C, C):
                 if r < L:
-                    Aqk[bos + r, hv, s] = T.cast(Aqs[r, s], dtype)
+                    Aqk[bos + r, hv, s] = ops.to_tile(Aqs[r, s], dtype)
 
             # ---- X = (I + A_kk)^-1 by forward substitution: one column of X per thread, held in registers
             #      (X[r, j] = delta_rj - sum_{s<r} A_kk[r, s] X[s, j]); no barrier, no shared-memory chain
@@ -163,15 +164,16 @@ def kda_intra(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16",
             T.gemm(Xd, tv, U_f)
             for r, c in ops.Parallel(C, K):
                 if r < L:
-                    w[bos + r, hv, c] = T.cast(W_f[r, c], dtype)
+                    w[bos + r, hv, c] = ops.to_tile(W_f[r, c], dtype)
             for r, c in ops.Parallel(C, V):
                 if r < L:
-                    u[bos + r, hv, c] = T.cast(U_f[r, c], dtype)
+                    u[bos + r, hv, c] = ops.to_tile(U_f[r, c], dtype)
             # ---- what the state recurrence needs from this chunk
             for r, c in ops.Parallel(C, K):
                 if r < L:
-                    qg[bos + r, hv, c] = T.cast(T.cast(qs[r, c], ACC) * rq[r] * T.exp(Gs[r, c]), dtype)
-                    kg[bos + r, hv, c] = T.cast(T.cast(ks[r, c], ACC) * rk[r] * T.exp(Gs[C - 1, c] - Gs[r, c]), dtype)
+                    qg[bos + r, hv, c] = ops.to_tile(T.cast(qs[r, c], ACC) * rq[r] * T.exp(Gs[r, c]), dtype)
+                    kg[bos + r, hv, c] = ops.to_tile(T.cast(ks[r, c], ACC) * rk[r] * T.exp(Gs[C - 1, c] - Gs[r, c]),
+                                                     dtype)
             for c in ops.Parallel(K):
                 gc[ic, hv, c] = Gs[C - 1, c]
 

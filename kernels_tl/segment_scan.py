@@ -62,12 +62,13 @@ def kda_segment_fixup(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", b
     BV = block_V
     HV, TT, NC, NSEG = runtime_sizes("HV TT NC NSEG")
     tile = ops.tile_dtype(dtype)
+    io = ops.tensor_dtype(dtype)   # global tensors of dtype (float32 on the CPU)
 
     @T.prim_func
-    def kda_segment_fixup(qt: T.Tensor((TT, HV, K), dtype), s_in: T.Tensor((NSEG, HV, K, V), ACC),
+    def kda_segment_fixup(qt: T.Tensor((TT, HV, K), io), s_in: T.Tensor((NSEG, HV, K, V), ACC),
                           chunk_bos: T.Tensor((NC,), "int32"), chunk_len: T.Tensor((NC,), "int32"),
                           chunk_seg: T.Tensor((NC,), "int32"), seg_first: T.Tensor((NSEG,), "int32"),
-                          o: T.Tensor((TT, HV, V), dtype)):
+                          o: T.Tensor((TT, HV, V), io)):
         with T.Kernel(T.ceildiv(V, BV), HV, NC, threads=threads) as (iv, hv, ic):
             q_s = ops.alloc_shared((C, K), tile)
             S_s = ops.alloc_shared((K, BV), tile)
@@ -85,6 +86,6 @@ def kda_segment_fixup(K: int, V: int, C: int = 64, *, dtype: str = "bfloat16", b
                 T.gemm(q_s, S_s, o_f)
                 for r, j in ops.Parallel(C, BV):
                     if r < L:
-                        o[bos + r, hv, v0 + j] = T.cast(T.cast(o[bos + r, hv, v0 + j], ACC) + o_f[r, j], dtype)
+                        o[bos + r, hv, v0 + j] = ops.to_tile(T.cast(o[bos + r, hv, v0 + j], ACC) + o_f[r, j], dtype)
 
     return kda_segment_fixup

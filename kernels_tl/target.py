@@ -5,6 +5,9 @@ Every kernel in this package is written once, GPU-style (shared and fragment buf
 shared/fragment buffers or partition parallel loops over threads, so for it the same program is built with:
 
 * shared and fragment allocations -> thread-local allocations (16-bit tiles held in float32),
+* 16-bit global tensors -> float32 tensors (the host widens bf16/fp16 inputs, :func:`for_target`), while every
+  value the GPU rounds to the 16-bit type (tile operands, intermediates stored to global memory) is rounded to
+  it bit-exactly in float32 (:func:`round_float32_to`), so CPU builds see the GPU's 16-bit rounding,
 * ``T.Parallel(a, b, ...)`` -> ``T.grid(a, b, ...)`` (serial loops),
 * software-pipeline depth -> 0 (``T.Pipelined`` becomes a plain loop).
 
@@ -31,6 +34,25 @@ TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32
 CUDA_ARCH = "sm_90a"
 
 
+# mantissa bits float32 has beyond each 16-bit type (23 - 7 for bf16, 23 - 10 for fp16)
+_DROPPED_BITS = {"bfloat16": 16, "float16": 13}
+
+
+def round_float32_to(x, dtype: str):
+    """float32 ``x`` rounded to the nearest ``dtype`` value (ties to even), as a float32; ``x`` itself for dtypes
+    other than bf16/fp16.  Bit-level, so it works on the C target (which has no 16-bit types and folds casts).
+    Exact for bf16 (NaN kept, infinities stay); for fp16 only the mantissa is rounded: fp16's range (overflow to
+    inf, subnormals) is not emulated."""
+    bits = _DROPPED_BITS.get(dtype)
+    if bits is None:
+        return x
+    u = T.reinterpret(x, "uint32")
+    half, low = T.uint32((1 << (bits - 1)) - 1), T.uint32((1 << bits) - 1)
+    # add half an ulp less one, plus the lowest kept bit (so exact ties go to even), then drop the low bits
+    rounded = (u + half + ((u >> T.uint32(bits)) & T.uint32(1))) & ~low
+    return T.if_then_else(x != x, x, T.reinterpret(rounded, "float32"))
+
+
 @dataclass(frozen=True)
 class TargetOps:
     """Allocation and loop constructs for one target (see the module docstring)."""
@@ -45,10 +67,16 @@ class TargetOps:
         bf16/fp16 local buffers do not lower), the GPU keeps them as given (tensor-core operands)."""
         return "float32" if self.cpu else dtype
 
+    def tensor_dtype(self, dtype: str) -> str:
+        """dtype of a global tensor meant to be ``dtype``: float32 on the C target (the host widens 16-bit tensors
+        there, :func:`for_target`), ``dtype`` on the GPU."""
+        return "float32" if self.cpu else dtype
+
     def to_tile(self, x, dtype: str):
-        """``x`` rounded to ``dtype`` for a tile of :meth:`tile_dtype` (the rounding is kept on the CPU so both
-        targets compute the same numbers)."""
-        return T.cast(T.cast(x, dtype), "float32") if self.cpu else T.cast(x, dtype)
+        """``x`` rounded to ``dtype``, for a tile of :meth:`tile_dtype` or a tensor of :meth:`tensor_dtype`: a cast
+        on the GPU; on the CPU the value stays float32 but is rounded to ``dtype`` bit-exactly
+        (:func:`round_float32_to`), so both targets compute the same numbers."""
+        return round_float32_to(T.cast(x, "float32"), dtype) if self.cpu else T.cast(x, dtype)
 
     def stages(self, num_stages: int) -> int:
         """Pipeline depth usable on this target (0 on the CPU)."""
@@ -136,7 +164,8 @@ def ops_for(target: str) -> TargetOps:
 
 def for_target(x, target: str):
     """Tensor as the kernels for ``target`` take it: the C target has no 16-bit types, so bf16/fp16 tensors
-    are widened to float32 on the host there (CPU builds check the program logic, not 16-bit rounding)."""
+    are widened to float32 on the host there (exactly; the kernels, built for the logical dtype, round what the GPU
+    rounds: :meth:`TargetOps.to_tile`)."""
     if is_cpu(target) and x.dtype in (torch.bfloat16, torch.float16):
         return x.float()
     return x

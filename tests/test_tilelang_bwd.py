@@ -4,7 +4,8 @@ Each case's gradients are compared with the float64 reference backward (kda_comp
 autograd through the float64 forward reference, on the same (rounded) inputs; errors are ``||grad - ref|| /
 ||ref||``.  Also: determinism (two calls bitwise equal), causality of gradients and input checks.  The C target
 compiles each program once per process, so the cases share as few flag combinations as they can (K = V = 32).
-On the CPU the kernels take bf16 inputs widened to float32: those cases check the program on rounded inputs.
+On the CPU the kernels take bf16 inputs widened to float32 and round to bf16 where the GPU does (tile operands,
+stored intermediates: target.TargetOps.to_tile), so those cases see the GPU's 16-bit rounding too.
 """
 import pytest
 import torch
