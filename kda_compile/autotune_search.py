@@ -92,9 +92,9 @@ class BucketSearch:
         if not good:
             return None
         ms, backend, config = min(good, key=lambda t: t[0])
-        home = [t for t in good if t[1] == self.untuned]
-        if home and backend != self.untuned and ms * SWITCH_MARGIN >= min(home, key=lambda t: t[0])[0]:
-            ms, backend, config = min(home, key=lambda t: t[0])   # not worth leaving the untuned backend
+        home = min((t for t in good if t[1] == self.untuned), key=lambda t: t[0], default=None)
+        if home is not None and backend != self.untuned and ms * SWITCH_MARGIN >= home[0]:
+            ms, backend, config = home   # not worth leaving the untuned backend
         per_backend = {}
         for t_ms, name, cfg in sorted(good, key=lambda t: t[0]):
             per_backend.setdefault(name, {"config": cfg, "time_ms": t_ms})

@@ -23,10 +23,9 @@ _ENV_KEYS = tuple(name.encode() for name in _ENV)
 
 def environment() -> tuple:
     """The values of the environment variables the dispatch reads (None where unset; as bytes on POSIX, where
-    they only key the cache).  On POSIX this reads
-    ``os.environ``'s own byte-keyed mapping, which every ``os.environ`` assignment updates: ``os.environ.get``
-    of an unset name raises and catches a KeyError inside, 0.6-0.9 µs per name and call on a serving loop's
-    path."""
+    they only key the cache).  On POSIX this reads ``os.environ``'s own byte-keyed mapping, which every
+    ``os.environ`` assignment updates: ``os.environ.get`` of an unset name raises and catches a KeyError inside,
+    0.6-0.9 µs per name and call on a serving loop's path."""
     data = getattr(os.environ, "_data", None)
     if os.name == "posix" and isinstance(data, dict):
         return tuple(map(data.get, _ENV_KEYS))

@@ -194,8 +194,8 @@ def kda_decode_columns(K: int, V: int, *, dtype: str = "bfloat16", g_dtype: str 
             h = hv // (HV // H)
             bos = seq_bos[n]
             slot = initial_slot(slot_mode, slots, accepted, n)
-            # Load the state columns.  On the GPU the thread index is bound explicitly (own_columns): this
-            # loop touches only the thread's own registers, and a T.Parallel over j was lowered to a serial
+            # Load the state columns.  On the GPU the thread index is bound explicitly: this loop touches
+            # only the thread's own registers, and a T.Parallel over j was lowered to a serial
             # loop in every thread (each thread ended up holding column BV-1; found in the sm_90a source).
             if ops.cpu:
                 for j in T.serial(BV):

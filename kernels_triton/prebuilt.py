@@ -18,10 +18,12 @@ does not cover compiles on first use, as before.  ``python -m kda_compile.prebui
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import sysconfig
 from pathlib import Path
@@ -67,6 +69,11 @@ def tag_for(triton_version: str, capability: tuple[int, int]) -> str:
 def _decode_key(folder: str) -> str:
     """The hex key whose base32 form names a Triton cache folder (``get_cache_manager`` encodes it again)."""
     return base64.b32decode(folder + "=" * (-len(folder) % 8)).hex()
+
+
+def shipped_tags() -> list[str]:
+    """The artefact sets this package ships (folder names under :data:`ROOT`)."""
+    return sorted(p.name for p in ROOT.iterdir() if p.is_dir()) if ROOT.is_dir() else []
 
 
 def load_manifest(tag: str) -> dict | None:
@@ -134,8 +141,7 @@ def _install(device) -> str:
         tag = tag_for(triton.__version__, capability)
         manifest = load_manifest(tag)
         if manifest is None:
-            have = sorted(p.name for p in ROOT.iterdir() if p.is_dir()) if ROOT.is_dir() else []
-            return f"none for {tag} (shipped: {', '.join(have) or 'none'})"
+            return f"none for {tag} (shipped: {', '.join(shipped_tags()) or 'none'})"
         reason = mismatch(manifest, triton.__version__, capability)
         if reason:
             return f"{tag} not installed: {reason}"
@@ -150,15 +156,13 @@ def status() -> str:
     """What :func:`install` did in this process, or which sets are shipped when it has not run."""
     if _installed:
         return "; ".join(f"{device}: {result}" for device, result in _installed.items())
-    have = sorted(p.name for p in ROOT.iterdir() if p.is_dir()) if ROOT.is_dir() else []
-    return f"shipped sets: {', '.join(have) or 'none'} (installed on the first Triton call on a GPU)"
+    return f"shipped sets: {', '.join(shipped_tags()) or 'none'} (installed on the first Triton call on a GPU)"
 
 
 def collect(cache_dir: Path, out: Path, capability: tuple[int, int], problems: list[str]) -> dict:
     """Copy the binary part of every folder of a Triton cache that one process filled into the set ``out`` and write
     its manifest; returns the manifest."""
-    import shutil
-
+    import torch
     import triton
     entries = {}
     for entry in sorted(p for p in cache_dir.iterdir() if p.is_dir()):
@@ -169,9 +173,6 @@ def collect(cache_dir: Path, out: Path, capability: tuple[int, int], problems: l
         for name in names:
             shutil.copyfile(entry / name, out / entry.name / name)
         entries[entry.name] = names
-    import datetime
-
-    import torch
     manifest = {"made": f"{datetime.date.today()} on {torch.cuda.get_device_name()}" if torch.cuda.is_available()
                 else str(datetime.date.today()),
                 "triton": triton.__version__, "triton_installation": triton_installation_hash(),
