@@ -1,9 +1,9 @@
-"""Stage 2 of the Triton backward: through W = T ke, U = T v and the triangular inverse (docs/algorithm.md, "The chunkwise backward",
-sections 2-3).
+"""Stage 2 of the Triton backward: through W = T ke, U = T v and the triangular inverse (docs/algorithm.md,
+"The chunkwise backward", sections 2-3).
 
-One program per (chunk, value head).  X = (I + A_kk)^-1 is recomputed from the forward's A_kk with the forward's
-blocked inverse (solve_tril.block_inverse, diagonal blocks by products so nothing is written next to A_kk),
-T = X diag(beta).  Then, one V block at a time (keS = ke h by a K loop, ke = k r_k exp(Gamma)):
+One program per (chunk, value head).  X = (I + A_kk)^-1 is recomputed from the forward's A_kk and the inverses of
+its diagonal blocks with the forward's blocked inverse (solve_tril.block_inverse), T = X diag(beta).  Then, one V
+block at a time (keS = ke h by a K loop, ke = k r_k exp(Gamma)):
 
     dv    = T^T dV_new                        (the whole gradient of v)
     dT   += dV_new (v - ke h)^T               (= dV_new v^T + dW ke^T with dW = -dV_new h^T)
@@ -30,12 +30,11 @@ def get_configs() -> list[dict]:
 
 @triton.jit
 def kda_bwd_solve_kernel(
-    q, k, v, beta, do, v_new, dvn, h, akk, gamma, dv, d_akk, d_aqk, dbeta, chunk_seq, chunk_pos, cu, scale,
-    s_ac, s_ah, s_gc, s_gh, s_gr,
+    q, k, v, beta, do, v_new, dvn, h, akk, dinv, gamma, dv, d_akk, d_aqk, dbeta, chunk_seq, chunk_pos, cu, scale,
+    s_ac, s_ah, s_dc, s_dh, s_gc, s_gh, s_gr,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr, SOLVE_PREC: tl.constexpr,
-    SOLVE_DIAG: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_kh = i_h // (HV // H)
@@ -45,8 +44,8 @@ def kda_bwd_solve_kernel(
     m_t = o_t < eos
     i_ch = i_c.to(tl.int64) * HV + i_h
     b_beta = chunk_beta(beta, o_t, m_t, i_h, HV, BETA_SIGMOID, BETA_SCALE)
-    b_x = block_inverse(akk + i_c.to(tl.int64) * s_ac + i_h * s_ah, tl.full([C], 1.0, tl.float32), C, SOLVE_PREC,
-                        SOLVE_DIAG)
+    b_x = block_inverse(akk + i_c.to(tl.int64) * s_ac + i_h * s_ah, dinv + i_c.to(tl.int64) * s_dc + i_h * s_dh,
+                        tl.full([C], 1.0, tl.float32), C, SOLVE_PREC, "stored")
     b_t = b_x * b_beta[None, :]
     _, r_k = l2norm_factors(q, k, o_t, m_t, i_kh, H, K, C, BK, L2NORM)
     p_h = h + i_ch * (K * V)
@@ -96,20 +95,17 @@ def chunk_bwd_solve(q, k, v, beta, do, fwd, dvn, opts, table, cfg):
     d_akk = torch.zeros(TT, HV, C, device=dev, dtype=torch.float32)
     d_aqk = torch.zeros(TT, HV, C, device=dev, dtype=torch.float32)
     dbeta = torch.zeros(TT, HV, device=dev, dtype=torch.float32)
-    akk, gamma = fwd.akk, fwd.gamma
-    if akk.stride(2) != C or akk.stride(3) != 1 or gamma.stride(3) != 1:
-        raise ValueError("recomputed A_kk must have contiguous [C, C] tiles and Gamma contiguous rows")
-    diag = cfg.forward.solve_diag
-    diag = "ieee" if diag == "subst" else diag        # products only: nothing written next to A_kk
+    akk, dinv, gamma = fwd.akk, fwd.dinv, fwd.gamma
+    if akk.stride()[2:] != (C, 1) or dinv.stride()[2:] != (16, 1) or gamma.stride(3) != 1:
+        raise ValueError("recomputed A_kk and Dinv must have contiguous tiles and Gamma contiguous rows")
     if table.num_chunks:
         kda_bwd_solve_kernel[(table.num_chunks, HV)](
-            q, k, v, beta, do, fwd.v_new, dvn, fwd.h, akk, gamma, dv, d_akk, d_aqk, dbeta,
+            q, k, v, beta, do, fwd.v_new, dvn, fwd.h, akk, dinv, gamma, dv, d_akk, d_aqk, dbeta,
             table.chunk_seq, table.chunk_pos, table.cu, float(opts.scale),
-            akk.stride(0), akk.stride(1), gamma.stride(0), gamma.stride(1), gamma.stride(2),
+            *akk.stride()[:2], *dinv.stride()[:2], *gamma.stride()[:3],
             H=H, HV=HV, K=K, V=V, C=C, L2NORM=opts.use_qk_l2norm_in_kernel,
             BETA_SIGMOID=opts.use_beta_sigmoid_in_kernel, BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0,
             BK=min(cfg.bwd_solve_BK, triton.next_power_of_2(K)),
             BV=min(cfg.bwd_solve_BV, triton.next_power_of_2(V)), INTERPRET=interpreting(),
-            PREC=cfg.forward.precision, SOLVE_PREC=cfg.forward.solve_precision,
-            SOLVE_DIAG=diag, num_warps=cfg.bwd_solve_warps)
+            PREC=cfg.forward.precision, SOLVE_PREC=cfg.forward.solve_precision, num_warps=cfg.bwd_solve_warps)
     return dv, d_akk, d_aqk, dbeta

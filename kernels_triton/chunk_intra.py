@@ -68,9 +68,9 @@ def get_configs() -> list[dict]:
 @triton.jit
 def scratch_views(scratch, i_c, i_h, HV: tl.constexpr, C: tl.constexpr, KP: tl.constexpr):
     """The float32 scratch of chunk ``i_c`` and value head ``i_h`` (C^2 + 16 C + C KP floats): ``base`` (A_kk
-    ``[C, C]``, then ``[C, 16]`` for the inverse's diagonal blocks) and ``s_g`` (Gamma ``[C, KP]``)."""
+    ``[C, C]``), ``dinv`` (``[C, 16]``, the inverses of A_kk's diagonal blocks) and ``s_g`` (Gamma ``[C, KP]``)."""
     base = scratch + (i_c.to(tl.int64) * HV + i_h) * (C * C + C * 16 + C * KP)
-    return base, base + C * C + C * 16
+    return base, base + C * C, base + C * C + C * 16
 
 
 @triton.jit
@@ -156,7 +156,7 @@ def kda_gamma_kernel(
     each load in turn."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
-    base, s_g = scratch_views(scratch, i_c, i_h, HV, C, KP)
+    _, _, s_g = scratch_views(scratch, i_c, i_h, HV, C, KP)
     o_c = tl.arange(0, C)
     o_t = t0 + o_c
     o_k = tl.program_id(2) * BK + tl.arange(0, BK)
@@ -181,7 +181,7 @@ def kda_intra_kernel(
     i, i_c, i_h = tl.program_id(0) % (C // 16), tl.program_id(0) // (C // 16), tl.program_id(1)
     i_kh = i_h // (HV // H)
     t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
-    base, s_g = scratch_views(scratch, i_c, i_h, HV, C, KP)
+    base, _, s_g = scratch_views(scratch, i_c, i_h, HV, C, KP)
     o_16 = tl.arange(0, 16)
     o_i = 16 * i + o_16
     t_i = t0 + o_i
@@ -268,17 +268,18 @@ def kda_solve_kernel(
     BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PREC: tl.constexpr, SOLVE_PREC: tl.constexpr, SOLVE_DIAG: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    """T = (I + A_kk)^-1 diag(beta) from the scratch; ``w = T ke`` (in place over ke, each program reads a
-    ``[C, BK]`` block of its own chunk before it writes it), ``u = T v``."""
+    """T = (I + A_kk)^-1 diag(beta) from the scratch (the inverses of A_kk's diagonal blocks stored beside it on the
+    way, for the backward); ``w = T ke`` (in place over ke, each program reads a ``[C, BK]`` block of its own chunk
+    before it writes it), ``u = T v``."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
-    base, s_g = scratch_views(scratch, i_c, i_h, HV, C, KP)
+    base, dinv, _ = scratch_views(scratch, i_c, i_h, HV, C, KP)
     o_c = tl.arange(0, C)
     o_t = t0 + o_c
     m_t = o_t < eos
 
     b_beta = chunk_beta(beta, o_t, m_t, i_h, HV, BETA_SIGMOID, BETA_SCALE)
-    b_m = block_inverse(base, b_beta, C, SOLVE_PREC, SOLVE_DIAG)
+    b_m = block_inverse(base, dinv, b_beta, C, SOLVE_PREC, SOLVE_DIAG)
     for i_k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
@@ -300,8 +301,9 @@ def factor_shift(use_lower_bound: bool, lower_bound: float) -> tuple[float, bool
 class Intra(NamedTuple):
     """The outputs of the intra stage (the conventions of docs/algorithm.md): aqk ``[TT, HV, C]`` (scaled,
     causal, v's dtype), w ``[TT, HV, K]`` (k's dtype), u ``[TT, HV, V]`` (v's dtype), qg, kg ``[TT, HV, K]`` (q's /
-    k's dtype), gc ``[chunks, HV, K]`` (float32); and two float32 views into the stage's scratch that the backward
-    reads: akk ``[chunks, HV, C, C]`` (A_kk, zeros above the diagonal) and gamma ``[chunks, HV, C, KP]``."""
+    k's dtype), gc ``[chunks, HV, K]`` (float32); and three float32 views into the stage's scratch that the backward
+    reads: akk ``[chunks, HV, C, C]`` (A_kk, zeros above the diagonal), dinv ``[chunks, HV, C, 16]`` (the inverses
+    of (I + A_kk)'s 16x16 diagonal blocks, solve_tril.block_inverse's layout) and gamma ``[chunks, HV, C, KP]``."""
 
     aqk: torch.Tensor
     w: torch.Tensor
@@ -310,6 +312,7 @@ class Intra(NamedTuple):
     kg: torch.Tensor
     gc: torch.Tensor
     akk: torch.Tensor
+    dinv: torch.Tensor
     gamma: torch.Tensor
 
 
@@ -337,6 +340,7 @@ def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg) -> Intra:
     KP = triton.cdiv(K, row) * row
     scratch = torch.empty(NC, HV, C * C + C * BLOCK + C * KP, device=dev, dtype=torch.float32)
     out = Intra(aqk, w, u, qg, kg, gc, scratch[:, :, :C * C].unflatten(2, (C, C)),
+                scratch[:, :, C * C:C * C + C * BLOCK].unflatten(2, (C, BLOCK)),
                 scratch[:, :, C * C + C * BLOCK:].unflatten(2, (C, KP)))
     if not NC:
         return out

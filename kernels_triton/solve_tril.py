@@ -3,9 +3,12 @@ inside the solve kernel (chunk_intra.py) on A_kk kept in scratch:
 
     T = (I + A)^-1 diag(beta),   A strictly lower triangular [C, C], C = 32 or 64
 
-* the 16x16 diagonal blocks (all C/16 of them at once) by forward substitution in float32, rows in
-  registers as a [C/16, 16, 16] tensor, or (config ``solve_diag``) by six block-diagonal [C, C] products;
-* with Dinv their inverse and N = Dinv A_off (strictly block-lower, so N^4 = 0), (I + A) = Dblk (I + N) and
+* the inverses Dinv of the C/16 diagonal 16x16 blocks, all at once as a [C/16, 16, 16] tensor
+  (:func:`diag_block_inverses`, config ``solve_diag``): six batched 16x16 tensor-core products
+  (I - L)(I + L^2)(I + L^4)(I + L^8) at a product precision (default "tf32"), or ("subst") forward substitution
+  in float32 with the rows in registers.  They go to a [C, 16] float32 scratch beside A, where the backward's
+  solve kernel reads them instead of forming them again;
+* with N = Dinv A_off (strictly block-lower, so N^4 = 0), (I + A) = Dblk (I + N) and
   (I + A)^-1 = (I - N)(I + N^2) Dinv: three or four [C, C] tensor-core products (``SOLVE_PREC``: "tf32"
   default, "ieee" for float32 FMA; measured error of both in docs/triton.md).
 
@@ -21,51 +24,50 @@ from .gate import finite_or_zero
 
 
 @triton.jit
-def diag_inverse_products(b_l, eye, PREC: tl.constexpr):
-    """``(I + L)^-1`` of a block-diagonal ``L [C, C]`` whose 16x16 blocks are strictly lower: L^16 = 0, so
-    ``(I + L)^-1 = (I - L)(I + L^2)(I + L^4)(I + L^8)``, six tensor-core products (block-diagonal throughout)."""
-    b_p = b_l
-    b_inv = eye - b_l
-    for _ in tl.static_range(3):
-        b_p = tl.dot(b_p, b_p, input_precision=PREC)
-        b_inv = tl.dot(b_inv, eye + b_p, input_precision=PREC)
-    return b_inv
+def diag_block_inverses(base, dinv, C: tl.constexpr, DIAG: tl.constexpr):
+    """Store at ``dinv`` (``[C, 16]`` float32, row r holding ``Dinv[r, 16 blk(r) : 16 blk(r) + 16]``) the inverses
+    of ``I + L`` for the 16x16 diagonal blocks ``L`` of the strictly lower ``A [C, C]`` at ``base``.  ``DIAG``:
+    "subst" for forward substitution in float32, else the precision of six products: L^16 = 0, so
+    ``(I + L)^-1 = (I - L)(I + L^2)(I + L^4)(I + L^8)``."""
+    NB: tl.constexpr = C // 16
+    o_c = tl.arange(0, C)
+    r3 = tl.arange(0, 16)[None, :, None]
+    c3 = tl.arange(0, 16)[None, None, :]
+    eye3 = tl.where(r3 == c3, 1.0, 0.0) + tl.zeros([NB, 16, 16], dtype=tl.float32)
+    # stacked diagonal blocks: row r holds A[r, 16 blk(r) : 16 blk(r) + 16]
+    b_l = tl.reshape(finite_or_zero(tl.load(base + o_c[:, None] * C + ((o_c // 16) * 16)[:, None]
+                                            + tl.arange(0, 16)[None, :])), (NB, 16, 16))
+    if DIAG == "subst":
+        b_inv = eye3
+        for j in range(1, 16):  # row j of every block's inverse: e_j - sum_{s<j} L[j, s] Inv[s, :]
+            row = tl.sum(tl.where(r3 == j, b_l, 0.0), 1)                 # [NB, 16]: L[j, :] of each block
+            new = -tl.sum(row[:, :, None] * b_inv, 1)                    # -sum_s L[j, s] Inv[s, :]
+            b_inv = tl.where(r3 == j, new[:, None, :] + eye3, b_inv)
+    else:
+        b_p = b_l
+        b_inv = eye3 - b_l
+        for _ in tl.static_range(3):
+            b_p = tl.dot(b_p, b_p, input_precision=DIAG)
+            b_inv = tl.dot(b_inv, eye3 + b_p, input_precision=DIAG)
+    tl.store(dinv + tl.arange(0, NB)[:, None, None] * 256 + r3 * 16 + c3, b_inv)
 
 
 @triton.jit
-def block_inverse(base, b_beta, C: tl.constexpr, SOLVE_PREC: tl.constexpr, DIAG: tl.constexpr):
-    """``(I + A)^-1 diag(beta)`` for the strictly lower ``A [C, C]`` stored (float32, row-major) at ``base``;
-    ``[C, 16]`` floats after it are scratch.  Diagonal 16x16 blocks (``DIAG``: "subst", forward substitution
-    with all blocks at once and rows kept in registers; or a dot precision, :func:`diag_inverse_products`),
-    then (I + N)^-1 = (I - N)(I + N^2) with N = Dinv A_off (N^4 = 0)."""
-    NB: tl.constexpr = C // 16
+def block_inverse(base, dinv, b_beta, C: tl.constexpr, SOLVE_PREC: tl.constexpr, DIAG: tl.constexpr):
+    """``(I + A)^-1 diag(beta)`` for the strictly lower ``A [C, C]`` stored (float32, row-major) at ``base``, with
+    the inverses of its diagonal blocks at ``dinv`` (:func:`diag_block_inverses`' layout).  ``DIAG``: how to form
+    them first (:func:`diag_block_inverses`), or "stored" to use the ones already there.  Then
+    (I + N)^-1 = (I - N)(I + N^2) with N = Dinv A_off (N^4 = 0)."""
     o_c = tl.arange(0, C)
     blk = o_c // 16
     same = blk[:, None] == blk[None, :]
     eye = tl.where(o_c[:, None] == o_c[None, :], 1.0, 0.0)
-    if DIAG == "subst":
-        o_16 = tl.arange(0, 16)
-        # stacked diagonal blocks: row r holds A[r, 16 blk(r) : 16 blk(r) + 16]
-        b_ad = tl.reshape(finite_or_zero(tl.load(base + o_c[:, None] * C + (blk * 16)[:, None] + o_16[None, :])),
-                          (NB, 16, 16))
-        r3 = tl.arange(0, 16)[None, :, None]
-        c3 = tl.arange(0, 16)[None, None, :]
-        eye3 = tl.where(r3 == c3, 1.0, 0.0)
-        b_inv = eye3 + tl.zeros([NB, 16, 16], dtype=tl.float32)
-        for j in range(1, 16):  # forward substitution, row j of all diagonal blocks at once
-            row = tl.sum(tl.where(r3 == j, b_ad, 0.0), 1)                # [NB, 16]: A[j, :] of each block
-            new = -tl.sum(row[:, :, None] * b_inv, 1)                    # -sum_s A[j, s] Inv[s, :]
-            b_inv = tl.where(r3 == j, new[:, None, :] + eye3, b_inv)
-        base_d = base + C * C
-        tl.store(base_d + tl.arange(0, NB)[:, None, None] * 256 + r3 * 16 + c3, b_inv)
-        tl.debug_barrier()
-        b_dinv = tl.load(base_d + o_c[:, None] * 16 + (o_c % 16)[None, :], mask=same, other=0.0)
-        b_aoff = finite_or_zero(tl.load(base + o_c[:, None] * C + o_c[None, :], mask=~same, other=0.0))
-    else:
-        b_a = finite_or_zero(tl.load(base + o_c[:, None] * C + o_c[None, :]))
-        b_dinv = diag_inverse_products(tl.where(same, b_a, 0.0), eye, DIAG)
-        b_aoff = tl.where(same, 0.0, b_a)
-    return off_diagonal_inverse(b_dinv, b_aoff, eye, b_beta, NB, SOLVE_PREC)
+    if DIAG != "stored":
+        diag_block_inverses(base, dinv, C, DIAG)
+        tl.debug_barrier()   # the stores above are read back below by other threads of the program
+    b_dinv = tl.load(dinv + o_c[:, None] * 16 + (o_c % 16)[None, :], mask=same, other=0.0)
+    b_aoff = finite_or_zero(tl.load(base + o_c[:, None] * C + o_c[None, :], mask=~same, other=0.0))
+    return off_diagonal_inverse(b_dinv, b_aoff, eye, b_beta, C // 16, SOLVE_PREC)
 
 
 @triton.jit

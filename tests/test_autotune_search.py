@@ -272,7 +272,7 @@ H800 = {"device": "NVIDIA H800", "capability": "9.0", "torch": "9.9", "triton": 
 def test_the_shipped_h200_table_is_found_for_an_h200():
     entries, name = tuning_table.load_shipped_table(dict(H800, device="NVIDIA H200"))
     assert name == "h200.json"
-    assert {"chunk/bf16/K128V128/T8k/dense/log/l2n/p0", "chunk/bf16/K128V128/T8k/dense/safe/l2n/p1"} <= set(entries)
+    assert {"chunk/bf16/K128V128/T8k/dense/log/l2n/p0", "recurrent/bf16/K128V128/t1/dense/log/l2n/p4"} <= set(entries)
 
 
 def test_a_gpu_without_table_borrows_one_of_its_compute_capability(monkeypatch):
