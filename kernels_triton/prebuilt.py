@@ -11,12 +11,14 @@ itself; nothing is loaded that Triton would not have built the same way.
 
 An artefact set lives in ``prebuilt/<tag>/`` (tag: ``triton-<version>-sm<major><minor>``) with a ``manifest.json``.
 It is installed only where everything the keys depend on matches: the Triton version and its installation hash,
-the GPU's compute capability, the Python ABI, and a hash of this package's Triton kernel sources (the artefacts of
-edited kernels would never be hit, so a stale set is left alone and :func:`status` says so).  Anything the set
+the GPU's compute capability, the Python ABI, and a hash of this package's Triton kernel sources (the kernels and
+the module constants they may read, :func:`kernel_sources_hash`; the artefacts of edited kernels would never be
+hit, so a stale set is left alone and :func:`status` says so).  Anything the set
 does not cover compiles on first use, as before.  ``python -m kda_compile.prebuild`` makes a set on a GPU.
 """
 from __future__ import annotations
 
+import ast
 import base64
 import datetime
 import hashlib
@@ -36,13 +38,24 @@ _installed: dict[str, str] = {}   # device -> what install() did
 DONE = False   # install() ran for a CUDA device (the first one's architecture is the one installed)
 
 
-def kernel_sources_hash() -> str:
-    """sha256 over the sources of this package's modules that define Triton kernels (file name and content)."""
+def kernel_sources_hash(folder: Path | None = None) -> str:
+    """sha256 over what Triton's keys can depend on in this package's modules that define Triton kernels: per
+    module (by file name), the exact text of every top-level ``@triton.jit`` function, decorators included, and of
+    every top-level assignment (constants a kernel may read).  Host code, docstrings and comments outside those
+    leave it unchanged, so editing them does not make a shipped set stale."""
     h = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        text = path.read_bytes()
-        if re.search(rb"^@triton\.jit", text, re.MULTILINE):
-            h.update(path.name.encode() + b"\0" + text + b"\0")
+    for path in sorted((folder or Path(__file__).parent).glob("*.py")):
+        text = path.read_text()
+        if not re.search(r"^@triton\.jit", text, re.MULTILINE):
+            continue
+        h.update(path.name.encode() + b"\0")
+        for node in ast.parse(text).body:
+            jit = isinstance(node, ast.FunctionDef) and any(
+                ast.get_source_segment(text, d) in ("triton.jit", "jit") or
+                (ast.get_source_segment(text, d) or "").startswith("triton.jit(") for d in node.decorator_list)
+            if jit or isinstance(node, (ast.Assign, ast.AnnAssign)):
+                start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+                h.update("\n".join(text.splitlines()[start - 1:node.end_lineno]).encode() + b"\0")
     return h.hexdigest()
 
 

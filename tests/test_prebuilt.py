@@ -86,6 +86,43 @@ def test_no_gpu_means_nothing_installed():
     assert "not used" in prebuilt._install(torch.device("cpu"))
 
 
+KERNEL_MODULE = '''"""A module with a kernel."""
+import triton
+import triton.language as tl
+
+BLOCK = 16
+
+
+def host_side(x):
+    """Host code."""
+    return x + 1
+
+
+@triton.jit
+def kda_x_kernel(x, BLOCK_N: tl.constexpr):
+    # the kernel
+    tl.store(x + tl.arange(0, BLOCK_N), 1.0)
+'''
+
+
+@pytest.mark.parametrize("edit, stale", [
+    (("Host code.", "Host code, reworded."), False),
+    (('"""A module with a kernel."""', '"""The module\'s docstring, reworded."""'), False),
+    (("return x + 1", "return x + 2"), False),
+    (("# the kernel", "# the kernel, commented otherwise"), True),   # Triton's key hashes the kernel's text
+    (("1.0)", "2.0)"), True),
+    (("BLOCK = 16", "BLOCK = 32"), True),
+    (("@triton.jit\n", "@triton.jit(do_not_specialize=[\"x\"])\n"), True),
+])
+def test_only_kernel_text_and_module_constants_make_a_set_stale(tmp_path, edit, stale):
+    (tmp_path / "kernels.py").write_text(KERNEL_MODULE)
+    (tmp_path / "host_only.py").write_text("X = 1\n")
+    before = prebuilt.kernel_sources_hash(tmp_path)
+    (tmp_path / "kernels.py").write_text(KERNEL_MODULE.replace(*edit))
+    (tmp_path / "host_only.py").write_text("X = 2\n")   # no kernel in it: never counted
+    assert (prebuilt.kernel_sources_hash(tmp_path) != before) == stale
+
+
 @pytest.mark.parametrize("tag", prebuilt.shipped_tags())
 def test_shipped_sets_match_the_kernel_sources(tag):
     """A shipped set made before the Triton kernels last changed is never hit: remake it on that GPU with
