@@ -84,6 +84,13 @@ def kda_bwd_solve_kernel(
     tl.store(d_aqk + p_a, b_dqk, mask=m_t[:, None])
 
 
+def new_output(*shape, device) -> torch.Tensor:
+    """An uninitialised float32 output of the stage: its kernel writes every element (every token lies in one
+    chunk, and each program stores whole rows of its chunk), so no zero fill is paid for.  The CPU tests replace
+    this with a NaN fill to prove that."""
+    return torch.empty(*shape, device=device, dtype=torch.float32)
+
+
 def chunk_bwd_solve(q, k, v, beta, do, fwd, dvn, opts, table, cfg):
     """Run the stage on flat tensors.  Returns ``(dv [TT, HV, V], d_akk, d_aqk [TT, HV, C], dbeta [TT, HV])``, all
     float32: the gradient of v, of A_kk (strictly lower), of A_qk / scale (causal) and beta's part from T."""
@@ -91,10 +98,9 @@ def chunk_bwd_solve(q, k, v, beta, do, fwd, dvn, opts, table, cfg):
     HV, V = v.shape[1], v.shape[2]
     C = table.chunk_size
     dev = q.device
-    dv = torch.zeros(TT, HV, V, device=dev, dtype=torch.float32)
-    d_akk = torch.zeros(TT, HV, C, device=dev, dtype=torch.float32)
-    d_aqk = torch.zeros(TT, HV, C, device=dev, dtype=torch.float32)
-    dbeta = torch.zeros(TT, HV, device=dev, dtype=torch.float32)
+    dv, d_akk, d_aqk = new_output(TT, HV, V, device=dev), new_output(TT, HV, C, device=dev), \
+        new_output(TT, HV, C, device=dev)
+    dbeta = new_output(TT, HV, device=dev)
     akk, dinv, gamma = fwd.akk, fwd.dinv, fwd.gamma
     if akk.stride()[2:] != (C, 1) or dinv.stride()[2:] != (16, 1) or gamma.stride(3) != 1:
         raise ValueError("recomputed A_kk and Dinv must have contiguous tiles and Gamma contiguous rows")

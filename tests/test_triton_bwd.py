@@ -4,7 +4,8 @@ Triton decides at kernel definition time whether a kernel is interpreted, so the
 this file, run as a script, is the worker (``python tests/test_triton_bwd.py CASE...`` prints one JSON line per
 case).  Each case's gradients are compared with the float64 reference backward (kda_compile/reference_bwd.py)
 and with autograd through the float64 reference, on the same (rounded) inputs; errors are
-``||grad - ref|| / ||ref||``.  Also: determinism (two calls bitwise equal) and causality of gradients.
+``||grad - ref|| / ||ref||``.  The worker fills the outputs the kernels leave uninitialised with NaN, so an element
+a kernel fails to write shows up as a non-finite gradient.  Also: determinism (two calls bitwise equal) and causality of gradients.
 The GPU cases (marked gpu) run the standard shapes in bf16.
 """
 from __future__ import annotations
@@ -133,6 +134,8 @@ def _causality(case):
 
 
 def _worker(names):
+    from kda_compile.kernels_triton import chunk_bwd_solve
+    chunk_bwd_solve.new_output = lambda *shape, device: torch.full(shape, float("nan"), device=device)
     torch.manual_seed(0)
     torch.set_num_threads(1)
     for name in names:
