@@ -333,6 +333,11 @@ def tune(shapes: list[TuneShape], device: str, backends: list[str] | None = None
         if backward:  # fixed output and final-state gradients, made once per bucket
             timing_grads, small_grads = make_cotangents(timing_call, seed + 2), make_cotangents(small, seed + 3)
 
+        entries = table()
+        prior = None if force else entries.get(key)
+        # wall seconds each backend's configs took in this bucket (compile, check and timing), over every run
+        seconds = {name: float(s) for name, s in ((prior or {}).get("seconds") or {}).items()}
+
         def measure(name: str, config: dict) -> tuple:
             # a config is not started when the longest config of its backend and op so far (compile included:
             # TileLang's take 6-36 s) would end past the budget
@@ -343,7 +348,9 @@ def tune(shapes: list[TuneShape], device: str, backends: list[str] | None = None
             try:
                 return checked_time(name, config)
             finally:
-                longest[slot] = max(longest.get(slot, 0.0), time.perf_counter() - t0)
+                spent = time.perf_counter() - t0
+                longest[slot] = max(longest.get(slot, 0.0), spent)
+                seconds[name] = round(seconds.get(name, 0.0) + spent, 1)
 
         def checked_time(name: str, config: dict) -> tuple:
             backend = dispatch.get_backend(name)
@@ -361,8 +368,6 @@ def tune(shapes: list[TuneShape], device: str, backends: list[str] | None = None
             except Exception as exc:
                 return None, f"crashed while timing: {type(exc).__name__}: {exc}"[:300]
 
-        entries = table()
-        prior = None if force else entries.get(key)
         fixed = _anchor(entries, shape.bucket)
         if fixed is not None:
             log(f"{key}: backend {fixed[0]} and bit-changing knobs {fixed[1]} fixed by its sequence class "
@@ -372,7 +377,7 @@ def tune(shapes: list[TuneShape], device: str, backends: list[str] | None = None
             key, cands, measure, log=log, step=step, fixed=fixed, untuned=untuned, prior=prior,
             max_configs=max_configs,
             save=lambda record: tuning_table.write_entries({key: record}, identity, path, sm_count=sms),
-            extra={"shape": f"N{s.N} T{s.T} H{s.H} HV{s.HV}", "skipped": skipped})
+            extra={"shape": f"N{s.N} T{s.T} H{s.H} HV{s.HV}", "skipped": skipped, "seconds": seconds})
         record = search.run()
         if record is not None:
             finished[key] = record
@@ -383,7 +388,8 @@ def tune(shapes: list[TuneShape], device: str, backends: list[str] | None = None
             log(f"{key}: no correct candidate; skipped: {skipped}")
         else:
             log(f"{key}: {record['backend']} {record['config']} {record['time_ms']:.3f} ms "
-                f"({record['candidates']} timed or checked, {len(record['rejected'])} rejected) -> {path}")
+                f"({record['candidates']} timed or checked, {len(record['rejected'])} rejected, "
+                f"{_seconds_text(seconds)}) -> {path}")
     close_progress()
     if out_of_time:
         log(f"time budget of {budget_s:.0f} s used up: best configs so far kept in {path}; run again to resume")
@@ -392,6 +398,12 @@ def tune(shapes: list[TuneShape], device: str, backends: list[str] | None = None
     for line in gain_lines({s.bucket.key: entries[s.bucket.key] for s in shapes if s.bucket.key in entries}):
         log("  " + line)
     return finished
+
+
+def _seconds_text(seconds: dict) -> str:
+    """``"41 s: triton 12 s, tilelang 29 s"``: where a bucket's tuning time went, by backend."""
+    parts = ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items())
+    return f"{sum(seconds.values()):.0f} s" + (f": {parts}" if parts else "")
 
 
 def gain_lines(entries: dict) -> list[str]:
@@ -403,7 +415,8 @@ def gain_lines(entries: dict) -> list[str]:
         if default and default.get("time_ms"):
             lines.append(f"{key}: default {default['backend']} {default['time_ms']:.3f} ms -> tuned {tuned} "
                          f"({default['time_ms'] / record['time_ms']:.2f}x)" + ("" if record.get("done", True)
-                                                                              else ", unfinished"))
+                                                                              else ", unfinished")
+                         + (f"; tuning took {_seconds_text(record['seconds'])}" if record.get("seconds") else ""))
         else:
             lines.append(f"{key}: tuned {tuned} (no default time recorded)")
     return lines

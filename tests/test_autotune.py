@@ -148,6 +148,16 @@ def test_concurrent_writers_do_not_corrupt_the_table(tmp_path):
     assert not list((tmp_path / "tuned").glob("*.tmp"))
 
 
+def test_the_record_and_the_summary_say_where_the_tuning_time_went(fake):
+    lines = []
+    record = autotune.tune([SHAPE], "cpu", backends=["fake"], log=lines.append)[SHAPE.bucket.key]
+    # the slow default sleeps 0.2 s in each of its calls (checked once, timed several times)
+    assert set(record["seconds"]) == {"fake"} and record["seconds"]["fake"] >= 0.4
+    assert any(f"fake {record['seconds']['fake']:.0f} s" in line and "tuning took" in line for line in lines)
+    saved = tuning_table._read(tuning_table.table_path(tuning_table.machine_identity("cpu")))
+    assert saved["entries"][SHAPE.bucket.key]["seconds"] == record["seconds"]
+
+
 def test_resume_skips_finished_buckets_and_budget_stops_early(fake):
     other = TuneShape(Bucket("chunk", "fp32", 8, 8, "T8k", "dense", "log", "none", "p1"), N=1, T=70, H=1, HV=1)
     lines = []
