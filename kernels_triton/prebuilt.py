@@ -40,9 +40,10 @@ DONE = False   # install() ran for a CUDA device (the first one's architecture i
 
 def kernel_sources_hash(folder: Path | None = None) -> str:
     """sha256 over what Triton's keys can depend on in this package's modules that define Triton kernels: per
-    module (by file name), the exact text of every top-level ``@triton.jit`` function, decorators included, and of
-    every top-level assignment (constants a kernel may read).  Host code, docstrings and comments outside those
-    leave it unchanged, so editing them does not make a shipped set stale."""
+    module (by file name), the exact text of every top-level ``@triton.jit`` function, decorators included, with
+    the line it starts on (Triton's key holds it), and of every top-level assignment (constants a kernel may read).
+    Host code, docstrings and comments outside those leave it unchanged as long as no kernel moves to another
+    line, so such edits do not make a shipped set stale."""
     h = hashlib.sha256()
     for path in sorted((folder or Path(__file__).parent).glob("*.py")):
         text = path.read_text()
@@ -55,7 +56,8 @@ def kernel_sources_hash(folder: Path | None = None) -> str:
                 (ast.get_source_segment(text, d) or "").startswith("triton.jit(") for d in node.decorator_list)
             if jit or isinstance(node, (ast.Assign, ast.AnnAssign)):
                 start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-                h.update("\n".join(text.splitlines()[start - 1:node.end_lineno]).encode() + b"\0")
+                h.update(f"{start if jit else 0}:".encode() +
+                         "\n".join(text.splitlines()[start - 1:node.end_lineno]).encode() + b"\0")
     return h.hexdigest()
 
 

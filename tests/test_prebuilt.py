@@ -110,6 +110,7 @@ def kda_x_kernel(x, BLOCK_N: tl.constexpr):
     (('"""A module with a kernel."""', '"""The module\'s docstring, reworded."""'), False),
     (("return x + 1", "return x + 2"), False),
     (("# the kernel", "# the kernel, commented otherwise"), True),   # Triton's key hashes the kernel's text
+    (('"""Host code."""', '"""Host code,\n    on two lines."""'), True),   # and the line the kernel starts on
     (("1.0)", "2.0)"), True),
     (("BLOCK = 16", "BLOCK = 32"), True),
     (("@triton.jit\n", "@triton.jit(do_not_specialize=[\"x\"])\n"), True),
