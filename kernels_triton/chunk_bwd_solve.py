@@ -98,8 +98,9 @@ def chunk_bwd_solve(q, k, v, beta, do, fwd, dvn, opts, table, cfg):
     HV, V = v.shape[1], v.shape[2]
     C = table.chunk_size
     dev = q.device
-    dv, d_akk, d_aqk = new_output(TT, HV, V, device=dev), new_output(TT, HV, C, device=dev), \
-        new_output(TT, HV, C, device=dev)
+    dv = new_output(TT, HV, V, device=dev)
+    d_akk = new_output(TT, HV, C, device=dev)
+    d_aqk = new_output(TT, HV, C, device=dev)
     dbeta = new_output(TT, HV, device=dev)
     akk, dinv, gamma = fwd.akk, fwd.dinv, fwd.gamma
     if akk.stride()[2:] != (C, 1) or dinv.stride()[2:] != (16, 1) or gamma.stride(3) != 1:

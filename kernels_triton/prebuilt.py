@@ -13,8 +13,8 @@ An artefact set lives in ``prebuilt/<tag>/`` (tag: ``triton-<version>-sm<major><
 It is installed only where everything the keys depend on matches: the Triton version and its installation hash,
 the GPU's compute capability, the Python ABI, and a hash of this package's Triton kernel sources (the kernels and
 the module constants they may read, :func:`kernel_sources_hash`; the artefacts of edited kernels would never be
-hit, so a stale set is left alone and :func:`status` says so).  Anything the set
-does not cover compiles on first use, as before.  ``python -m kda_compile.prebuild`` makes a set on a GPU.
+hit, so a stale set is left alone and :func:`status` says so).  Anything the set does not cover compiles on first
+use, as before.  ``python -m kda_compile.prebuild`` makes a set on a GPU.
 """
 from __future__ import annotations
 
@@ -50,14 +50,15 @@ def kernel_sources_hash(folder: Path | None = None) -> str:
         if not re.search(r"^@triton\.jit", text, re.MULTILINE):
             continue
         h.update(path.name.encode() + b"\0")
+        lines = text.splitlines()
         for node in ast.parse(text).body:
-            jit = isinstance(node, ast.FunctionDef) and any(
-                ast.get_source_segment(text, d) in ("triton.jit", "jit") or
-                (ast.get_source_segment(text, d) or "").startswith("triton.jit(") for d in node.decorator_list)
-            if jit or isinstance(node, (ast.Assign, ast.AnnAssign)):
-                start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-                h.update(f"{start if jit else 0}:".encode() +
-                         "\n".join(text.splitlines()[start - 1:node.end_lineno]).encode() + b"\0")
+            decorators = [ast.get_source_segment(text, d).split("(")[0] for d in getattr(node, "decorator_list", [])]
+            jit = isinstance(node, ast.FunctionDef) and bool({"triton.jit", "jit"} & set(decorators))
+            if jit:   # from its first decorator, the line Triton's key holds
+                start = node.decorator_list[0].lineno
+                h.update(f"{start}:".encode() + "\n".join(lines[start - 1:node.end_lineno]).encode() + b"\0")
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):   # a constant: its text, wherever it stands
+                h.update(b"0:" + "\n".join(lines[node.lineno - 1:node.end_lineno]).encode() + b"\0")
     return h.hexdigest()
 
 

@@ -5,7 +5,8 @@ this file, run as a script, is the worker (``python tests/test_triton_bwd.py CAS
 case).  Each case's gradients are compared with the float64 reference backward (kda_compile/reference_bwd.py)
 and with autograd through the float64 reference, on the same (rounded) inputs; errors are
 ``||grad - ref|| / ||ref||``.  The worker fills the outputs the kernels leave uninitialised with NaN, so an element
-a kernel fails to write shows up as a non-finite gradient.  Also: determinism (two calls bitwise equal) and causality of gradients.
+a kernel fails to write shows up as a non-finite gradient.  Also: determinism (two calls bitwise equal) and
+causality of gradients.
 The GPU cases (marked gpu) run the standard shapes in bf16.
 """
 from __future__ import annotations
