@@ -2,9 +2,11 @@
 backward", sections 2, 4, 5 and the gate of 6).  One program per (K block, chunk, value head); the K channels
 never mix here, except in beta's row term, which is written per K block and summed by the prologue stage.
 
-The program first takes the gradient of Gamma_C, rowsum(dhn * (exp(Gamma_C) h + kc^T V_new)) with
-kc = k exp(Gamma_C - Gamma), then walks the chunk's 16-row blocks from the last to the first, so that Gamma's
-reverse cumulative sum carries from block to block.  Per block (first row f):
+The program first takes the gradient of Gamma_C, exp(Gamma_C) rowsum(h * dhn) + sum_r d(kg)_r kg_r with
+d(kg) = V_new dhn^T, whose operands are exact in TF32 (with kg inside a TF32 product instead, dg's error doubled
+and dA_log's and ddt_bias's grew 6-15x on the CPU with TF32 emulated), then walks the chunk's 16-row blocks from
+the last to the first, so that Gamma's reverse cumulative sum carries from block to block.  Per block (first
+row f):
 
 1. inter-chunk terms of its rows, one V block at a time: d(qg) = scale dO h^T, d(kg) = V_new dhn^T, d(ke) = -dv h^T;
 2. intra-chunk terms from P (gradient of A_qk / scale) and Abar (gradient of A_kk), from the solve stage, factored
@@ -33,9 +35,6 @@ import triton.language as tl
 
 from .chunk_intra import factor_shift
 from .gate import SPAN_MAX, chunk_beta, chunk_bounds, interpreting, l2norm_factors, mm
-
-
-NUM_STAGES = None   # software pipelining of the V loops (None: the compiler's default)
 
 
 def diag_precision(precision: str) -> str:
@@ -106,54 +105,68 @@ def kda_bwd_intra_kernel(
 ):
     i_kb, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_kh = i_h // (HV // H)
-    t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
+    t0, eos, _ = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
     o_c = tl.arange(0, C)
-    o_16 = tl.arange(0, 16)
     o_t = t0 + o_c
-    m_t = o_t < eos
+    r_q, r_k = l2norm_factors(q, k, o_t, o_t < eos, i_kh, H, K, C, BK, L2NORM)
+    b_beta = chunk_beta(beta, o_t, o_t < eos, i_h, HV, BETA_SIGMOID, BETA_SCALE)
+    # every pointer is a scalar base of the chunk (int64 arithmetic) plus 32-bit offsets inside it: 64-bit offset
+    # tiles would hold two registers per element for the whole walk
+    n_t = (eos - t0).to(tl.int32)                  # the chunk's valid rows
+    i_ch = i_c.to(tl.int64) * HV + i_h
+    q += t0 * (H * K) + i_kh * K
+    k += t0 * (H * K) + i_kh * K
+    do += t0 * (HV * V) + i_h * V
+    v_new += t0 * (HV * V) + i_h * V
+    dv += t0 * (HV * V) + i_h * V
+    d_aqk += t0 * (HV * C) + i_h * C
+    d_akk += t0 * (HV * C) + i_h * C
+    h += i_ch * (K * V)
+    dhn += i_ch * (K * V)
+    gamma += i_c.to(tl.int64) * s_gc + i_h * s_gh
+    g += t0 * (HV * K) + i_h * K
+    dq += t0 * (HV * K) + i_h * K
+    dk += t0 * (HV * K) + i_h * K
+    dg += t0 * (HV * K) + i_h * K
+    dbeta_part += i_kb.to(tl.int64) * TT * HV + t0 * HV + i_h
+    o_16 = tl.arange(0, 16)
+    m_t = o_c < n_t
     o_k = i_kb * BK + tl.arange(0, BK)
     m_k = o_k < K
     m = m_t[:, None] & m_k[None, :]
-    i_ch = i_c.to(tl.int64) * HV + i_h
-    p_h = i_ch * (K * V)
-    p_a = i_h * C
-    r_q, r_k = l2norm_factors(q, k, o_t, m_t, i_kh, H, K, C, BK, L2NORM)
-    b_beta = chunk_beta(beta, o_t, m_t, i_h, HV, BETA_SIGMOID, BETA_SCALE)
-    p_gam = gamma + i_c.to(tl.int64) * s_gc + i_h * s_gh
-    p_all = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]      # the chunk's rows of q and k
-    p_gall = p_gam + o_c[:, None] * s_gr + o_k[None, :]           # and of Gamma
     b_gc = tl.load(gc + i_ch * K + o_k, mask=m_k, other=0.0)
 
-    # 0. d(Gamma_C) = exp(gc) rowsum(h * dhn) + sum_r d(kg)_r kg_r = rowsum(dhn * (exp(gc) h + kc^T V_new))
-    b_kc = tl.load(k + p_all, mask=m, other=0.0).to(tl.float32) * r_k[:, None]
-    b_kc = tl.where(m, b_kc * tl.exp(b_gc[None, :] - tl.load(p_gall, mask=m, other=0.0)), 0.0)
-    b_dgc = tl.zeros([BK], dtype=tl.float32)
+    # 0. d(Gamma_C) = exp(gc) rowsum(h * dhn) + sum_r d(kg)_r kg_r, with d(kg) = V_new dhn^T over the whole chunk
+    # (both factors in the inputs' dtype, exact in TF32) and kg = k exp(gc - Gamma) in float32 outside the product
+    b_kc = tl.load(k + o_c[:, None] * (H * K) + o_k[None, :], mask=m, other=0.0).to(tl.float32) * r_k[:, None]
+    b_kc = tl.where(m, b_kc * tl.exp(b_gc[None, :] - tl.load(gamma + o_c[:, None] * s_gr + o_k[None, :], mask=m,
+                                                             other=0.0)), 0.0)
+    b_dkg = tl.zeros([C, BK], dtype=tl.float32)
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         m_kv = m_k[:, None] & m_v[None, :]
-        p_s = p_h + o_k[:, None] * V + o_v[None, :]
-        b_h = tl.load(h + p_s, mask=m_kv, other=0.0).to(tl.float32)
-        b_dh = tl.load(dhn + p_s, mask=m_kv, other=0.0).to(tl.float32)
-        b_vn = tl.load(v_new + o_t[:, None] * (HV * V) + i_h * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+        b_h = tl.load(h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+        b_dh = tl.load(dhn + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+        b_vn = tl.load(v_new + o_c[:, None] * (HV * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
                        other=0.0).to(tl.float32)
-        b_dgc += tl.sum(b_dh * (tl.exp(b_gc)[:, None] * b_h + mm(tl.trans(b_kc), b_vn, INTERPRET, PREC)), 1)
-
-    b_carry = b_dgc                                # what the rows after the current block add to its dg
+        b_hdh += tl.sum(b_h * b_dh, 1)
+        b_dkg += mm(b_vn, tl.trans(b_dh), INTERPRET, PREC)
+    b_carry = tl.exp(b_gc) * b_hdh + tl.sum(b_dkg * b_kc, 0)   # what the rows after the current block add to dg
     b_sdx = tl.zeros([BK], dtype=tl.float32)       # the block sums of the gate's dt_bias and A_log terms
     b_sda = tl.zeros([BK], dtype=tl.float32)
     for i_b in range(0, C // 16):
         f = C - 16 - 16 * i_b                      # the block's first row, last block first
         o_i = f + o_16
-        t_i = t0 + o_i
-        m_i = t_i < eos
+        m_i = o_i < n_t
         mi = m_i[:, None] & m_k[None, :]
-        p_i = t_i[:, None] * (H * K) + i_kh * K + o_k[None, :]
+        p_i = o_i[:, None] * (H * K) + o_k[None, :]
         b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32) * _gather(r_q, o_i, C)[:, None]
         b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32) * _gather(r_k, o_i, C)[:, None]
         b_bi = _gather(b_beta, o_i, C)
-        b_gi = tl.load(p_gam + o_i[:, None] * s_gr + o_k[None, :], mask=mi, other=0.0)
-        b_f = tl.load(p_gam + f * s_gr + o_k, mask=m_k, other=0.0)
+        b_gi = tl.load(gamma + o_i[:, None] * s_gr + o_k[None, :], mask=mi, other=0.0)
+        b_f = tl.load(gamma + f * s_gr + o_k, mask=m_k, other=0.0)
 
         # 1. inter-chunk terms of the block's rows
         b_dqg = tl.zeros([16, BK], dtype=tl.float32)
@@ -164,8 +177,8 @@ def kda_bwd_intra_kernel(
             m_v = o_v < V
             m_kv = m_k[:, None] & m_v[None, :]
             m_iv = m_i[:, None] & m_v[None, :]
-            p_v = t_i[:, None] * (HV * V) + i_h * V + o_v[None, :]
-            p_s = p_h + o_k[:, None] * V + o_v[None, :]
+            p_v = o_i[:, None] * (HV * V) + o_v[None, :]
+            p_s = o_k[:, None] * V + o_v[None, :]
             b_h = tl.load(h + p_s, mask=m_kv, other=0.0).to(tl.float32)
             b_dh = tl.load(dhn + p_s, mask=m_kv, other=0.0).to(tl.float32)
             b_do = tl.load(do + p_v, mask=m_iv, other=0.0).to(tl.float32)
@@ -180,19 +193,20 @@ def kda_bwd_intra_kernel(
         # rows r >= f + 16 for the columns) share one exponent tile; the diagonal tile is its own product, at
         # DIAG_PREC, with the exact columns left out.
         exact = _exact_rows(b_gi, b_f, shift, mi, CHECK)
-        b_ga = tl.load(p_gall, mask=m, other=0.0)
+        b_ga = tl.load(gamma + o_c[:, None] * s_gr + o_k[None, :], mask=m, other=0.0)
         left = o_c < f
         below = o_c >= f + 16
         e_a = tl.where(left[:, None], b_f[None, :] - shift - b_ga, b_ga - b_f[None, :] + shift)
         e_a = tl.where(m & (left | below)[:, None], tl.exp(e_a), 0.0)
+        p_all = o_c[:, None] * (H * K) + o_k[None, :]
         b_ka = tl.load(k + p_all, mask=m, other=0.0).to(tl.float32) * r_k[:, None] * e_a
         b_qa = tl.load(q + p_all, mask=m & below[:, None], other=0.0).to(tl.float32) * r_q[:, None] * e_a
-        p_rows = t_i[:, None] * (HV * C) + p_a + o_c[None, :]
+        p_rows = o_i[:, None] * (HV * C) + o_c[None, :]
         b_p = tl.load(d_aqk + p_rows, mask=m_i[:, None] & left[None, :], other=0.0)
         b_ab = tl.load(d_akk + p_rows, mask=m_i[:, None] & left[None, :], other=0.0)
         b_gq = mm(b_p, b_ka, INTERPRET, PREC)
         b_gk = mm(b_ab, b_ka, INTERPRET, PREC)
-        p_cols = o_t[:, None] * (HV * C) + p_a + o_i[None, :]
+        p_cols = o_c[:, None] * (HV * C) + o_i[None, :]
         b_pc = tl.load(d_aqk + p_cols, mask=(m_t & below)[:, None], other=0.0)
         b_ac = tl.load(d_akk + p_cols, mask=(m_t & below)[:, None], other=0.0)
         b_hc = mm(tl.trans(b_pc), b_qa, INTERPRET, PREC) \
@@ -200,7 +214,7 @@ def kda_bwd_intra_kernel(
         # the diagonal tile: rows r = f + i, columns s = f + j
         e_r = tl.where(mi, tl.exp(b_gi - b_f[None, :] + shift), 0.0)           # <= exp(d)
         e_s = tl.where(mi & ~exact[:, None], tl.exp(b_f[None, :] - shift - b_gi), 0.0)
-        p_d = t_i[:, None] * (HV * C) + p_a + o_i[None, :]
+        p_d = o_i[:, None] * (HV * C) + o_i[None, :]
         b_pd = tl.load(d_aqk + p_d, mask=m_i[:, None], other=0.0)
         b_ad = tl.load(d_akk + p_d, mask=m_i[:, None], other=0.0)
         b_ks = b_ki * e_s
@@ -218,18 +232,18 @@ def kda_bwd_intra_kernel(
                     x_s = (o_16 == j) & exact              # column s is exact
                     # as vectors over the channels (a scalar mask breaks the interpreter of newer Triton releases)
                     x_c = (o_k * 0 + tl.max(x_s.to(tl.int32), 0)) > 0
-                    m_s = m_k & x_c & ((o_k * 0 + t0 + s) < eos)
-                    b_gs = tl.load(p_gam + s * s_gr + o_k, mask=m_k, other=0.0)
-                    b_kss = tl.load(k + (t0 + s) * (H * K) + i_kh * K + o_k, mask=m_s,
-                                    other=0.0).to(tl.float32) * tl.sum(tl.where(o_c == s, r_k, 0.0))
+                    m_s = m_k & x_c & ((o_k * 0 + s) < n_t)
+                    b_gs = tl.load(gamma + s * s_gr + o_k, mask=m_k, other=0.0)
+                    b_kss = tl.load(k + s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32) \
+                        * tl.sum(tl.where(o_c == s, r_k, 0.0))
                     # its row-side entries: rows r >= s of the block
                     e_b = tl.where(((o_16 >= j) & m_i)[:, None] & m_s[None, :], tl.exp(b_gi - b_gs[None, :]), 0.0)
-                    p_s = t_i * (HV * C) + p_a + s
+                    p_s = o_i * (HV * C) + s
                     b_gq += tl.load(d_aqk + p_s, mask=m_i, other=0.0)[:, None] * b_kss[None, :] * e_b
                     b_gk += tl.load(d_akk + p_s, mask=m_i, other=0.0)[:, None] * b_kss[None, :] * e_b
                     # its column-side sum: every row r >= s of the chunk
                     e_c = tl.where(((o_c >= s) & m_t)[:, None] & m_s[None, :], tl.exp(b_ga - b_gs[None, :]), 0.0)
-                    p_sc = o_t * (HV * C) + p_a + s
+                    p_sc = o_c * (HV * C) + s
                     b_col = tl.load(d_aqk + p_sc, mask=m_t, other=0.0)[:, None] * b_q \
                         + tl.load(d_akk + p_sc, mask=m_t, other=0.0)[:, None] * b_bk
                     b_hc += tl.where(x_s[:, None], tl.sum(b_col * e_c, 0)[None, :], 0.0)
@@ -243,8 +257,8 @@ def kda_bwd_intra_kernel(
         b_dG = tl.where(mi, b_dG, 0.0)
         b_dgl = tl.cumsum(b_dG, 0, reverse=True) + b_carry[None, :]
         b_carry += tl.sum(b_dG, 0)
-        tl.store(dbeta_part + i_kb.to(tl.int64) * TT * HV + t_i * HV + i_h, tl.sum(b_ki * b_gk, 1), mask=m_i)
-        p_o = t_i[:, None] * (HV * K) + i_h * K + o_k[None, :]
+        tl.store(dbeta_part + o_i * HV, tl.sum(b_ki * b_gk, 1), mask=m_i)
+        p_o = o_i[:, None] * (HV * K) + o_k[None, :]
         if USE_GATE:
             b_dx, b_da = _gate_bwd(b_dgl, g, A_log, dt_bias, lower_bound, p_o, mi, i_h, o_k, m_k, K, USE_LB, HAS_A,
                                    HAS_BIAS)
@@ -292,5 +306,5 @@ def chunk_bwd_intra(q, k, g, beta, A_log, dt_bias, do, fwd, dv, dhn, d_aqk, d_ak
             BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0,
             BK=BK, BV=min(cfg.bwd_intra_BV, triton.next_power_of_2(V)), INTERPRET=interpreting(),
             PREC=cfg.forward.precision, DIAG_PREC=diag_precision(cfg.forward.precision), CHECK=check,
-            num_warps=cfg.bwd_intra_warps, **({} if NUM_STAGES is None else {"num_stages": NUM_STAGES}))
+            num_warps=cfg.bwd_intra_warps)
     return dq, dk, dg, dbeta_part, dA_part, ddt_part
