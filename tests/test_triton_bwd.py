@@ -89,14 +89,21 @@ def _triton_grads(low, opts, do, dht, dtype):
     return chunk_kda_bwd(*args, opts, do.to(dtype), dht.float() if dht is not None else None)
 
 
-def _grad_errors(case):
+def _kernel_and_reference(case):
+    """``(got, want, ref, opts, do, dht)``: the Triton gradients of a case and the float64 reference backward's on
+    the same rounded inputs (``ref``)."""
     from kda_compile.reference_bwd import kda_reference_bwd
-    from kda_inputs import rel_err
-    from test_chunk_bwd import autograd_grads
     low, ref, opts, do, dht = _low_inputs(case)
     got = _triton_grads(low, opts, do, dht, getattr(torch, case["dtype"]))
     want = kda_reference_bwd(*(ref.get(n) for n in ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens",
                                                     "A_log", "dt_bias")), opts, do, dht)
+    return got, want, ref, opts, do, dht
+
+
+def _grad_errors(case):
+    from kda_inputs import rel_err
+    from test_chunk_bwd import autograd_grads
+    got, want, ref, opts, do, dht = _kernel_and_reference(case)
     auto = autograd_grads(ref, opts, do, dht)
     out = {}
     for n, x, y, z in zip(NAMES, got, want, auto):
@@ -111,12 +118,8 @@ def _grad_errors(case):
 
 def _ref_errors(case):
     """Relative error of each gradient against the float64 reference backward only (larger cases)."""
-    from kda_compile.reference_bwd import kda_reference_bwd
     from kda_inputs import rel_err
-    low, ref, opts, do, dht = _low_inputs(case)
-    got = _triton_grads(low, opts, do, dht, getattr(torch, case["dtype"]))
-    want = kda_reference_bwd(*(ref.get(n) for n in ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens",
-                                                    "A_log", "dt_bias")), opts, do, dht)
+    got, want = _kernel_and_reference(case)[:2]
     return {n: None if x is None else rel_err(x, y) for n, x, y in zip(NAMES, got, want)}
 
 
