@@ -141,7 +141,7 @@ def kda_bwd_intra_kernel(
     b_kc = tl.load(k + o_c[:, None] * (H * K) + o_k[None, :], mask=m, other=0.0).to(tl.float32) * r_k[:, None]
     b_kc = tl.where(m, b_kc * tl.exp(b_gc[None, :] - tl.load(gamma + o_c[:, None] * s_gr + o_k[None, :], mask=m,
                                                              other=0.0)), 0.0)
-    b_dkg = tl.zeros([C, BK], dtype=tl.float32)
+    b_dkc = tl.zeros([C, BK], dtype=tl.float32)
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -152,8 +152,8 @@ def kda_bwd_intra_kernel(
         b_vn = tl.load(v_new + o_c[:, None] * (HV * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
                        other=0.0).to(tl.float32)
         b_hdh += tl.sum(b_h * b_dh, 1)
-        b_dkg += mm(b_vn, tl.trans(b_dh), INTERPRET, PREC)
-    b_carry = tl.exp(b_gc) * b_hdh + tl.sum(b_dkg * b_kc, 0)   # what the rows after the current block add to dg
+        b_dkc += mm(b_vn, tl.trans(b_dh), INTERPRET, PREC)
+    b_carry = tl.exp(b_gc) * b_hdh + tl.sum(b_dkc * b_kc, 0)   # what the rows after the current block add to dg
     b_sdx = tl.zeros([BK], dtype=tl.float32)       # the block sums of the gate's dt_bias and A_log terms
     b_sda = tl.zeros([BK], dtype=tl.float32)
     for i_b in range(0, C // 16):
