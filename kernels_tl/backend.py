@@ -77,25 +77,6 @@ def run(call: KDACall, config: dict):
         num_accepted_tokens=call.num_accepted_tokens, inplace_final_state=call.inplace_final_state, config=config)
 
 
-# Measured on an H200 (tests/test_tilelang_bwd.py, bf16, B2·T8192·H16, L2 norm, safe gate and beta sigmoid in the
-# kernel): every gradient within 1e-2 of the float64 reference backward but ddt_bias, at 1.57e-2.  The intra stage's
-# off-diagonal q/k operands now go to the tensor cores as bf16 hi + lo pairs (chunk_bwd_intra.py), which on the C
-# target with the GPU's rounding emulated took ddt_bias from 9.1e-3 to 2.7e-3 at T = 1024, K = V = 64; this
-# fallback stays until the GPU test passes again (it is a strict xfail: a pass fails it, as a reminder).
-DT_BIAS_GRADIENT = ("its ddt_bias misses the bf16 bound of 1e-2 on the GPU (1.6e-2 at B2·T8192·H16 on an H200); "
-                    "calls with dt_bias in the kernel take their gradients from the next backend")
-
-
-def supports_backward(call: KDACall) -> str | None:
-    """The TileLang backward covers every chunk call its forward does (checked on TileLang's C target in CI and on
-    an H200, tests/test_tilelang_bwd.py) except, on the GPU, calls with ``dt_bias`` in the kernel
-    (:data:`DT_BIAS_GRADIENT`).  It comes after Triton's in the default order, so on CUDA it computes the
-    gradients when named (``backend="tilelang"``) or chosen by a tuned table."""
-    if call.problem.device.type == "cuda" and call.opts.use_gate_in_kernel and call.dt_bias is not None:
-        return DT_BIAS_GRADIENT
-    return None
-
-
 def run_backward(call: KDACall, config: dict, do, dht):
     """Gradients of a ``chunk`` call with the TileLang backward (:mod:`.chunk_bwd`): ``do`` is the gradient of
     the output, ``dht`` that of the final state or None; ``config`` a :class:`config.BackwardConfig` as a dict.
@@ -137,7 +118,7 @@ def backward_configs(call: KDACall) -> list[dict]:
 
 
 TILELANG = Backend(name="tilelang", supports=supports, supports_forced=supports_forced, run=run, run_states=run_states,
-                   run_backward=run_backward, supports_backward=supports_backward,
+                   run_backward=run_backward,
                    default_config=default_config, configs=configs, check_config=check_config,
                    backward_configs=backward_configs, padding_slots=True,
                    description="TileLang kernels: one fused chunkwise forward (segment scan for long sequences); "

@@ -1,22 +1,31 @@
-"""Stage 3 of the Triton backward: dq, dk and the gate gradient of every chunk (docs/algorithm.md, "The chunkwise backward",
-sections 2, 4, 5 and the gate of 6).
+"""Stage 3 of the Triton backward: dq, dk and the gate gradient of every chunk (docs/algorithm.md, "The chunkwise
+backward", sections 2, 4, 5 and the gate of 6).  One program per (K block, chunk, value head); the K channels
+never mix here, except in beta's row term, which is written per K block and summed by the prologue stage.
 
-One program per (K block, chunk, value head); the K channels never mix here, except in beta's row term,
-which is written per K block and summed by the prologue stage.
+The program first takes the gradient of Gamma_C, exp(Gamma_C) rowsum(h * dhn) + sum_r d(kg)_r kg_r with
+d(kg) = V_new dhn^T, whose operands are exact in TF32 (with kg inside a TF32 product instead, dg's error doubled
+and dA_log's and ddt_bias's grew 6-15x on the CPU with TF32 emulated), then walks the chunk's 16-row blocks from
+the last to the first, so that Gamma's reverse cumulative sum carries from block to block.  Per block (first
+row f):
 
-1. inter-chunk terms, one V block at a time: d(qg) = scale dO h^T, d(kg) = V_new dhn^T, d(ke) = -dv h^T and
-   rowsum(h * dhn) for the gradient of Gamma_C;
-2. intra-chunk terms from P (gradient of A_qk / scale) and Abar (gradient of A_kk), both from the solve stage:
-   Gq = sum_s P E k_s, Gk = sum_s Abar E k_s (row side), Hc = sum_r (P q_r + beta_r Abar k_r) E (column side).
-   Off-diagonal 16-row blocks are one product each, factored around the block's first row f = 16 i:
-   exp(Gamma_r - Gamma_f) exp(Gamma_f - Gamma_s), both factors <= 1 and depending on tokens up to row r only
-   (causal bit for bit).  The 16x16 diagonal tiles go element-wise (one column offset per step, all tiles at
-   once, every exponent <= 0), which keeps gates down to -1000 exact;
-3. dGamma, its reverse cumulative sum inside the chunk (dg of the log decay), and with the gate in the
-   kernel the gate's backward: dg of the raw gate, and per-chunk partial sums of dA_log and ddt_bias
-   (reduced in a fixed order on the host: deterministic).
-Outputs dq and dk are per value head and float32 (gradients of the L2-normalised q, k); the prologue stage sums
-the groups and applies the L2 norm's backward.
+1. inter-chunk terms of its rows, one V block at a time: d(qg) = scale dO h^T, d(kg) = V_new dhn^T, d(ke) = -dv h^T;
+2. intra-chunk terms from P (gradient of A_qk / scale) and Abar (gradient of A_kk), from the solve stage, factored
+   as in the forward's intra kernel (chunk_intra.py, "Numerics") around row f with the shift d:
+   exp(Gamma_r - Gamma_s) = exp(Gamma_r - Gamma_f + d) exp(Gamma_f - d - Gamma_s).  Off the diagonal tile, one
+   tensor-core product per term, the two sides sharing one exponent tile over the chunk:
+   rows:    Gq = e_r (P[block, s < f] Ks),  Gk = e_r (Abar[block, s < f] Ks),  Ks = k exp(Gamma_f - d - Gamma_s);
+   columns: Hc = e_s (P[r >= f + 16, block]^T Qr + Abar[r >= f + 16, block]^T Kr),
+            Qr = q exp(Gamma_r - Gamma_f + d),  Kr = beta k exp(Gamma_r - Gamma_f + d);
+   the 16 x 16 diagonal tile in four products of its own, at the precision of :func:`diag_precision`.  With the
+   range check (log gate), a column of the block out of range (its Gamma, or an earlier row's of the block, further
+   than SPAN_MAX from Gamma_f - d) is left out of the products and taken element-wise, every exponent <= 0: its
+   row-side entries (rows r >= s of the block) and its column-side sum; the choice looks at rows up to s only, so
+   the gradients stay causal bit for bit;
+3. dGamma, its reverse cumulative sum plus what the later blocks and Gamma_C carry (dg of the log decay), and with
+   the gate in the kernel the gate's backward: dg of the raw gate, and per-chunk partial sums of dA_log and
+   ddt_bias (reduced in a fixed order on the host: deterministic).
+dq and dk are per value head and float32 (gradients of the L2-normalised q, k); the prologue stage sums the groups
+and applies the L2 norm's backward.
 """
 from __future__ import annotations
 
@@ -24,7 +33,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .gate import chunk_beta, chunk_bounds, interpreting, l2norm_factors, mm
+from .chunk_intra import factor_shift
+from .gate import SPAN_MAX, chunk_beta, chunk_bounds, interpreting, l2norm_factors, mm
+
+
+def diag_precision(precision: str) -> str:
+    """Precision of the diagonal tiles' products (16 wide, the least decayed and largest terms): "tf32" is raised
+    to "tf32x3", close to the float32 element-wise sums these products replaced; the tiles off the diagonal stay at
+    the forward's precision."""
+    return "tf32x3" if precision == "tf32" else precision
 
 
 def get_configs() -> list[dict]:
@@ -35,7 +52,7 @@ def get_configs() -> list[dict]:
 
 @triton.jit
 def _gather(x, idx, C: tl.constexpr):
-    """``x[idx]`` for a register vector ``x [C]`` and indices ``idx [C]`` (a masked reduction)."""
+    """``x[idx]`` for a register vector ``x [C]`` and indices ``idx [R]`` (a masked reduction)."""
     o_c = tl.arange(0, C)
     return tl.sum(tl.where(o_c[None, :] == idx[:, None], x[None, :], 0.0), 1)
 
@@ -64,123 +81,197 @@ def _gate_bwd(dgl, g, A_log, dt_bias, lower_bound, p_g, m, i_h, o_k, m_k, K: tl.
 
 
 @triton.jit
+def _exact_rows(b_gi, b_f, shift, mi, CHECK: tl.constexpr):
+    """``[16]`` mask of the block's rows (as columns of its diagonal tile) that leave the factored products: with
+    ``CHECK``, those whose |Gamma - Gamma_f + d|, or an earlier row's of the block, exceeds SPAN_MAX."""
+    o_16 = tl.arange(0, 16)
+    if CHECK:
+        out = tl.max(tl.where(mi, tl.abs(b_gi - b_f[None, :] + shift), 0.0), 1)
+        return tl.max(tl.where(o_16[None, :] <= o_16[:, None], out[None, :], 0.0), 1) > SPAN_MAX
+    else:
+        return o_16 < 0
+
+
+@triton.jit
 def kda_bwd_intra_kernel(
     q, k, g, beta, A_log, dt_bias, do, v_new, dv, h, dhn, gamma, gc, d_aqk, d_akk,
-    dq, dk, dg, dbeta_part, dA_part, ddt_part, chunk_seq, chunk_pos, cu, scale, lower_bound, s_gc, s_gh, s_gr, TT,
+    dq, dk, dg, dbeta_part, dA_part, ddt_part, chunk_seq, chunk_pos, cu, scale, lower_bound, shift,
+    s_gc, s_gh, s_gr, TT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     L2NORM: tl.constexpr, USE_GATE: tl.constexpr, USE_LB: tl.constexpr, HAS_A: tl.constexpr,
     HAS_BIAS: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr, DIAG_PREC: tl.constexpr,
+    CHECK: tl.constexpr,
 ):
     i_kb, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_kh = i_h // (HV // H)
-    t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
+    t0, eos, _ = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
     o_c = tl.arange(0, C)
     o_t = t0 + o_c
-    m_t = o_t < eos
-    blk = o_c // 16
+    r_q, r_k = l2norm_factors(q, k, o_t, o_t < eos, i_kh, H, K, C, BK, L2NORM)
+    b_beta = chunk_beta(beta, o_t, o_t < eos, i_h, HV, BETA_SIGMOID, BETA_SCALE)
+    # every pointer is a scalar base of the chunk (int64 arithmetic) plus 32-bit offsets inside it: 64-bit offset
+    # tiles would hold two registers per element for the whole walk
+    n_t = (eos - t0).to(tl.int32)                  # the chunk's valid rows
+    i_ch = i_c.to(tl.int64) * HV + i_h
+    q += t0 * (H * K) + i_kh * K
+    k += t0 * (H * K) + i_kh * K
+    do += t0 * (HV * V) + i_h * V
+    v_new += t0 * (HV * V) + i_h * V
+    dv += t0 * (HV * V) + i_h * V
+    d_aqk += t0 * (HV * C) + i_h * C
+    d_akk += t0 * (HV * C) + i_h * C
+    h += i_ch * (K * V)
+    dhn += i_ch * (K * V)
+    gamma += i_c.to(tl.int64) * s_gc + i_h * s_gh
+    g += t0 * (HV * K) + i_h * K
+    dq += t0 * (HV * K) + i_h * K
+    dk += t0 * (HV * K) + i_h * K
+    dg += t0 * (HV * K) + i_h * K
+    dbeta_part += i_kb.to(tl.int64) * TT * HV + t0 * HV + i_h
+    o_16 = tl.arange(0, 16)
+    m_t = o_c < n_t
     o_k = i_kb * BK + tl.arange(0, BK)
     m_k = o_k < K
     m = m_t[:, None] & m_k[None, :]
-    i_ch = i_c.to(tl.int64) * HV + i_h
-    r_q, r_k = l2norm_factors(q, k, o_t, m_t, i_kh, H, K, C, BK, L2NORM)
-    b_beta = chunk_beta(beta, o_t, m_t, i_h, HV, BETA_SIGMOID, BETA_SCALE)
-    p_gam = gamma + i_c.to(tl.int64) * s_gc + i_h * s_gh
-    b_g = tl.load(p_gam + o_c[:, None] * s_gr + o_k[None, :], mask=m, other=0.0)
     b_gc = tl.load(gc + i_ch * K + o_k, mask=m_k, other=0.0)
-    p_qk = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]
-    b_q = tl.load(q + p_qk, mask=m, other=0.0).to(tl.float32) * r_q[:, None]
-    b_k = tl.load(k + p_qk, mask=m, other=0.0).to(tl.float32) * r_k[:, None]
 
-    # 1. inter-chunk terms
-    b_dqg = tl.zeros([C, BK], dtype=tl.float32)
-    b_dkg = tl.zeros([C, BK], dtype=tl.float32)
-    b_dke = tl.zeros([C, BK], dtype=tl.float32)
+    # 0. d(Gamma_C) = exp(gc) rowsum(h * dhn) + sum_r d(kg)_r kg_r, with d(kg) = V_new dhn^T over the whole chunk
+    # (both factors in the inputs' dtype, exact in TF32) and kg = k exp(gc - Gamma) in float32 outside the product
+    b_kc = tl.load(k + o_c[:, None] * (H * K) + o_k[None, :], mask=m, other=0.0).to(tl.float32) * r_k[:, None]
+    b_kc = tl.where(m, b_kc * tl.exp(b_gc[None, :] - tl.load(gamma + o_c[:, None] * s_gr + o_k[None, :], mask=m,
+                                                             other=0.0)), 0.0)
+    b_dkc = tl.zeros([C, BK], dtype=tl.float32)
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
-        m_tv = m_t[:, None] & m_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
-        p_v = o_t[:, None] * (HV * V) + i_h * V + o_v[None, :]
-        p_s = i_ch * (K * V) + o_k[:, None] * V + o_v[None, :]
-        b_h = tl.load(h + p_s, mask=m_kv, other=0.0).to(tl.float32)
-        b_dh = tl.load(dhn + p_s, mask=m_kv, other=0.0).to(tl.float32)
-        b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)
-        b_vn = tl.load(v_new + p_v, mask=m_tv, other=0.0).to(tl.float32)
-        b_dv = tl.load(dv + p_v, mask=m_tv, other=0.0)
-        b_dqg += mm(b_do, tl.trans(b_h), INTERPRET, PREC)
-        b_dkg += mm(b_vn, tl.trans(b_dh), INTERPRET, PREC)
-        b_dke -= mm(b_dv, tl.trans(b_h), INTERPRET, PREC)
+        b_h = tl.load(h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+        b_dh = tl.load(dhn + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+        b_vn = tl.load(v_new + o_c[:, None] * (HV * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+                       other=0.0).to(tl.float32)
         b_hdh += tl.sum(b_h * b_dh, 1)
-    e_g = tl.where(m, tl.exp(b_g), 0.0)                    # exp(Gamma) <= 1
-    e_c = tl.where(m, tl.exp(b_gc[None, :] - b_g), 0.0)    # exp(Gamma_C - Gamma) <= 1
-    b_dqg *= scale
-    b_dq = b_dqg * e_g
-    b_dk = b_dkg * e_c + b_dke * e_g
-    b_dG = b_dqg * b_q * e_g - b_dkg * b_k * e_c + b_dke * b_k * e_g
-    b_dgc = tl.exp(b_gc) * b_hdh + tl.sum(b_dkg * b_k * e_c, 0)
+        b_dkc += mm(b_vn, tl.trans(b_dh), INTERPRET, PREC)
+    b_carry = tl.exp(b_gc) * b_hdh + tl.sum(b_dkc * b_kc, 0)   # what the rows after the current block add to dg
+    b_sdx = tl.zeros([BK], dtype=tl.float32)       # the block sums of the gate's dt_bias and A_log terms
+    b_sda = tl.zeros([BK], dtype=tl.float32)
+    for i_b in range(0, C // 16):
+        f = C - 16 - 16 * i_b                      # the block's first row, last block first
+        o_i = f + o_16
+        m_i = o_i < n_t
+        mi = m_i[:, None] & m_k[None, :]
+        p_i = o_i[:, None] * (H * K) + o_k[None, :]
+        b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32) * _gather(r_q, o_i, C)[:, None]
+        b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32) * _gather(r_k, o_i, C)[:, None]
+        b_bi = _gather(b_beta, o_i, C)
+        b_gi = tl.load(gamma + o_i[:, None] * s_gr + o_k[None, :], mask=mi, other=0.0)
+        b_f = tl.load(gamma + f * s_gr + o_k, mask=m_k, other=0.0)
 
-    # 2. intra-chunk terms
-    p_a = o_t[:, None] * (HV * C) + i_h * C + o_c[None, :]
-    b_p = tl.load(d_aqk + p_a, mask=m_t[:, None], other=0.0)
-    b_ab = tl.load(d_akk + p_a, mask=m_t[:, None], other=0.0)
-    b_bk = b_k * b_beta[:, None]
-    b_gq = tl.zeros([C, BK], dtype=tl.float32)
-    b_gk = tl.zeros([C, BK], dtype=tl.float32)
-    b_hc = tl.zeros([C, BK], dtype=tl.float32)
-    for i in tl.static_range(1, C // 16):  # off-diagonal: row block i against the columns s < 16 i
-        b_f = tl.load(p_gam + (16 * i) * s_gr + o_k, mask=m_k, other=0.0)
-        e_r = tl.where(((blk == i) & m_t)[:, None] & m_k[None, :], tl.exp(b_g - b_f[None, :]), 0.0)
-        e_s = tl.where(((o_c < 16 * i) & m_t)[:, None] & m_k[None, :], tl.exp(b_f[None, :] - b_g), 0.0)
-        b_ks = b_k * e_s
-        b_gq += e_r * mm(b_p, b_ks, INTERPRET, PREC)
-        b_gk += e_r * mm(b_ab, b_ks, INTERPRET, PREC)
-        b_hc += e_s * (mm(tl.trans(b_p), b_q * e_r, INTERPRET, PREC) + mm(tl.trans(b_ab), b_bk * e_r, INTERPRET, PREC))
-    for j in range(0, 16):  # diagonal tiles, element-wise: column offset j of every tile at once
-        # row side: row r against column s = 16 blk(r) + j <= r
-        o_s = blk * 16 + j
-        m_rs = ((o_c % 16) >= j) & m_t
-        m2 = m_rs[:, None] & m_k[None, :]
-        b_gs = tl.load(p_gam + o_s[:, None] * s_gr + o_k[None, :], mask=m2, other=0.0)
-        b_ks = tl.load(k + (t0 + o_s)[:, None] * (H * K) + i_kh * K + o_k[None, :], mask=m2, other=0.0)
-        b_ks = b_ks.to(tl.float32) * _gather(r_k, o_s, C)[:, None] * tl.where(m2, tl.exp(b_g - b_gs), 0.0)
-        b_prs = tl.load(d_aqk + o_t * (HV * C) + i_h * C + o_s, mask=m_rs, other=0.0)
-        b_ars = tl.load(d_akk + o_t * (HV * C) + i_h * C + o_s, mask=m_rs, other=0.0)
-        b_gq += b_prs[:, None] * b_ks
-        b_gk += b_ars[:, None] * b_ks
-        # column side: column s against row r = 16 blk(s) + j >= s
-        o_r = blk * 16 + j
-        t_r = t0 + o_r
-        m_sr = ((o_c % 16) <= j) & (t_r < eos)
-        m2 = m_sr[:, None] & m_k[None, :]
-        b_gr = tl.load(p_gam + o_r[:, None] * s_gr + o_k[None, :], mask=m2, other=0.0)
-        e_rs = tl.where(m2, tl.exp(b_gr - b_g), 0.0)
-        p_r = t_r[:, None] * (H * K) + i_kh * K + o_k[None, :]
-        b_qr = tl.load(q + p_r, mask=m2, other=0.0).to(tl.float32) * _gather(r_q, o_r, C)[:, None]
-        b_kr = tl.load(k + p_r, mask=m2, other=0.0).to(tl.float32) * _gather(r_k * b_beta, o_r, C)[:, None]
-        b_psr = tl.load(d_aqk + t_r * (HV * C) + i_h * C + o_c, mask=m_sr, other=0.0)
-        b_asr = tl.load(d_akk + t_r * (HV * C) + i_h * C + o_c, mask=m_sr, other=0.0)
-        b_hc += (b_psr[:, None] * b_qr + b_asr[:, None] * b_kr) * e_rs
-    b_dq += b_gq
-    b_dk += b_gk * b_beta[:, None] + b_hc
-    tl.store(dbeta_part + i_kb.to(tl.int64) * TT * HV + o_t * HV + i_h, tl.sum(b_k * b_gk, 1), mask=m_t)
-    b_dG += b_q * b_gq + b_bk * b_gk - b_k * b_hc
+        # 1. inter-chunk terms of the block's rows
+        b_dqg = tl.zeros([16, BK], dtype=tl.float32)
+        b_dkg = tl.zeros([16, BK], dtype=tl.float32)
+        b_dke = tl.zeros([16, BK], dtype=tl.float32)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            m_kv = m_k[:, None] & m_v[None, :]
+            m_iv = m_i[:, None] & m_v[None, :]
+            p_v = o_i[:, None] * (HV * V) + o_v[None, :]
+            p_s = o_k[:, None] * V + o_v[None, :]
+            b_h = tl.load(h + p_s, mask=m_kv, other=0.0).to(tl.float32)
+            b_dh = tl.load(dhn + p_s, mask=m_kv, other=0.0).to(tl.float32)
+            b_do = tl.load(do + p_v, mask=m_iv, other=0.0).to(tl.float32)
+            b_vn = tl.load(v_new + p_v, mask=m_iv, other=0.0).to(tl.float32)
+            b_dv = tl.load(dv + p_v, mask=m_iv, other=0.0)
+            b_dqg += mm(b_do, tl.trans(b_h), INTERPRET, PREC)
+            b_dkg += mm(b_vn, tl.trans(b_dh), INTERPRET, PREC)
+            b_dke -= mm(b_dv, tl.trans(b_h), INTERPRET, PREC)
+        b_dqg *= scale
 
-    # 3. gate: Gamma_C is Gamma at the last valid row; reverse cumulative sum inside the chunk
-    b_dG += tl.where((o_c == last - t0)[:, None], b_dgc[None, :], 0.0)
-    b_dgl = tl.cumsum(tl.where(m, b_dG, 0.0), 0, reverse=True)
-    p_o = o_t[:, None] * (HV * K) + i_h * K + o_k[None, :]
+        # 2. intra-chunk terms, factored around row f.  The tiles off the diagonal (columns s < f for the rows,
+        # rows r >= f + 16 for the columns) share one exponent tile; the diagonal tile is its own product, at
+        # DIAG_PREC, with the exact columns left out.
+        exact = _exact_rows(b_gi, b_f, shift, mi, CHECK)
+        b_ga = tl.load(gamma + o_c[:, None] * s_gr + o_k[None, :], mask=m, other=0.0)
+        left = o_c < f
+        below = o_c >= f + 16
+        e_a = tl.where(left[:, None], b_f[None, :] - shift - b_ga, b_ga - b_f[None, :] + shift)
+        e_a = tl.where(m & (left | below)[:, None], tl.exp(e_a), 0.0)
+        p_all = o_c[:, None] * (H * K) + o_k[None, :]
+        b_ka = tl.load(k + p_all, mask=m, other=0.0).to(tl.float32) * r_k[:, None] * e_a
+        b_qa = tl.load(q + p_all, mask=m & below[:, None], other=0.0).to(tl.float32) * r_q[:, None] * e_a
+        p_rows = o_i[:, None] * (HV * C) + o_c[None, :]
+        b_p = tl.load(d_aqk + p_rows, mask=m_i[:, None] & left[None, :], other=0.0)
+        b_ab = tl.load(d_akk + p_rows, mask=m_i[:, None] & left[None, :], other=0.0)
+        b_gq = mm(b_p, b_ka, INTERPRET, PREC)
+        b_gk = mm(b_ab, b_ka, INTERPRET, PREC)
+        p_cols = o_c[:, None] * (HV * C) + o_i[None, :]
+        b_pc = tl.load(d_aqk + p_cols, mask=(m_t & below)[:, None], other=0.0)
+        b_ac = tl.load(d_akk + p_cols, mask=(m_t & below)[:, None], other=0.0)
+        b_hc = mm(tl.trans(b_pc), b_qa, INTERPRET, PREC) \
+            + mm(tl.trans(b_ac), b_ka * b_beta[:, None], INTERPRET, PREC)
+        # the diagonal tile: rows r = f + i, columns s = f + j
+        e_r = tl.where(mi, tl.exp(b_gi - b_f[None, :] + shift), 0.0)           # <= exp(d)
+        e_s = tl.where(mi & ~exact[:, None], tl.exp(b_f[None, :] - shift - b_gi), 0.0)
+        p_d = o_i[:, None] * (HV * C) + o_i[None, :]
+        b_pd = tl.load(d_aqk + p_d, mask=m_i[:, None], other=0.0)
+        b_ad = tl.load(d_akk + p_d, mask=m_i[:, None], other=0.0)
+        b_ks = b_ki * e_s
+        b_gq = e_r * (b_gq + mm(b_pd, b_ks, INTERPRET, DIAG_PREC))
+        b_gk = e_r * (b_gk + mm(b_ad, b_ks, INTERPRET, DIAG_PREC))
+        b_hc += mm(tl.trans(b_pd), b_qi * e_r, INTERPRET, DIAG_PREC) \
+            + mm(tl.trans(b_ad), b_ki * b_bi[:, None] * e_r, INTERPRET, DIAG_PREC)
+        b_hc *= e_s
+        if CHECK:
+            if tl.max(exact.to(tl.int32), 0) > 0:  # rare (masked tokens, g ~ -1000): exact columns element-wise
+                b_q = tl.load(q + p_all, mask=m, other=0.0).to(tl.float32) * r_q[:, None]
+                b_bk = tl.load(k + p_all, mask=m, other=0.0).to(tl.float32) * (r_k * b_beta)[:, None]
+                for j in range(0, 16):
+                    s = f + j
+                    x_s = (o_16 == j) & exact              # column s is exact
+                    # as vectors over the channels (a scalar mask breaks the interpreter of newer Triton releases)
+                    x_c = (o_k * 0 + tl.max(x_s.to(tl.int32), 0)) > 0
+                    m_s = m_k & x_c & ((o_k * 0 + s) < n_t)
+                    b_gs = tl.load(gamma + s * s_gr + o_k, mask=m_k, other=0.0)
+                    b_kss = tl.load(k + s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32) \
+                        * tl.sum(tl.where(o_c == s, r_k, 0.0))
+                    # its row-side entries: rows r >= s of the block
+                    e_b = tl.where(((o_16 >= j) & m_i)[:, None] & m_s[None, :], tl.exp(b_gi - b_gs[None, :]), 0.0)
+                    p_s = o_i * (HV * C) + s
+                    b_gq += tl.load(d_aqk + p_s, mask=m_i, other=0.0)[:, None] * b_kss[None, :] * e_b
+                    b_gk += tl.load(d_akk + p_s, mask=m_i, other=0.0)[:, None] * b_kss[None, :] * e_b
+                    # its column-side sum: every row r >= s of the chunk
+                    e_c = tl.where(((o_c >= s) & m_t)[:, None] & m_s[None, :], tl.exp(b_ga - b_gs[None, :]), 0.0)
+                    p_sc = o_c * (HV * C) + s
+                    b_col = tl.load(d_aqk + p_sc, mask=m_t, other=0.0)[:, None] * b_q \
+                        + tl.load(d_akk + p_sc, mask=m_t, other=0.0)[:, None] * b_bk
+                    b_hc += tl.where(x_s[:, None], tl.sum(b_col * e_c, 0)[None, :], 0.0)
+
+        # 3. the block's outputs; dGamma's reverse cumulative sum continues from the later rows
+        e_g = tl.where(mi, tl.exp(b_gi), 0.0)                    # exp(Gamma) <= 1
+        e_c = tl.where(mi, tl.exp(b_gc[None, :] - b_gi), 0.0)    # exp(Gamma_C - Gamma) <= 1
+        b_dq = b_dqg * e_g + b_gq
+        b_dk = b_dkg * e_c + b_dke * e_g + b_gk * b_bi[:, None] + b_hc
+        b_dG = b_qi * b_dq + b_ki * (b_dke * e_g - b_dkg * e_c + b_bi[:, None] * b_gk - b_hc)
+        b_dG = tl.where(mi, b_dG, 0.0)
+        b_dgl = tl.cumsum(b_dG, 0, reverse=True) + b_carry[None, :]
+        b_carry += tl.sum(b_dG, 0)
+        tl.store(dbeta_part + o_i * HV, tl.sum(b_ki * b_gk, 1), mask=m_i)
+        p_o = o_i[:, None] * (HV * K) + o_k[None, :]
+        if USE_GATE:
+            b_dx, b_da = _gate_bwd(b_dgl, g, A_log, dt_bias, lower_bound, p_o, mi, i_h, o_k, m_k, K, USE_LB, HAS_A,
+                                   HAS_BIAS)
+            tl.store(dg + p_o, b_dx.to(dg.dtype.element_ty), mask=mi)
+            b_sdx += tl.sum(b_dx, 0)
+            b_sda += tl.sum(b_da, 0)
+        else:
+            tl.store(dg + p_o, b_dgl.to(dg.dtype.element_ty), mask=mi)
+        tl.store(dq + p_o, b_dq, mask=mi)
+        tl.store(dk + p_o, b_dk, mask=mi)
     if USE_GATE:
-        b_dx, b_da = _gate_bwd(b_dgl, g, A_log, dt_bias, lower_bound, p_o, m, i_h, o_k, m_k, K, USE_LB, HAS_A,
-                               HAS_BIAS)
-        tl.store(dg + p_o, b_dx.to(dg.dtype.element_ty), mask=m)
-        tl.store(ddt_part + i_ch * K + o_k, tl.sum(b_dx, 0), mask=m_k)
-        tl.store(dA_part + i_ch * K + o_k, tl.sum(b_da, 0), mask=m_k)
-    else:
-        tl.store(dg + p_o, b_dgl.to(dg.dtype.element_ty), mask=m)
-    tl.store(dq + p_o, b_dq, mask=m)
-    tl.store(dk + p_o, b_dk, mask=m)
+        tl.store(ddt_part + i_ch * K + o_k, b_sdx, mask=m_k)
+        tl.store(dA_part + i_ch * K + o_k, b_sda, mask=m_k)
 
 
 def chunk_bwd_intra(q, k, g, beta, A_log, dt_bias, do, fwd, dv, dhn, d_aqk, d_akk, opts, table, cfg):
@@ -197,20 +288,23 @@ def chunk_bwd_intra(q, k, g, beta, A_log, dt_bias, do, fwd, dv, dhn, d_aqk, d_ak
     dg = torch.empty(TT, HV, K, device=dev, dtype=g.dtype)
     dbeta_part = torch.empty(NKB, TT, HV, device=dev, dtype=torch.float32)
     use_gate = opts.use_gate_in_kernel
+    use_lb = use_gate and opts.lower_bound is not None
     dA_part = torch.empty(NC, HV, K, device=dev, dtype=torch.float32) if use_gate else None
     ddt_part = torch.empty(NC, HV, K, device=dev, dtype=torch.float32) if use_gate else None
     gamma = fwd.gamma
+    lower_bound = float(opts.lower_bound) if use_lb else 0.0
+    shift, check = factor_shift(use_lb, lower_bound)   # the forward's factoring, so the same gates need no check
     if NC:
         kda_bwd_intra_kernel[(NKB, NC, HV)](
             q, k, g, beta, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g, do,
             fwd.v_new, dv, fwd.h, dhn, gamma, fwd.gc, d_aqk, d_akk, dq, dk, dg, dbeta_part,
             dA_part if use_gate else dq, ddt_part if use_gate else dq, table.chunk_seq, table.chunk_pos, table.cu,
-            float(opts.scale), float(opts.lower_bound) if opts.lower_bound is not None else 0.0,
-            gamma.stride(0), gamma.stride(1), gamma.stride(2), TT,
+            float(opts.scale), lower_bound, shift, gamma.stride(0), gamma.stride(1), gamma.stride(2), TT,
             H=H, HV=HV, K=K, V=V, C=C, L2NORM=opts.use_qk_l2norm_in_kernel, USE_GATE=use_gate,
-            USE_LB=use_gate and opts.lower_bound is not None, HAS_A=use_gate and A_log is not None,
+            USE_LB=use_lb, HAS_A=use_gate and A_log is not None,
             HAS_BIAS=use_gate and dt_bias is not None, BETA_SIGMOID=opts.use_beta_sigmoid_in_kernel,
             BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0,
             BK=BK, BV=min(cfg.bwd_intra_BV, triton.next_power_of_2(V)), INTERPRET=interpreting(),
-            PREC=cfg.forward.precision, num_warps=cfg.bwd_intra_warps)
+            PREC=cfg.forward.precision, DIAG_PREC=diag_precision(cfg.forward.precision), CHECK=check,
+            num_warps=cfg.bwd_intra_warps)
     return dq, dk, dg, dbeta_part, dA_part, ddt_part

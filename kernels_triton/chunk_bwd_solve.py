@@ -5,12 +5,12 @@ One program per (chunk, value head).  X = (I + A_kk)^-1 is recomputed from the f
 its diagonal blocks with the forward's blocked inverse (solve_tril.block_inverse), T = X diag(beta).  Then, one V
 block at a time (keS = ke h by a K loop, ke = k r_k exp(Gamma)):
 
-    dv    = T^T dV_new                        (the whole gradient of v)
-    dT   += dV_new (v - ke h)^T               (= dV_new v^T + dW ke^T with dW = -dV_new h^T)
-    dAqk += dO V_new^T
+    dv    = T^T dV_new = diag(beta) X^T dV_new   (the whole gradient of v)
+    dT   += dV_new (v - ke h)^T                  (= dV_new v^T + dW ke^T with dW = -dV_new h^T)
 
-and at the end dbeta_j = sum_i dT[i,j] X[i,j],  Abar = -X^T (dT diag(beta)) X^T (strictly lower),
-P = scale dAqk (causal): the gradients of A_kk and of A_qk / scale that the intra stage contracts.
+then dbeta_j = sum_i dT[i,j] X[i,j] and Abar = -X^T (dT diag(beta)) X^T (strictly lower), and in a second walk
+over V dAqk = dO V_new^T, P = scale dAqk (causal): the gradients of A_kk and of A_qk / scale that the intra stage
+contracts.
 """
 from __future__ import annotations
 
@@ -46,22 +46,21 @@ def kda_bwd_solve_kernel(
     b_beta = chunk_beta(beta, o_t, m_t, i_h, HV, BETA_SIGMOID, BETA_SCALE)
     b_x = block_inverse(akk + i_c.to(tl.int64) * s_ac + i_h * s_ah, dinv + i_c.to(tl.int64) * s_dc + i_h * s_dh,
                         tl.full([C], 1.0, tl.float32), C, SOLVE_PREC, "stored")
-    b_t = b_x * b_beta[None, :]
     _, r_k = l2norm_factors(q, k, o_t, m_t, i_kh, H, K, C, BK, L2NORM)
     p_h = h + i_ch * (K * V)
     p_g = gamma + i_c.to(tl.int64) * s_gc + i_h * s_gh
+    # first V walk: dv and dT (X, dT and one V block live); dA_qk waits for a second walk so that its C x C
+    # accumulator and the dO / V_new blocks are not live next to them (registers, not HBM bytes: each input is
+    # read once either way)
     b_dt = tl.zeros([C, C], dtype=tl.float32)
-    b_dqk = tl.zeros([C, C], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         m_tv = m_t[:, None] & m_v[None, :]
         p_v = o_t[:, None] * (HV * V) + i_h * V + o_v[None, :]
         b_dvn = tl.load(dvn + p_v, mask=m_tv, other=0.0)
-        tl.store(dv + p_v, mm(tl.trans(b_t), b_dvn, INTERPRET, PREC), mask=m_tv)
-        b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)
-        b_vn = tl.load(v_new + p_v, mask=m_tv, other=0.0).to(tl.float32)
-        b_dqk += mm(b_do, tl.trans(b_vn), INTERPRET, PREC)
+        # dv = T^T dV_new = diag(beta) X^T dV_new
+        tl.store(dv + p_v, mm(tl.trans(b_x), b_dvn, INTERPRET, PREC) * b_beta[:, None], mask=m_tv)
         b_r = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)      # becomes v - ke h
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
@@ -74,14 +73,21 @@ def kda_bwd_solve_kernel(
             b_r -= mm(b_ke, b_h.to(tl.float32), INTERPRET, PREC)
         b_dt += mm(b_dvn, tl.trans(b_r), INTERPRET, PREC)
     valid = m_t[:, None] & m_t[None, :]
+    p_a = o_t[:, None] * (HV * C) + i_h * C + o_c[None, :]
     tl.store(dbeta + o_t * HV + i_h, tl.sum(b_dt * b_x, 0), mask=m_t)
     b_xt = tl.trans(b_x)
     b_da = -mm(mm(b_xt, b_dt * b_beta[None, :], INTERPRET, SOLVE_PREC), b_xt, INTERPRET, SOLVE_PREC)
-    b_da = tl.where((o_c[:, None] > o_c[None, :]) & valid, b_da, 0.0)
-    b_dqk = tl.where((o_c[:, None] >= o_c[None, :]) & valid, b_dqk * scale, 0.0)
-    p_a = o_t[:, None] * (HV * C) + i_h * C + o_c[None, :]
-    tl.store(d_akk + p_a, b_da, mask=m_t[:, None])
-    tl.store(d_aqk + p_a, b_dqk, mask=m_t[:, None])
+    tl.store(d_akk + p_a, tl.where((o_c[:, None] > o_c[None, :]) & valid, b_da, 0.0), mask=m_t[:, None])
+    # second V walk: dA_qk = dO V_new^T
+    b_dqk = tl.zeros([C, C], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        p_v = o_t[:, None] * (HV * V) + i_h * V + o_v[None, :]
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        b_vn = tl.load(v_new + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        b_dqk += mm(b_do, tl.trans(b_vn), INTERPRET, PREC)
+    tl.store(d_aqk + p_a, tl.where((o_c[:, None] >= o_c[None, :]) & valid, b_dqk * scale, 0.0), mask=m_t[:, None])
 
 
 def new_output(*shape, device) -> torch.Tensor:

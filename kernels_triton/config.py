@@ -81,7 +81,7 @@ class DecodeConfig:
 # K/V slices and warps; (4) group sums and the prologues' backward: token block and warps.
 BACKWARD_KNOBS = (
     ("bwd_state_BV", int | None, None), ("bwd_state_warps", int, 4), ("bwd_state_stages", int, 2),
-    ("bwd_solve_BK", int, 64), ("bwd_solve_BV", int, 64), ("bwd_solve_warps", int, 4),
+    ("bwd_solve_BK", int, 64), ("bwd_solve_BV", int, 64), ("bwd_solve_warps", int, 8),
     ("bwd_intra_BK", int, 32), ("bwd_intra_BV", int, 64), ("bwd_intra_warps", int, 4),
     ("bwd_prologue_BT", int, 32), ("bwd_prologue_warps", int, 4),
 )

@@ -34,18 +34,36 @@ SPAN_MAX = tl.constexpr(60.0)
 G_FLOOR = tl.constexpr(-1000.0)
 
 
+# Tests only: with KDA_TRITON_EMULATE_TF32=1 in the environment of an interpreted run, :func:`mm` rounds the float32
+# operands of its "tf32" products to TF32 (10-bit mantissa, to nearest), as the GPU's tensor cores do; without it
+# the interpreter multiplies in float32, which hides where TF32 rounding costs accuracy.
+EMULATE_TF32 = tl.constexpr(os.environ.get("KDA_TRITON_EMULATE_TF32", "0") == "1")
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
+def _tf32(x):
+    """float32 ``x`` rounded to TF32 (the 13 low mantissa bits, to nearest with ties away from zero)."""
+    return ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def mm(a, b, INTERPRET: tl.constexpr, PREC: tl.constexpr):
     """``tl.dot(a, b)`` (float32 accumulation; ``PREC`` is the product's precision when both operands are
     float32: "tf32", "tf32x3" or "ieee").  Triton 3.6's CPU interpreter multiplies bfloat16 operands
-    wrongly, so there both are widened to float32 first; on a GPU the operands' dtype is kept."""
+    wrongly, so there both are widened to float32 first (and rounded to TF32 under EMULATE_TF32); on a GPU the
+    operands' dtype is kept."""
     if INTERPRET:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+        if EMULATE_TF32 and PREC == "tf32":
+            a = _tf32(a)
+            b = _tf32(b)
+        return tl.dot(a, b)
     else:
         return tl.dot(a, b, input_precision=PREC)
 

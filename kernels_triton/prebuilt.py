@@ -11,9 +11,10 @@ itself; nothing is loaded that Triton would not have built the same way.
 
 An artefact set lives in ``prebuilt/<tag>/`` (tag: ``triton-<version>-sm<major><minor>``) with a ``manifest.json``.
 It is installed only where everything the keys depend on matches: the Triton version and its installation hash,
-the GPU's compute capability, the Python ABI, and a hash of this package's Triton kernel sources (the kernels and
-the module constants they may read, :func:`kernel_sources_hash`; the artefacts of edited kernels would never be
-hit, so a stale set is left alone and :func:`status` says so).  Anything the set does not cover compiles on first
+the GPU's compute capability and the Python ABI.  The manifest also holds a hash per kernel of its sources (the
+kernel, the JIT functions it calls and the module constants they read, :func:`kernel_hashes`): the artefacts of a
+kernel edited since are never hit, so they are left out and :func:`status` names them, while the unchanged
+kernels still install.  Anything the set does not cover compiles on first
 use, as before.  ``python -m kda_compile.prebuild`` makes a set on a GPU.
 """
 from __future__ import annotations
@@ -38,28 +39,82 @@ _installed: dict[str, str] = {}   # device -> what install() did
 DONE = False   # install() ran for a CUDA device (the first one's architecture is the one installed)
 
 
-def kernel_sources_hash(folder: Path | None = None) -> str:
-    """sha256 over what Triton's keys can depend on in this package's modules that define Triton kernels: per
-    module (by file name), the exact text of every top-level ``@triton.jit`` function, decorators included, with
-    the line it starts on (Triton's key holds it), and of every top-level assignment (constants a kernel may read).
-    Host code, docstrings and comments outside those leave it unchanged as long as no kernel moves to another
-    line, so such edits do not make a shipped set stale."""
-    h = hashlib.sha256()
-    for path in sorted((folder or Path(__file__).parent).glob("*.py")):
+def _module_index(folder: Path) -> dict[str, dict]:
+    """Per module that defines Triton kernels (by file stem): its top-level ``@triton.jit`` functions (start line,
+    the decorators included, and text), its top-level assignments (constants a kernel may read) and the names it
+    imports from sibling modules."""
+    index = {}
+    for path in sorted(folder.glob("*.py")):
         text = path.read_text()
         if not re.search(r"^@triton\.jit", text, re.MULTILINE):
             continue
-        h.update(path.name.encode() + b"\0")
         lines = text.splitlines()
+        jit, consts, imports = {}, {}, {}
         for node in ast.parse(text).body:
             decorators = [ast.get_source_segment(text, d).split("(")[0] for d in getattr(node, "decorator_list", [])]
-            jit = isinstance(node, ast.FunctionDef) and bool({"triton.jit", "jit"} & set(decorators))
-            if jit:   # from its first decorator, the line Triton's key holds
-                start = node.decorator_list[0].lineno
-                h.update(f"{start}:".encode() + "\n".join(lines[start - 1:node.end_lineno]).encode() + b"\0")
-            elif isinstance(node, (ast.Assign, ast.AnnAssign)):   # a constant: its text, wherever it stands
-                h.update(b"0:" + "\n".join(lines[node.lineno - 1:node.end_lineno]).encode() + b"\0")
-    return h.hexdigest()
+            if isinstance(node, ast.FunctionDef) and {"triton.jit", "jit"} & set(decorators):
+                start = node.decorator_list[0].lineno   # the line Triton's key holds
+                jit[node.name] = (start, "\n".join(lines[start - 1:node.end_lineno]), node)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    for name in ast.walk(target):
+                        if isinstance(name, ast.Name):
+                            consts[name.id] = "\n".join(lines[node.lineno - 1:node.end_lineno])
+            elif isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                for alias in node.names:
+                    imports[alias.asname or alias.name] = (node.module, alias.name)
+        index[path.stem] = {"jit": jit, "consts": consts, "imports": imports}
+    return index
+
+
+def kernel_hashes(folder: Path | None = None) -> dict[str, str]:
+    """sha256 per top-level ``@triton.jit`` function of this package's kernel modules, over what Triton's key for
+    it can depend on: its text and start line, and those of every JIT function it calls (in its module or imported
+    from a sibling), and the text of every module constant those functions name.  Host code, docstrings, comments
+    and other kernels leave a kernel's hash unchanged as long as it does not move to another line, so such edits
+    leave its shipped artefacts valid."""
+    index = _module_index(folder or Path(__file__).parent)
+
+    def resolve(module: str, name: str):
+        info = index[module]
+        if name in info["jit"] or name in info["consts"]:
+            return module, name
+        if name in info["imports"] and info["imports"][name][0] in index:
+            return resolve(*info["imports"][name])
+        return None
+
+    hashes = {}
+    for module, info in index.items():
+        for kernel in info["jit"]:
+            seen, todo, parts = set(), [(module, kernel)], []
+            while todo:
+                key = todo.pop()
+                if key in seen:
+                    continue
+                seen.add(key)
+                mod, name = key
+                if name in index[mod]["consts"]:
+                    parts.append(f"{mod}.{name}={index[mod]['consts'][name]}")
+                    continue
+                start, text, node = index[mod]["jit"][name]
+                parts.append(f"{mod}.{name}@{start}:{text}")
+                todo += [hit for n in ast.walk(node) if isinstance(n, ast.Name)
+                         for hit in [resolve(mod, n.id)] if hit is not None]
+            hashes[kernel] = hashlib.sha256("\0".join(sorted(parts)).encode()).hexdigest()
+    return hashes
+
+
+def entry_kernel(names: list[str]) -> str | None:
+    """The kernel a Triton cache entry (its file names) was compiled for; None for a launcher-only entry."""
+    stems = {n[:-len(".json")] for n in names if n.endswith(".json") and not n.startswith(GROUP_PREFIX)}
+    return next(iter(stems), None)
+
+
+def stale_kernels(manifest: dict) -> list[str]:
+    """The set's kernels whose sources changed after it was made (their artefacts would never be hit)."""
+    current = kernel_hashes()
+    return sorted(name for name, digest in manifest.get("kernels", {}).items() if current.get(name) != digest)
 
 
 def triton_installation_hash() -> str | None:
@@ -105,20 +160,23 @@ def mismatch(manifest: dict, triton_version: str, capability: tuple[int, int]) -
         return f"made for compute capability {tuple(manifest.get('capability', ()))}, this GPU is {capability}"
     if manifest.get("abi") != abi_tag():
         return f"launchers built for {manifest.get('abi')}, this Python is {abi_tag()}"
-    if manifest.get("kernel_sources") != kernel_sources_hash():
-        return "stale: the Triton kernels changed after the set was made (python -m kda_compile.prebuild remakes it)"
+    if "kernels" not in manifest:
+        return "made by an older kda_compile without per-kernel hashes (python -m kda_compile.prebuild remakes it)"
     installation = triton_installation_hash()
     if installation is None or manifest.get("triton_installation") != installation:
         return "made with another build of this Triton version (its installation hash differs)"
     return None
 
 
-def install_set(folder: Path, manifest: dict) -> int:
-    """Copy the set's files into Triton's cache (only what is missing there); returns the files written."""
+def install_set(folder: Path, manifest: dict, skip: frozenset[str] | set[str] = frozenset()) -> int:
+    """Copy the set's files into Triton's cache (only what is missing there), except the entries of the kernels in
+    ``skip``; returns the files written."""
     from triton.runtime.cache import get_cache_manager
 
     written = 0
     for key_folder, names in manifest["entries"].items():
+        if entry_kernel(names) in skip:
+            continue
         manager = get_cache_manager(_decode_key(key_folder))
         for name in names:
             if not name.startswith(GROUP_PREFIX) and manager.get_file(name) is None:
@@ -161,8 +219,10 @@ def _install(device) -> str:
         reason = mismatch(manifest, triton.__version__, capability)
         if reason:
             return f"{tag} not installed: {reason}"
-        written = install_set(ROOT / tag, manifest)
-        return f"{tag}: {len(manifest['entries'])} cache entries, {written} files written"
+        stale = stale_kernels(manifest)
+        written = install_set(ROOT / tag, manifest, set(stale))
+        note = f"; stale, compiled on first use: {', '.join(stale)}" if stale else ""
+        return f"{tag}: {len(manifest['entries'])} cache entries, {written} files written{note}"
     except Exception as exc:  # the artefacts are an optimisation; compiling stays the fallback
         print(f"kda_compile: prebuilt Triton kernels not installed ({type(exc).__name__}: {exc})", file=sys.stderr)
         return f"failed: {type(exc).__name__}: {exc}"
@@ -192,7 +252,9 @@ def collect(cache_dir: Path, out: Path, capability: tuple[int, int], problems: l
     manifest = {"made": f"{datetime.date.today()} on {torch.cuda.get_device_name()}" if torch.cuda.is_available()
                 else str(datetime.date.today()),
                 "triton": triton.__version__, "triton_installation": triton_installation_hash(),
-                "capability": list(capability), "abi": abi_tag(), "kernel_sources": kernel_sources_hash(),
-                "problems": problems, "entries": entries}
+                "capability": list(capability), "abi": abi_tag(), "problems": problems,
+                "kernels": {name: digest for name, digest in kernel_hashes().items()
+                            if any(entry_kernel(names) == name for names in entries.values())},
+                "entries": entries}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest

@@ -5,8 +5,8 @@ this file, run as a script, is the worker (``python tests/test_triton_bwd.py CAS
 case).  Each case's gradients are compared with the float64 reference backward (kda_compile/reference_bwd.py)
 and with autograd through the float64 reference, on the same (rounded) inputs; errors are
 ``||grad - ref|| / ||ref||``.  The worker fills the outputs the kernels leave uninitialised with NaN, so an element
-a kernel fails to write shows up as a non-finite gradient.  Also: determinism (two calls bitwise equal) and
-causality of gradients.
+a kernel fails to write shows up as a non-finite gradient.  Also: determinism (two calls bitwise equal),
+causality of gradients, and the products' TF32 rounding (emulated in the interpreter, gate.EMULATE_TF32).
 The GPU cases (marked gpu) run the standard shapes in bf16.
 """
 from __future__ import annotations
@@ -54,6 +54,16 @@ CASES = {
                               masked=True),
 }
 
+# run twice, with and without TF32 emulated in the interpreter's products (gate.EMULATE_TF32): the GPU rounds the
+# float32 operands of "tf32" products, which float32 interpretation hides.  D = 128 and the safe gate in the kernel,
+# as the GPU test at the standard shapes; a product fed a float32 operand where cancellation follows (kg in
+# Gamma_C's gradient, once) raised dt_bias's error 2.5x here and dg's to 1.3-1.4e-2 on the GPU
+TF32_CASES = {
+    "bf16_tf32_l2_safe_d128": dict(op="refgrad", dtype="bfloat16", B=1, T=512, H=1, HV=1, K=128, V=128, gate="raw",
+                                   lower_bound=-5.0, l2norm=True),
+}
+TF32_SLACK = 1.25   # largest growth of any gradient's error under the emulation
+
 
 # ------------------------------------------------------------------------------------------------ worker
 
@@ -79,14 +89,21 @@ def _triton_grads(low, opts, do, dht, dtype):
     return chunk_kda_bwd(*args, opts, do.to(dtype), dht.float() if dht is not None else None)
 
 
-def _grad_errors(case):
+def _kernel_and_reference(case):
+    """``(got, want, ref, opts, do, dht)``: the Triton gradients of a case and the float64 reference backward's on
+    the same rounded inputs (``ref``)."""
     from kda_compile.reference_bwd import kda_reference_bwd
-    from kda_inputs import rel_err
-    from test_chunk_bwd import autograd_grads
     low, ref, opts, do, dht = _low_inputs(case)
     got = _triton_grads(low, opts, do, dht, getattr(torch, case["dtype"]))
     want = kda_reference_bwd(*(ref.get(n) for n in ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens",
                                                     "A_log", "dt_bias")), opts, do, dht)
+    return got, want, ref, opts, do, dht
+
+
+def _grad_errors(case):
+    from kda_inputs import rel_err
+    from test_chunk_bwd import autograd_grads
+    got, want, ref, opts, do, dht = _kernel_and_reference(case)
     auto = autograd_grads(ref, opts, do, dht)
     out = {}
     for n, x, y, z in zip(NAMES, got, want, auto):
@@ -97,6 +114,13 @@ def _grad_errors(case):
         else:
             out[n] = {"ref": rel_err(x, y), "autograd": rel_err(x, z)}
     return out
+
+
+def _ref_errors(case):
+    """Relative error of each gradient against the float64 reference backward only (larger cases)."""
+    from kda_inputs import rel_err
+    got, want = _kernel_and_reference(case)[:2]
+    return {n: None if x is None else rel_err(x, y) for n, x, y in zip(NAMES, got, want)}
 
 
 def _determinism(case):
@@ -140,26 +164,39 @@ def _worker(names):
     torch.manual_seed(0)
     torch.set_num_threads(1)
     for name in names:
-        case = CASES[name]
-        run = {"grad": _grad_errors, "determinism": _determinism, "causal": _causality}[case["op"]]
+        case = {**CASES, **TF32_CASES}[name]
+        run = {"grad": _grad_errors, "determinism": _determinism, "causal": _causality,
+               "refgrad": _ref_errors}[case["op"]]
         print(json.dumps({name: run(case)}), flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ tests
 
-@pytest.fixture(scope="module")
-def results():
-    """Run every CPU case in one interpreter subprocess (the kernels compile once)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *CASES], capture_output=True, text=True,
+def _run_worker(names, **env_extra) -> dict:
+    """Run the cases in one interpreter subprocess (the kernels compile once); ``{name: result}``."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **env_extra)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *names], capture_output=True, text=True,
                           env=env, timeout=1800)
     out = {}
     for line in proc.stdout.splitlines():
         if line.startswith("{"):
             out.update(json.loads(line))
-    if proc.returncode != 0 and len(out) < len(CASES):
+    if proc.returncode != 0 and len(out) < len(names):
         pytest.fail(f"worker failed:\n{proc.stderr[-4000:]}")
     return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return _run_worker(list(CASES))
+
+
+@pytest.fixture(scope="module")
+def tf32_results():
+    """``(plain, emulated)``: the TF32 cases interpreted in float32, then with TF32 products emulated."""
+    return _run_worker(list(TF32_CASES), KDA_TRITON_EMULATE_TF32="0"), \
+        _run_worker(list(TF32_CASES), KDA_TRITON_EMULATE_TF32="1")
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c["op"] == "grad"])
@@ -184,6 +221,18 @@ def test_triton_bwd_causal(results, name):
     for n, (unchanged, zero_after) in ((n, r) for n, r in results[name].items() if r is not None):
         assert unchanged, f"{name}: d{n} before p changed when later inputs changed"
         assert zero_after, f"{name}: d{n} after p is not exactly zero"
+
+
+@pytest.mark.parametrize("name", list(TF32_CASES))
+def test_triton_bwd_tf32_rounding(tf32_results, name):
+    """No gradient's error may grow by more than TF32_SLACK when the products round their operands as a GPU does."""
+    plain, emulated = tf32_results[0][name], tf32_results[1][name]
+    present = [n for n in NAMES if plain[n] is not None]
+    assert present and all(emulated[n] is not None for n in present), (plain, emulated)
+    assert any(plain[n] != emulated[n] for n in present), "the emulation changed nothing: is it active?"
+    for n in present:
+        assert emulated[n] <= TF32_SLACK * plain[n] + 1e-4, \
+            f"{name} d{n}: {emulated[n]:.2e} with TF32 products against {plain[n]:.2e} in float32"
 
 
 # ------------------------------------------------------------------------------------------------ GPU
