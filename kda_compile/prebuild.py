@@ -39,16 +39,16 @@ PROBLEMS = [
 GROUPS = ("forward", "training", "decode")
 
 
-def _inputs(setting: str, B: int, T: int, H: int, train: bool):
+def _inputs(setting: str, B: int, T: int, H: int, train: bool, device: str = "cuda"):
     """Random bf16 inputs of a setting (D = 128) and the keywords of the call."""
     import torch
     import torch.nn.functional as F
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def r(*shape):
-        return torch.randn(*shape, device="cuda", generator=gen)
+        return torch.randn(*shape, device=device, generator=gen)
     x = dict(q=r(B, T, H, 128), k=r(B, T, H, 128), v=r(B, T, H, 128).bfloat16(),
-             beta=torch.rand(B, T, H, device="cuda", generator=gen))
+             beta=torch.rand(B, T, H, device=device, generator=gen))
     kw = {}
     if setting == "prenorm_log":
         x["q"], x["k"] = F.normalize(x["q"], dim=-1), F.normalize(x["k"], dim=-1)
@@ -57,7 +57,7 @@ def _inputs(setting: str, B: int, T: int, H: int, train: bool):
     x["q"], x["k"] = x["q"].bfloat16(), x["k"].bfloat16()
     if setting == "l2_safe":
         x["g"] = r(B, T, H, 128)
-        x["A_log"] = torch.log(torch.rand(H, device="cuda", generator=gen) * 15 + 1)
+        x["A_log"] = torch.log(torch.rand(H, device=device, generator=gen) * 15 + 1)
         x["dt_bias"] = r(H * 128) * 0.1
         kw.update(use_gate_in_kernel=True, safe_gate=True, lower_bound=-5.0)
     else:

@@ -70,29 +70,13 @@ def _launch_record(fn, args, kwargs) -> dict:
 
 
 def _inputs(setting: str, train: bool, T: int = 80):
-    """bf16 inputs (B1, H1, K = V = 128, T not a multiple of the chunk) and the call's keywords."""
+    """The prebuild's inputs of a setting (bf16, K = V = 128) at B1·H1 on the CPU, T not a multiple of the chunk,
+    with an initial state."""
     import torch
-    import torch.nn.functional as F
-    gen = torch.Generator().manual_seed(0)
 
-    def r(*shape):
-        return torch.randn(*shape, generator=gen)
-    x = dict(q=r(1, T, 1, 128), k=r(1, T, 1, 128), v=r(1, T, 1, 128).bfloat16(), beta=torch.rand(1, T, 1))
-    kw = {}
-    if setting == "prenorm_log":
-        x["q"], x["k"] = F.normalize(x["q"], dim=-1), F.normalize(x["k"], dim=-1)
-    else:
-        kw["use_qk_l2norm_in_kernel"] = True
-    x["q"], x["k"] = x["q"].bfloat16(), x["k"].bfloat16()
-    if setting == "l2_safe":
-        x["g"], x["A_log"], x["dt_bias"] = r(1, T, 1, 128), torch.zeros(1), r(128) * 0.1
-        kw.update(use_gate_in_kernel=True, safe_gate=True, lower_bound=-5.0)
-    else:
-        x["g"] = F.logsigmoid(r(1, T, 1, 128) + 3)
-    x["initial_state"] = r(1, 1, 128, 128)
-    if train:
-        for t in x.values():
-            t.requires_grad_(True)
+    from kda_compile.prebuild import _inputs as prebuild_inputs
+    x, kw = prebuild_inputs(setting, 1, T, 1, train, device="cpu")
+    x["initial_state"] = torch.randn(1, 1, 128, 128, requires_grad=train)
     return x, kw
 
 
