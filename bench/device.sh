@@ -3,7 +3,7 @@
 #
 #   SECTIONS="tests chunk sweep decode" OUT=/tmp/out bash bench/device.sh
 #
-# Sections, run in the order given (default: tests chunk train sweep decode overhead breakdown cold kimi model onnx):
+# Sections, run in the order given (default: tests chunk train sweep decode overhead breakdown cold kimi model modeltrain onnx):
 #   tests      pytest -m gpu (every GPU test; TESTS_ARGS adds arguments, e.g. "-n 8"), then the state-pool and
 #              padding tests (unmarked: their kernel cases run on the GPU when there is one)
 #   chunk      bench/bench_chunk.py --what shapes: forward at the standard shapes, both gates
@@ -21,6 +21,8 @@
 #   tune       python -m kda_compile.autotune --output $OUT/tuned.json (TUNE_ARGS adds arguments)
 #   cold       bench/bench_cold_start.py: fresh process to the first chunk_kda, ours and FLA
 #   model      bench/bench_model.py: the hybrid model against full attention
+#   modeltrain bench/bench_model.py --train: a training step of the hybrid model, ours against FLA's KDA and full
+#              attention (FLA's first compile of its backward can take minutes)
 #   onnx       bench/bench_onnx.py: onnxruntime against PyTorch eager (CPU)
 # Each section runs under `timeout` (LIMIT_<SECTION> seconds, e.g. LIMIT_CHUNK=300) with its output in
 # $OUT/<section>.log, printed when it ends with its exit status; the markdown tables also go to
@@ -30,7 +32,7 @@
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 PY=${PYTHON:-python3}
-SECTIONS=${SECTIONS:-tests chunk train sweep decode overhead breakdown cold kimi model onnx}
+SECTIONS=${SECTIONS:-tests chunk train sweep decode overhead breakdown cold kimi model modeltrain onnx}
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 mkdir -p "$OUT/plots"
 echo "sections: $SECTIONS; output in $OUT"
@@ -81,6 +83,8 @@ for section in $SECTIONS; do
     tune)      run tune 540 $PY -m kda_compile.autotune --output "$OUT/tuned.json" ;;
     cold)      run cold 540 $PY bench/bench_cold_start.py --timeout 250 --out "$OUT/results.md" ;;
     model)     run model 300 $PY bench/bench_model.py --device cuda --seq-lens 8192 32768 --compile \
+                 --out "$OUT/results.md" ;;
+    modeltrain) run modeltrain 420 $PY bench/bench_model.py --device cuda --train --seq-lens 8192 \
                  --out "$OUT/results.md" ;;
     onnx)      run onnx 300 $PY bench/bench_onnx.py --rounds 5 --threads 1 --out "$OUT/results.md" ;;
     *)         echo "unknown section '$section' (known: tests chunk train sweep decode overhead breakdown trainbreak"\
