@@ -78,7 +78,7 @@ def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
                             cfg.forward)
     dhn, dvn, dh0 = chunk_bwd_state(fwd, do_f, dht, initial_state is not None, opts.scale, table,
                                     opts.state_v_first, cfg)
-    dv, d_akk, d_aqk, dbeta_solve = chunk_bwd_solve(q_f, k_f, v_f, beta_f, do_f, fwd, dvn, opts, table, cfg)
+    dv, dv_out, d_akk, d_aqk, dbeta_solve = chunk_bwd_solve(q_f, k_f, v_f, beta_f, do_f, fwd, dvn, opts, table, cfg)
     dq_h, dk_h, dg, dbeta_part, dA_part, ddt_part = chunk_bwd_intra(q_f, k_f, g_f, beta_f, A_log_c, dt_bias_c, do_f,
                                                                     fwd, dv, dhn, d_aqk, d_akk, opts, table, cfg)
     dq, dk, dbeta = chunk_bwd_prologue(q_f, k_f, beta_f, dq_h, dk_h, dbeta_solve, dbeta_part, opts, cfg)
@@ -91,5 +91,5 @@ def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
             ddt_bias = ddt_part.sum(0).reshape(HV * K).to(dt_bias.dtype)
     if dh0 is not None:
         dh0 = dh0.to(initial_state.dtype)
-    return (dq.view(B, T, H, K), dk.view(B, T, H, K), dv.to(v.dtype).view(B, T, HV, V), dg.view(B, T, HV, K),
+    return (dq.view(B, T, H, K), dk.view(B, T, H, K), dv_out.view(B, T, HV, V), dg.view(B, T, HV, K),
             dbeta.view(B, T, HV), dh0, dA_log, ddt_bias)

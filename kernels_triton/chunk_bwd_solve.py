@@ -30,11 +30,13 @@ def get_configs() -> list[dict]:
 
 @triton.jit
 def kda_bwd_solve_kernel(
-    q, k, v, beta, do, v_new, dvn, h, akk, dinv, gamma, dv, d_akk, d_aqk, dbeta, chunk_seq, chunk_pos, cu, scale,
+    q, k, v, beta, do, v_new, dvn, h, akk, dinv, gamma, dv, dv_out, d_akk, d_aqk, dbeta, chunk_seq, chunk_pos, cu,
+    scale,
     s_ac, s_ah, s_dc, s_dh, s_gc, s_gh, s_gr,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr, SOLVE_PREC: tl.constexpr,
+    DV_COPY: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_kh = i_h // (HV // H)
@@ -59,8 +61,11 @@ def kda_bwd_solve_kernel(
         m_tv = m_t[:, None] & m_v[None, :]
         p_v = o_t[:, None] * (HV * V) + i_h * V + o_v[None, :]
         b_dvn = tl.load(dvn + p_v, mask=m_tv, other=0.0)
-        # dv = T^T dV_new = diag(beta) X^T dV_new
-        tl.store(dv + p_v, mm(tl.trans(b_x), b_dvn, INTERPRET, PREC) * b_beta[:, None], mask=m_tv)
+        # dv = T^T dV_new = diag(beta) X^T dV_new: float32 for the intra stage, and in v's dtype for the caller
+        b_dv = mm(tl.trans(b_x), b_dvn, INTERPRET, PREC) * b_beta[:, None]
+        tl.store(dv + p_v, b_dv, mask=m_tv)
+        if DV_COPY:
+            tl.store(dv_out + p_v, b_dv.to(dv_out.dtype.element_ty), mask=m_tv)
         b_r = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)      # becomes v - ke h
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
@@ -90,21 +95,23 @@ def kda_bwd_solve_kernel(
     tl.store(d_aqk + p_a, tl.where((o_c[:, None] >= o_c[None, :]) & valid, b_dqk * scale, 0.0), mask=m_t[:, None])
 
 
-def new_output(*shape, device) -> torch.Tensor:
-    """An uninitialised float32 output of the stage: its kernel writes every element (every token lies in one
+def new_output(*shape, device, dtype=torch.float32) -> torch.Tensor:
+    """An uninitialised output of the stage (float32 unless said): its kernel writes every element (every token lies in one
     chunk, and each program stores whole rows of its chunk), so no zero fill is paid for.  The CPU tests replace
     this with a NaN fill to prove that."""
-    return torch.empty(*shape, device=device, dtype=torch.float32)
+    return torch.empty(*shape, device=device, dtype=dtype)
 
 
 def chunk_bwd_solve(q, k, v, beta, do, fwd, dvn, opts, table, cfg):
-    """Run the stage on flat tensors.  Returns ``(dv [TT, HV, V], d_akk, d_aqk [TT, HV, C], dbeta [TT, HV])``, all
-    float32: the gradient of v, of A_kk (strictly lower), of A_qk / scale (causal) and beta's part from T."""
+    """Run the stage on flat tensors.  Returns ``(dv [TT, HV, V] float32, dv in v's dtype (the same tensor for a
+    float32 v), d_akk, d_aqk [TT, HV, C], dbeta [TT, HV])``, float32 but the second: the gradient of v, of A_kk
+    (strictly lower), of A_qk / scale (causal) and beta's part from T."""
     TT, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     C = table.chunk_size
     dev = q.device
     dv = new_output(TT, HV, V, device=dev)
+    dv_out = dv if v.dtype == torch.float32 else new_output(TT, HV, V, device=dev, dtype=v.dtype)
     d_akk = new_output(TT, HV, C, device=dev)
     d_aqk = new_output(TT, HV, C, device=dev)
     dbeta = new_output(TT, HV, device=dev)
@@ -113,12 +120,13 @@ def chunk_bwd_solve(q, k, v, beta, do, fwd, dvn, opts, table, cfg):
         raise ValueError("recomputed A_kk and Dinv must have contiguous tiles and Gamma contiguous rows")
     if table.num_chunks:
         kda_bwd_solve_kernel[(table.num_chunks, HV)](
-            q, k, v, beta, do, fwd.v_new, dvn, fwd.h, akk, dinv, gamma, dv, d_akk, d_aqk, dbeta,
+            q, k, v, beta, do, fwd.v_new, dvn, fwd.h, akk, dinv, gamma, dv, dv_out, d_akk, d_aqk, dbeta,
             table.chunk_seq, table.chunk_pos, table.cu, float(opts.scale),
             *akk.stride()[:2], *dinv.stride()[:2], *gamma.stride()[:3],
             H=H, HV=HV, K=K, V=V, C=C, L2NORM=opts.use_qk_l2norm_in_kernel,
             BETA_SIGMOID=opts.use_beta_sigmoid_in_kernel, BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0,
             BK=min(cfg.bwd_solve_BK, triton.next_power_of_2(K)),
             BV=min(cfg.bwd_solve_BV, triton.next_power_of_2(V)), INTERPRET=interpreting(),
-            PREC=cfg.forward.precision, SOLVE_PREC=cfg.forward.solve_precision, num_warps=cfg.bwd_solve_warps)
-    return dv, d_akk, d_aqk, dbeta
+            PREC=cfg.forward.precision, SOLVE_PREC=cfg.forward.solve_precision, DV_COPY=dv_out is not dv,
+            num_warps=cfg.bwd_solve_warps)
+    return dv, dv_out, d_akk, d_aqk, dbeta

@@ -160,7 +160,8 @@ def _causality(case):
 
 def _worker(names):
     from kda_compile.kernels_triton import chunk_bwd_solve
-    chunk_bwd_solve.new_output = lambda *shape, device: torch.full(shape, float("nan"), device=device)
+    chunk_bwd_solve.new_output = lambda *shape, device, dtype=torch.float32: torch.full(shape, float("nan"),
+                                                                                           device=device, dtype=dtype)
     torch.manual_seed(0)
     torch.set_num_threads(1)
     for name in names:
