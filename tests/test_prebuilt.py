@@ -160,6 +160,9 @@ def test_stale_kernels_are_left_out_of_the_install(tmp_path, monkeypatch):
     current = prebuilt.kernel_hashes()
     manifest = {"kernels": {"kda_intra_kernel": current["kda_intra_kernel"], "kda_state_kernel": "0" * 64}}
     assert prebuilt.stale_kernels(manifest) == ["kda_state_kernel"]
+    # with every kernel module's text as the set was made, nothing is parsed and nothing can be stale
+    assert prebuilt.stale_kernels({**manifest, "modules": prebuilt.module_hashes()}) == []
+    assert prebuilt.stale_kernels({**manifest, "modules": {"gate.py": "0" * 64}}) == ["kda_state_kernel"]
 
 
 # the kernels of the cold-start forward and of decode: a shipped set must have them current (a kernel edited
