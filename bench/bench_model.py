@@ -152,8 +152,8 @@ def train_table(rows: list) -> str:
 def run_train(args, config, dtype, seq_lens) -> str:
     """The ``--train`` mode: a training step of each model at each length; returns the markdown table."""
     fla = fla_chunk_kda()
-    models = [("hybrid", config, None), ("hybrid, FLA's KDA", config, fla), ("full attention",
-                                                                              config.full_attention(), None)]
+    models = [("hybrid", config, None), ("hybrid, FLA's KDA", config, fla),
+              ("full attention", config.full_attention(), None)]
     rows = []
     for name, cfg, chunk_fn in models:
         if isinstance(chunk_fn, str):

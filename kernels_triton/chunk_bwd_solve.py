@@ -96,8 +96,8 @@ def kda_bwd_solve_kernel(
 
 
 def new_output(*shape, device, dtype=torch.float32) -> torch.Tensor:
-    """An uninitialised output of the stage (float32 unless said): its kernel writes every element (every token lies in one
-    chunk, and each program stores whole rows of its chunk), so no zero fill is paid for.  The CPU tests replace
+    """An uninitialised output of the stage (float32 unless said): its kernel writes every element (every token lies
+    in one chunk, and each program stores whole rows of its chunk), so no zero fill is paid for.  The CPU tests replace
     this with a NaN fill to prove that."""
     return torch.empty(*shape, device=device, dtype=dtype)
 

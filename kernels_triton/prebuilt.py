@@ -261,12 +261,12 @@ def collect(cache_dir: Path, out: Path, capability: tuple[int, int], problems: l
         for name in names:
             shutil.copyfile(entry / name, out / entry.name / name)
         entries[entry.name] = names
+    collected = {entry_kernel(names) for names in entries.values()}
     manifest = {"made": f"{datetime.date.today()} on {torch.cuda.get_device_name()}" if torch.cuda.is_available()
                 else str(datetime.date.today()),
                 "triton": triton.__version__, "triton_installation": triton_installation_hash(),
                 "capability": list(capability), "abi": abi_tag(), "problems": problems,
-                "kernels": {name: digest for name, digest in kernel_hashes().items()
-                            if any(entry_kernel(names) == name for names in entries.values())},
+                "kernels": {name: digest for name, digest in kernel_hashes().items() if name in collected},
                 "modules": module_hashes(), "entries": entries}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest

@@ -53,6 +53,8 @@ def test_a_collected_set_installs_where_tritons_lookup_finds_it(tmp_path, monkey
                                                             "kda_x_kernel.json"]   # no IR text shipped
     assert json.loads((out / "manifest.json").read_text()) == manifest
 
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "skipping"))
+    assert prebuilt.install_set(out, manifest, {"kda_x_kernel"}) == 1   # a stale kernel's entry: only the launcher
     monkeypatch.setenv("TRITON_CACHE_DIR", str(target))
     assert prebuilt.install_set(out, manifest) == 4   # cubin, metadata, group, launcher
     group = get_cache_manager(kernel).get_group("kda_x_kernel.json")
@@ -153,7 +155,7 @@ def test_a_kernel_goes_stale_only_with_what_its_compilation_reads(tmp_path, edit
     assert (after["kda_x_kernel"] != before["kda_x_kernel"]) == stale
 
 
-def test_stale_kernels_are_left_out_of_the_install(tmp_path, monkeypatch):
+def test_stale_kernels_are_found_by_their_hashes():
     names = {"AAAA": ["__grp__kda_x_kernel.json", "kda_x_kernel.cubin", "kda_x_kernel.json"],
              "BBBB": ["__triton_launcher.so"]}
     assert prebuilt.entry_kernel(names["AAAA"]) == "kda_x_kernel" and prebuilt.entry_kernel(names["BBBB"]) is None

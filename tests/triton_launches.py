@@ -26,14 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "kda_compile."
 TENSOR_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64", "int32": "i32",
                 "int64": "i64", "int8": "i8", "uint8": "u8", "bool": "i1"}
-# the calls whose launches are recorded: (name, keyword overrides of _inputs / the call)
+# the calls whose launches are recorded (keywords of _run_call): a forward, four training steps, a decode step
 CALLS = [
-    ("forward prenorm_log", dict(setting="prenorm_log", train=False)),
-    ("training prenorm_log", dict(setting="prenorm_log", train=True)),
-    ("training l2_log", dict(setting="l2_log", train=True)),
-    ("training l2_safe", dict(setting="l2_safe", train=True)),
-    ("training l2_safe chunk 32", dict(setting="l2_safe", train=True, chunk_size=32)),
-    ("decode pool", dict(setting="l2_log", decode=True)),
+    dict(setting="prenorm_log", train=False),
+    dict(setting="prenorm_log", train=True),
+    dict(setting="l2_log", train=True),
+    dict(setting="l2_safe", train=True),
+    dict(setting="l2_safe", train=True, chunk_size=32),
+    dict(setting="l2_log", decode=True),
 ]
 
 
@@ -53,8 +53,9 @@ def _arg_type(value) -> str:
 
 def _launch_record(fn, args, kwargs) -> dict:
     """The JSON-able description of one launch of the Python function ``fn`` (the interpreter's kernel)."""
-    params = inspect.signature(fn).parameters
-    bound = inspect.signature(fn).bind_partial(*args, **{k: v for k, v in kwargs.items() if k in params})
+    sig = inspect.signature(fn)
+    params = sig.parameters
+    bound = sig.bind_partial(*args, **{k: v for k, v in kwargs.items() if k in params})
     bound.apply_defaults()
     signature, constexprs = {}, {}
     for name, param in params.items():
@@ -114,7 +115,7 @@ def _record_worker() -> None:
             seen[json.dumps(_launch_record(self.fn, args, kwargs), sort_keys=True)] = None
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
     InterpretedFunction.run = recording_run
-    for _, call in CALLS:
+    for call in CALLS:
         _run_call(**call)
     for line in seen:
         print(line)
@@ -135,7 +136,8 @@ def record(timeout: float = 900) -> list[dict]:
 
 def compile_launch(launch: dict, capability: int = 90) -> dict:
     """Compile one recorded launch for ``sm_{capability}`` with Triton's compiler; returns ``{"regs", "stack",
-    "shared"}`` (registers per thread, stack bytes per thread (spills included), shared bytes per program).  Call it in a process where ``TRITON_INTERPRET`` is unset (the kernels must be JIT functions)."""
+    "shared"}`` (registers per thread, stack bytes per thread (spills included), shared bytes per program).  Call it
+    in a process where ``TRITON_INTERPRET`` is unset (the kernels must be JIT functions)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
