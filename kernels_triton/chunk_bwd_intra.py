@@ -193,9 +193,9 @@ def kda_bwd_intra_kernel(
         # rows r >= f + 16 for the columns) share one exponent tile; the diagonal tile is its own product, at
         # DIAG_PREC, with the exact columns left out.
         exact = _exact_rows(b_gi, b_f, shift, mi, CHECK)
-        b_ga = tl.load(gamma + o_c[:, None] * s_gr + o_k[None, :], mask=m, other=0.0)
         left = o_c < f
         below = o_c >= f + 16
+        b_ga = tl.load(gamma + o_c[:, None] * s_gr + o_k[None, :], mask=m, other=0.0)
         e_a = tl.where(left[:, None], b_f[None, :] - shift - b_ga, b_ga - b_f[None, :] + shift)
         e_a = tl.where(m & (left | below)[:, None], tl.exp(e_a), 0.0)
         p_all = o_c[:, None] * (H * K) + o_k[None, :]
@@ -227,6 +227,7 @@ def kda_bwd_intra_kernel(
             if tl.max(exact.to(tl.int32), 0) > 0:  # rare (masked tokens, g ~ -1000): exact columns element-wise
                 b_q = tl.load(q + p_all, mask=m, other=0.0).to(tl.float32) * r_q[:, None]
                 b_bk = tl.load(k + p_all, mask=m, other=0.0).to(tl.float32) * (r_k * b_beta)[:, None]
+                b_gall = tl.load(gamma + o_c[:, None] * s_gr + o_k[None, :], mask=m, other=0.0)
                 for j in range(0, 16):
                     s = f + j
                     x_s = (o_16 == j) & exact              # column s is exact
@@ -242,7 +243,7 @@ def kda_bwd_intra_kernel(
                     b_gq += tl.load(d_aqk + p_s, mask=m_i, other=0.0)[:, None] * b_kss[None, :] * e_b
                     b_gk += tl.load(d_akk + p_s, mask=m_i, other=0.0)[:, None] * b_kss[None, :] * e_b
                     # its column-side sum: every row r >= s of the chunk
-                    e_c = tl.where(((o_c >= s) & m_t)[:, None] & m_s[None, :], tl.exp(b_ga - b_gs[None, :]), 0.0)
+                    e_c = tl.where(((o_c >= s) & m_t)[:, None] & m_s[None, :], tl.exp(b_gall - b_gs[None, :]), 0.0)
                     p_sc = o_c * (HV * C) + s
                     b_col = tl.load(d_aqk + p_sc, mask=m_t, other=0.0)[:, None] * b_q \
                         + tl.load(d_akk + p_sc, mask=m_t, other=0.0)[:, None] * b_bk
