@@ -193,9 +193,9 @@ def kda_bwd_intra_kernel(
         # rows r >= f + 16 for the columns) share one exponent tile; the diagonal tile is its own product, at
         # DIAG_PREC, with the exact columns left out.
         exact = _exact_rows(b_gi, b_f, shift, mi, CHECK)
-        b_ga = tl.load(gamma + o_c[:, None] * s_gr + o_k[None, :], mask=m, other=0.0)
         left = o_c < f
         below = o_c >= f + 16
+        b_ga = tl.load(gamma + o_c[:, None] * s_gr + o_k[None, :], mask=m, other=0.0)
         e_a = tl.where(left[:, None], b_f[None, :] - shift - b_ga, b_ga - b_f[None, :] + shift)
         e_a = tl.where(m & (left | below)[:, None], tl.exp(e_a), 0.0)
         p_all = o_c[:, None] * (H * K) + o_k[None, :]
@@ -225,8 +225,6 @@ def kda_bwd_intra_kernel(
         b_hc *= e_s
         if CHECK:
             if tl.max(exact.to(tl.int32), 0) > 0:  # rare (masked tokens, g ~ -1000): exact columns element-wise
-                b_q = tl.load(q + p_all, mask=m, other=0.0).to(tl.float32) * r_q[:, None]
-                b_bk = tl.load(k + p_all, mask=m, other=0.0).to(tl.float32) * (r_k * b_beta)[:, None]
                 for j in range(0, 16):
                     s = f + j
                     x_s = (o_16 == j) & exact              # column s is exact
@@ -241,12 +239,25 @@ def kda_bwd_intra_kernel(
                     p_s = o_i * (HV * C) + s
                     b_gq += tl.load(d_aqk + p_s, mask=m_i, other=0.0)[:, None] * b_kss[None, :] * e_b
                     b_gk += tl.load(d_akk + p_s, mask=m_i, other=0.0)[:, None] * b_kss[None, :] * e_b
-                    # its column-side sum: every row r >= s of the chunk
-                    e_c = tl.where(((o_c >= s) & m_t)[:, None] & m_s[None, :], tl.exp(b_ga - b_gs[None, :]), 0.0)
-                    p_sc = o_c * (HV * C) + s
-                    b_col = tl.load(d_aqk + p_sc, mask=m_t, other=0.0)[:, None] * b_q \
-                        + tl.load(d_akk + p_sc, mask=m_t, other=0.0)[:, None] * b_bk
-                    b_hc += tl.where(x_s[:, None], tl.sum(b_col * e_c, 0)[None, :], 0.0)
+                    # its column-side sum: every row r >= s of the chunk, 16 rows at a time (this path's tiles
+                    # stay block-sized, so they do not raise the kernel's register peak)
+                    b_sum = tl.zeros([BK], dtype=tl.float32)
+                    for i_r in range(f // 16, C // 16):
+                        o_r = i_r * 16 + o_16
+                        m_r = o_r < n_t
+                        mr = m_r[:, None] & m_k[None, :]
+                        p_r = o_r[:, None] * (H * K) + o_k[None, :]
+                        e_c = tl.where(((o_r >= s) & m_r)[:, None] & m_s[None, :],
+                                       tl.exp(tl.load(gamma + o_r[:, None] * s_gr + o_k[None, :], mask=mr, other=0.0)
+                                              - b_gs[None, :]), 0.0)
+                        p_sc = o_r * (HV * C) + s
+                        b_col = tl.load(d_aqk + p_sc, mask=m_r, other=0.0)[:, None] \
+                            * tl.load(q + p_r, mask=mr, other=0.0).to(tl.float32) * _gather(r_q, o_r, C)[:, None] \
+                            + tl.load(d_akk + p_sc, mask=m_r, other=0.0)[:, None] \
+                            * tl.load(k + p_r, mask=mr, other=0.0).to(tl.float32) \
+                            * _gather(r_k * b_beta, o_r, C)[:, None]
+                        b_sum += tl.sum(b_col * e_c, 0)
+                    b_hc += tl.where(x_s[:, None], b_sum[None, :], 0.0)
 
         # 3. the block's outputs; dGamma's reverse cumulative sum continues from the later rows
         e_g = tl.where(mi, tl.exp(b_gi), 0.0)                    # exp(Gamma) <= 1
