@@ -28,7 +28,7 @@ from .gate import L2NORM_EPS, gate_value, interpreting
 
 def get_configs() -> list[dict]:
     """Search space of the decode kernel: V-block width and warps."""
-    return [{"decode_BV": bv, "decode_warps": w} for bv in (16, 32, 64) for w in (1, 2, 4)]
+    return [{"decode_BV": bv, "decode_warps": w} for bv in (8, 16, 32, 64) for w in (1, 2, 4)]
 
 
 @triton.jit
