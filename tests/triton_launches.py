@@ -134,19 +134,52 @@ def record(timeout: float = 900) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-def compile_launch(launch: dict, capability: int = 90) -> dict:
-    """Compile one recorded launch for ``sm_{capability}`` with Triton's compiler; returns ``{"regs", "stack",
-    "shared"}`` (registers per thread, stack bytes per thread (spills included), shared bytes per program).  Call it
-    in a process where ``TRITON_INTERPRET`` is unset (the kernels must be JIT functions)."""
+def _compile(launch: dict, capability: int):
+    """Triton's compiled kernel of one recorded launch for ``sm_{capability}``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("compile_launch needs TRITON_INTERPRET unset (the kernels were defined for the interpreter)")
+        raise RuntimeError("compiling needs TRITON_INTERPRET unset (the kernels were defined for the interpreter)")
     fn = getattr(importlib.import_module(launch["module"]), launch["kernel"])
     src = ASTSource(fn=fn, signature=launch["signature"], constexprs=launch["constexprs"])
-    kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=launch["options"])
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=launch["options"])
+
+
+def compile_launch(launch: dict, capability: int = 90) -> dict:
+    """Compile one recorded launch for ``sm_{capability}`` with Triton's compiler; returns ``{"regs", "stack",
+    "shared"}`` (registers per thread, stack bytes per thread (spills included), shared bytes per program).  Call it
+    in a process where ``TRITON_INTERPRET`` is unset (the kernels must be JIT functions)."""
+    kernel = _compile(launch, capability)
     return {**_cubin_usage(kernel), "shared": kernel.metadata.shared}
+
+
+def instructions_by_line(launch: dict, capability: int = 90) -> tuple[int, dict]:
+    """``(total, {(file, line): count})``: the static SASS instructions of one launch (per warp) attributed to the
+    source line of the kernel's own module that they come from (through the inlining line info of ``nvdisasm -gi``,
+    so a helper's or the standard library's instructions count at the line that calls it)."""
+    import collections
+    import re
+    import tempfile
+
+    import triton
+    kernel = _compile(launch, capability)
+    module_file = Path(importlib.import_module(launch["module"]).__file__).name
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(tool), "-gi", "-c", f.name], capture_output=True, text=True, check=True).stdout
+    counts, where, total = collections.Counter(), None, 0
+    for line in sass.splitlines():
+        locations = re.findall(r'File "([^"]+)", line (\d+)', line)
+        if locations:
+            mine = [(Path(name).name, int(number)) for name, number in locations if Path(name).name == module_file]
+            where = mine[-1] if mine else (Path(locations[-1][0]).name, int(locations[-1][1]))
+        elif re.match(r"\s+/\*[0-9a-f]+\*/\s+\S", line):
+            counts[where] += 1
+            total += 1
+    return total, dict(counts)
 
 
 def _cubin_usage(kernel) -> dict:
@@ -170,14 +203,34 @@ def describe(launch: dict) -> str:
     return f"{launch['kernel']} {shown} {launch['options']}"
 
 
+def print_instructions(kernel: str, capability: int, min_count: int) -> int:
+    """Print :func:`instructions_by_line` for every recorded launch of ``kernel``."""
+    launches = [launch for launch in record() if launch["kernel"] == kernel]
+    if not launches:
+        print(f"no recorded launch of {kernel}")
+        return 1
+    for launch in launches:
+        total, counts = instructions_by_line(launch, capability)
+        print(f"{describe(launch)}: {total} instructions, {compile_launch(launch, capability)}", flush=True)
+        for where, count in sorted(counts.items(), key=lambda item: item[0] or ("", 0)):
+            if count >= min_count:
+                print(f"  {'%s:%d' % where if where else '(no line)'} {count}")
+    return 0
+
+
 def main(argv=None) -> int:
     import argparse
     p = argparse.ArgumentParser(description="Compile every Triton kernel launch of a few interpreter calls for a "
                                 "GPU target, without a GPU, and print each one's registers, stack and shared memory.")
     p.add_argument("--capability", type=int, default=90, help="the target's compute capability (default 90)")
     p.add_argument("--json", action="store_true", help="one JSON object per launch (for the tests)")
+    p.add_argument("--sass", metavar="KERNEL", help="instead: the static SASS instruction count of KERNEL's launches "
+                   "(e.g. kda_bwd_intra_kernel) per source line of its module, lines with at least --min-count")
+    p.add_argument("--min-count", type=int, default=20, help="with --sass: the smallest count shown (default 20)")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
+    if args.sass:
+        return print_instructions(args.sass, args.capability, args.min_count)
     failed = 0
     for launch in record():
         try:
