@@ -18,6 +18,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,27 +155,17 @@ def compile_launch(launch: dict, capability: int = 90) -> dict:
     return {**_cubin_usage(kernel), "shared": kernel.metadata.shared}
 
 
-def instructions_by_line(launch: dict, capability: int = 90) -> tuple[int, dict]:
-    """``(total, {(file, line): count})``: the static SASS instructions of one launch (per warp) attributed to the
-    source line of the kernel's own module that they come from (through the inlining line info of ``nvdisasm -gi``,
-    so a helper's or the standard library's instructions count at the line that calls it)."""
+def instructions_by_line(kernel, module: str) -> tuple[int, dict]:
+    """``(total, {(file, line): count})``: the static SASS instructions of a compiled kernel (per warp) attributed to
+    the source line of its module ``module`` (a file name) that they come from (through the inlining line info of
+    ``nvdisasm -gi``, so a helper's or the standard library's instructions count at the line that calls it)."""
     import collections
-    import re
-    import tempfile
-
-    import triton
-    kernel = _compile(launch, capability)
-    module_file = Path(importlib.import_module(launch["module"]).__file__).name
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([str(tool), "-gi", "-c", f.name], capture_output=True, text=True, check=True).stdout
+    sass = _cubin_tool(kernel, "nvdisasm", "-gi", "-c")
     counts, where, total = collections.Counter(), None, 0
     for line in sass.splitlines():
         locations = re.findall(r'File "([^"]+)", line (\d+)', line)
         if locations:
-            mine = [(Path(name).name, int(number)) for name, number in locations if Path(name).name == module_file]
+            mine = [(Path(name).name, int(number)) for name, number in locations if Path(name).name == module]
             where = mine[-1] if mine else (Path(locations[-1][0]).name, int(locations[-1][1]))
         elif re.match(r"\s+/\*[0-9a-f]+\*/\s+\S", line):
             counts[where] += 1
@@ -182,18 +173,22 @@ def instructions_by_line(launch: dict, capability: int = 90) -> tuple[int, dict]
     return total, dict(counts)
 
 
-def _cubin_usage(kernel) -> dict:
-    """Registers and stack bytes per thread from the cubin (``cuobjdump`` ships with Triton)."""
-    import re
+def _cubin_tool(kernel, tool: str, *args: str) -> str:
+    """The output of one of the NVIDIA tools that ship with Triton (``cuobjdump``, ``nvdisasm``) run on the
+    compiled kernel's cubin."""
     import tempfile
 
     import triton
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        usage = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
+        path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
+        return subprocess.run([str(path), *args, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _cubin_usage(kernel) -> dict:
+    """Registers and stack bytes per thread from the cubin."""
+    usage = _cubin_tool(kernel, "cuobjdump", "--dump-resource-usage")
     return {key: int(re.search(rf"{tag}:(\d+)", usage).group(1)) for key, tag in (("regs", "REG"), ("stack", "STACK"))}
 
 
@@ -210,8 +205,9 @@ def print_instructions(kernel: str, capability: int, min_count: int) -> int:
         print(f"no recorded launch of {kernel}")
         return 1
     for launch in launches:
-        total, counts = instructions_by_line(launch, capability)
-        print(f"{describe(launch)}: {total} instructions, {compile_launch(launch, capability)}", flush=True)
+        kernel = _compile(launch, capability)
+        total, counts = instructions_by_line(kernel, Path(importlib.import_module(launch["module"]).__file__).name)
+        print(f"{describe(launch)}: {total} instructions, {_cubin_usage(kernel)}", flush=True)
         for where, count in sorted(counts.items(), key=lambda item: item[0] or ("", 0)):
             if count >= min_count:
                 print(f"  {'%s:%d' % where if where else '(no line)'} {count}")
