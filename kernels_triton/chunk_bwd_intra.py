@@ -53,9 +53,9 @@ def get_configs() -> list[dict]:
 
 @triton.jit
 def _norm_factors(n_x, t, m, H: tl.constexpr):
-    """``[R]`` L2-norm factors of tokens ``t`` (valid where ``m``) read back from the program's scratch row ``n_x``
-    (one key head's column of a ``[TT, H]`` float32 table)."""
-    return tl.load(n_x + t * H, mask=m, other=1.0)
+    """``[R]`` L2-norm factors of tokens ``t`` (int64, valid where ``m``) read back from the scratch at ``n_x`` (one
+    key head's q or k column of a ``[TT, H, 2]`` float32 table)."""
+    return tl.load(n_x + t * (2 * H), mask=m, other=1.0)
 
 
 @triton.jit
@@ -109,14 +109,14 @@ def kda_bwd_intra_kernel(
     t0, eos, _ = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
     o_c = tl.arange(0, C)
     o_t = t0 + o_c
-    # the chunk's L2-norm factors, written once to the norms scratch ([2, TT, H] float32: q's, then k's) and read
+    # the chunk's L2-norm factors, written once to the norms scratch ([TT, H, 2] float32: q's and k's) and read
     # back 16 rows at a time (every program of a key head writes the same values)
-    n_q = norms + i_kh
-    n_k = norms + TT * H + i_kh
+    n_q = norms + i_kh * 2
+    n_k = n_q + 1
     if L2NORM:
         r_q, r_k = l2norm_factors(q, k, o_t, o_t < eos, i_kh, H, K, C, BK, L2NORM)
-        tl.store(n_q + o_t * H, r_q, mask=o_t < eos)
-        tl.store(n_k + o_t * H, r_k, mask=o_t < eos)
+        tl.store(n_q + o_t * (2 * H), r_q, mask=o_t < eos)
+        tl.store(n_k + o_t * (2 * H), r_k, mask=o_t < eos)
         tl.debug_barrier()
     # every pointer is a scalar base of the chunk (int64 arithmetic) plus 32-bit offsets inside it: 64-bit offset
     # tiles would hold two registers per element for the whole walk
@@ -270,7 +270,7 @@ def kda_bwd_intra_kernel(
                     b_gs = tl.load(gamma + s * s_gr + o_k, mask=m_k, other=0.0)
                     b_kss = tl.load(k + s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)
                     if L2NORM:
-                        b_kss *= tl.load(n_k + (t0 + s) * H)
+                        b_kss *= tl.load(n_k + (t0 + s) * (2 * H))
                     # its row-side entries: rows r >= s of the block
                     e_b = tl.where(((o_16 >= j) & m_i)[:, None] & m_s[None, :], tl.exp(b_gi - b_gs[None, :]), 0.0)
                     p_s = o_i * (HV * C) + s
@@ -343,7 +343,7 @@ def chunk_bwd_intra(q, k, g, beta, A_log, dt_bias, do, fwd, dv, dhn, d_aqk, d_ak
     dA_part = torch.empty(NC, HV, K, device=dev, dtype=torch.float32) if use_gate else None
     ddt_part = torch.empty(NC, HV, K, device=dev, dtype=torch.float32) if use_gate else None
     gamma = fwd.gamma
-    norms = torch.empty(2, TT, H, device=dev, dtype=torch.float32) if opts.use_qk_l2norm_in_kernel else dq
+    norms = torch.empty(TT, H, 2, device=dev, dtype=torch.float32) if opts.use_qk_l2norm_in_kernel else dq
     lower_bound = float(opts.lower_bound) if use_lb else 0.0
     shift, check = factor_shift(use_lb, lower_bound)   # the forward's factoring, so the same gates need no check
     if NC:
