@@ -270,7 +270,7 @@ def kda_bwd_intra_kernel(
                     b_gs = tl.load(gamma + s * s_gr + o_k, mask=m_k, other=0.0)
                     b_kss = tl.load(k + s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)
                     if L2NORM:
-                        b_kss *= tl.load(n_k + (t0 + s) * (2 * H))
+                        b_kss *= tl.load(n_k + (t0 + s) * (2 * H), mask=s < n_t, other=1.0)  # unwritten past n_t
                     # its row-side entries: rows r >= s of the block
                     e_b = tl.where(((o_16 >= j) & m_i)[:, None] & m_s[None, :], tl.exp(b_gi - b_gs[None, :]), 0.0)
                     p_s = o_i * (HV * C) + s
