@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import chunk_bwd_solve as solve_stage
 from .chunk_intra import factor_shift
 from .gate import SPAN_MAX, chunk_beta, chunk_bounds, interpreting, l2norm_factors, mm
 
@@ -343,7 +344,7 @@ def chunk_bwd_intra(q, k, g, beta, A_log, dt_bias, do, fwd, dv, dhn, d_aqk, d_ak
     dA_part = torch.empty(NC, HV, K, device=dev, dtype=torch.float32) if use_gate else None
     ddt_part = torch.empty(NC, HV, K, device=dev, dtype=torch.float32) if use_gate else None
     gamma = fwd.gamma
-    norms = torch.empty(TT, H, 2, device=dev, dtype=torch.float32) if opts.use_qk_l2norm_in_kernel else dq
+    norms = solve_stage.new_output(TT, H, 2, device=dev) if opts.use_qk_l2norm_in_kernel else dq
     lower_bound = float(opts.lower_bound) if use_lb else 0.0
     shift, check = factor_shift(use_lb, lower_bound)   # the forward's factoring, so the same gates need no check
     if NC:
