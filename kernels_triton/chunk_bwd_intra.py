@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from . import chunk_bwd_solve as solve_stage
+from .chunk_bwd_prologue import intra_writes_final
 from .chunk_intra import factor_shift
 from .gate import SPAN_MAX, chunk_beta, chunk_bounds, interpreting, l2norm_factors, mm
 
@@ -327,16 +328,19 @@ def kda_bwd_intra_kernel(
 
 
 def chunk_bwd_intra(q, k, g, beta, A_log, dt_bias, do, fwd, dv, dhn, d_aqk, d_akk, opts, table, cfg):
-    """Run the stage on flat tensors.  Returns ``(dq, dk [TT, HV, K] float32 per value head, dg [TT, HV, K] in g's
-    dtype, dbeta_part [K blocks, TT, HV], dA_part, ddt_part [chunks, HV, K] (float32, None without the gate))``."""
+    """Run the stage on flat tensors.  Returns ``(dq, dk [TT, HV, K] float32 per value head (in q's / k's dtype and
+    final when HV == H without the L2 norm in the kernel), dg [TT, HV, K] in g's dtype, dbeta_part [K blocks, TT, HV], dA_part, ddt_part [chunks, HV, K] (float32, None without the gate))``."""
     TT, H, K = q.shape
     HV, V = dv.shape[1], dv.shape[2]
     C, NC = table.chunk_size, table.num_chunks
     dev = q.device
     BK = min(cfg.bwd_intra_BK, triton.next_power_of_2(K))
     NKB = triton.cdiv(K, BK)
-    dq = torch.empty(TT, HV, K, device=dev, dtype=torch.float32)
-    dk = torch.empty(TT, HV, K, device=dev, dtype=torch.float32)
+    # with one value head per key head and no L2 norm in the kernel, dq and dk are final here: written in q's / k's
+    # dtype (the same rounding as the prologue's cast), else float32 per value head for the prologue
+    final = intra_writes_final(H, HV, opts)
+    dq = torch.empty(TT, HV, K, device=dev, dtype=q.dtype if final else torch.float32)
+    dk = torch.empty(TT, HV, K, device=dev, dtype=k.dtype if final else torch.float32)
     dg = torch.empty(TT, HV, K, device=dev, dtype=g.dtype)
     dbeta_part = torch.empty(NKB, TT, HV, device=dev, dtype=torch.float32)
     use_gate = opts.use_gate_in_kernel
