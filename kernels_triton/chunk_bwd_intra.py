@@ -320,8 +320,9 @@ def kda_bwd_intra_kernel(
             b_sda += tl.sum(b_da, 0)
         else:
             tl.store(dg + p_o, b_dgl.to(dg.dtype.element_ty), mask=mi)
-        tl.store(dq + p_o, b_dq, mask=mi)
-        tl.store(dk + p_o, b_dk, mask=mi)
+        # + 0.0 turns -0.0 into +0.0, as the prologue's sum from zeros does when it takes them over
+        tl.store(dq + p_o, b_dq + 0.0, mask=mi)
+        tl.store(dk + p_o, b_dk + 0.0, mask=mi)
     if USE_GATE:
         tl.store(ddt_part + i_ch * K + o_k, b_sdx, mask=m_k)
         tl.store(dA_part + i_ch * K + o_k, b_sda, mask=m_k)
