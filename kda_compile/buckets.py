@@ -69,7 +69,8 @@ BIT_CHANGING = {
 BIT_NEUTRAL = {
     "triton": ("intra_warps", "solve_warps", "solve_maxnreg", "state_BV", "state_warps", "state_stages", "o_BV",
                "o_warps", "bwd_state_BV", "bwd_state_warps", "bwd_state_stages",
-               "bwd_solve_BV", "bwd_solve_warps", "bwd_intra_BV", "bwd_intra_warps", "bwd_prologue_BT",
+               "bwd_solve_BV", "bwd_solve_warps", "bwd_intra_BV", "bwd_intra_warps", "bwd_intra_stages",
+               "bwd_prologue_BT",
                "bwd_prologue_warps"),
     "tilelang": ("state_BV", "threads", "intra_threads", "states_BV", "bwd_state_BV", "bwd_solve_BV",
                  "bwd_solve_threads", "bwd_intra_BV", "bwd_intra_threads", "bwd_prologue_BT"),

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import chunk_bwd_solve as solve_stage
+from .chunk_bwd_prologue import intra_writes_final
 from .chunk_intra import factor_shift
 from .gate import SPAN_MAX, chunk_beta, chunk_bounds, interpreting, l2norm_factors, mm
 
@@ -45,16 +47,17 @@ def diag_precision(precision: str) -> str:
 
 
 def get_configs() -> list[dict]:
-    """Search space of this stage (a product, searched knob by knob): K and V slices, warps."""
-    return [{"bwd_intra_BK": bk, "bwd_intra_BV": bv, "bwd_intra_warps": w}
-            for bk in (16, 32, 64) for bv in (32, 64) for w in (4, 8)]
+    """Search space of this stage (a product, searched knob by knob): K and V slices, warps, pipelining depth of
+    the V loop."""
+    return [{"bwd_intra_BK": bk, "bwd_intra_BV": bv, "bwd_intra_warps": w, "bwd_intra_stages": st}
+            for bk in (16, 32, 64) for bv in (32, 64) for w in (4, 8) for st in (1, 3)]
 
 
 @triton.jit
-def _gather(x, idx, C: tl.constexpr):
-    """``x[idx]`` for a register vector ``x [C]`` and indices ``idx [R]`` (a masked reduction)."""
-    o_c = tl.arange(0, C)
-    return tl.sum(tl.where(o_c[None, :] == idx[:, None], x[None, :], 0.0), 1)
+def _norm_factors(n_x, t, m, H: tl.constexpr):
+    """``[R]`` L2-norm factors of tokens ``t`` (int64, valid where ``m``) read back from the scratch at ``n_x`` (one
+    key head's q or k column of a ``[TT, H, 2]`` float32 table)."""
+    return tl.load(n_x + t * (2 * H), mask=m, other=1.0)
 
 
 @triton.jit
@@ -94,22 +97,29 @@ def _exact_rows(b_gi, b_f, shift, mi, CHECK: tl.constexpr):
 
 @triton.jit
 def kda_bwd_intra_kernel(
-    q, k, g, beta, A_log, dt_bias, do, v_new, dv, h, dhn, gamma, gc, d_aqk, d_akk,
+    q, k, g, beta, A_log, dt_bias, do, v_new, dv, h, dhn, gamma, gc, d_aqk, d_akk, norms,
     dq, dk, dg, dbeta_part, dA_part, ddt_part, chunk_seq, chunk_pos, cu, scale, lower_bound, shift,
     s_gc, s_gh, s_gr, TT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     L2NORM: tl.constexpr, USE_GATE: tl.constexpr, USE_LB: tl.constexpr, HAS_A: tl.constexpr,
     HAS_BIAS: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr, DIAG_PREC: tl.constexpr,
-    CHECK: tl.constexpr,
+    CHECK: tl.constexpr, STAGES: tl.constexpr,
 ):
     i_kb, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_kh = i_h // (HV // H)
     t0, eos, _ = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
     o_c = tl.arange(0, C)
     o_t = t0 + o_c
-    r_q, r_k = l2norm_factors(q, k, o_t, o_t < eos, i_kh, H, K, C, BK, L2NORM)
-    b_beta = chunk_beta(beta, o_t, o_t < eos, i_h, HV, BETA_SIGMOID, BETA_SCALE)
+    # the chunk's L2-norm factors, written once to the norms scratch ([TT, H, 2] float32: q's and k's) and read
+    # back 16 rows at a time (every program of a key head writes the same values)
+    n_q = norms + i_kh * 2
+    n_k = n_q + 1
+    if L2NORM:
+        r_q, r_k = l2norm_factors(q, k, o_t, o_t < eos, i_kh, H, K, C, BK, L2NORM)
+        tl.store(n_q + o_t * (2 * H), r_q, mask=o_t < eos)
+        tl.store(n_k + o_t * (2 * H), r_k, mask=o_t < eos)
+        tl.debug_barrier()
     # every pointer is a scalar base of the chunk (int64 arithmetic) plus 32-bit offsets inside it: 64-bit offset
     # tiles would hold two registers per element for the whole walk
     n_t = (eos - t0).to(tl.int32)                  # the chunk's valid rows
@@ -130,30 +140,38 @@ def kda_bwd_intra_kernel(
     dg += t0 * (HV * K) + i_h * K
     dbeta_part += i_kb.to(tl.int64) * TT * HV + t0 * HV + i_h
     o_16 = tl.arange(0, 16)
-    m_t = o_c < n_t
     o_k = i_kb * BK + tl.arange(0, BK)
     m_k = o_k < K
-    m = m_t[:, None] & m_k[None, :]
     b_gc = tl.load(gc + i_ch * K + o_k, mask=m_k, other=0.0)
 
-    # 0. d(Gamma_C) = exp(gc) rowsum(h * dhn) + sum_r d(kg)_r kg_r, with d(kg) = V_new dhn^T over the whole chunk
-    # (both factors in the inputs' dtype, exact in TF32) and kg = k exp(gc - Gamma) in float32 outside the product
-    b_kc = tl.load(k + o_c[:, None] * (H * K) + o_k[None, :], mask=m, other=0.0).to(tl.float32) * r_k[:, None]
-    b_kc = tl.where(m, b_kc * tl.exp(b_gc[None, :] - tl.load(gamma + o_c[:, None] * s_gr + o_k[None, :], mask=m,
-                                                             other=0.0)), 0.0)
-    b_dkc = tl.zeros([C, BK], dtype=tl.float32)
+    # 0. d(Gamma_C) = exp(gc) rowsum(h * dhn) + sum_r d(kg)_r kg_r, with d(kg) = V_new dhn^T (both factors in the
+    # inputs' dtype, exact in TF32) and kg = k exp(gc - Gamma) in float32 outside the product, 16 rows at a time
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        m_kv = m_k[:, None] & m_v[None, :]
-        b_h = tl.load(h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
-        b_dh = tl.load(dhn + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
-        b_vn = tl.load(v_new + o_c[:, None] * (HV * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
-                       other=0.0).to(tl.float32)
-        b_hdh += tl.sum(b_h * b_dh, 1)
-        b_dkc += mm(b_vn, tl.trans(b_dh), INTERPRET, PREC)
-    b_carry = tl.exp(b_gc) * b_hdh + tl.sum(b_dkc * b_kc, 0)   # what the rows after the current block add to dg
+        m_kv = m_k[:, None] & (o_v < V)[None, :]
+        b_hdh += tl.sum(tl.load(h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+                        * tl.load(dhn + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32), 1)
+    b_carry = tl.exp(b_gc) * b_hdh                 # what the rows after the current block add to dg
+    for i_p in range(0, C // 16):
+        o_p = 16 * i_p + o_16
+        m_p = o_p < n_t
+        mp = m_p[:, None] & m_k[None, :]
+        b_kp = tl.load(k + o_p[:, None] * (H * K) + o_k[None, :], mask=mp, other=0.0).to(tl.float32)
+        if L2NORM:
+            b_kp *= _norm_factors(n_k, t0 + o_p, m_p, H)[:, None]
+        b_kp = tl.where(mp, b_kp * tl.exp(b_gc[None, :] - tl.load(gamma + o_p[:, None] * s_gr + o_k[None, :],
+                                                                  mask=mp, other=0.0)), 0.0)
+        b_dkp = tl.zeros([16, BK], dtype=tl.float32)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            b_dh = tl.load(dhn + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                           other=0.0).to(tl.float32)
+            b_vn = tl.load(v_new + o_p[:, None] * (HV * V) + o_v[None, :], mask=m_p[:, None] & m_v[None, :],
+                           other=0.0).to(tl.float32)
+            b_dkp += mm(b_vn, tl.trans(b_dh), INTERPRET, PREC)
+        b_carry += tl.sum(b_dkp * b_kp, 0)
     b_sdx = tl.zeros([BK], dtype=tl.float32)       # the block sums of the gate's dt_bias and A_log terms
     b_sda = tl.zeros([BK], dtype=tl.float32)
     for i_b in range(0, C // 16):
@@ -162,9 +180,12 @@ def kda_bwd_intra_kernel(
         m_i = o_i < n_t
         mi = m_i[:, None] & m_k[None, :]
         p_i = o_i[:, None] * (H * K) + o_k[None, :]
-        b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32) * _gather(r_q, o_i, C)[:, None]
-        b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32) * _gather(r_k, o_i, C)[:, None]
-        b_bi = _gather(b_beta, o_i, C)
+        b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32)
+        b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32)
+        if L2NORM:
+            b_qi *= _norm_factors(n_q, t0 + o_i, m_i, H)[:, None]
+            b_ki *= _norm_factors(n_k, t0 + o_i, m_i, H)[:, None]
+        b_bi = chunk_beta(beta, t0 + o_i, m_i, i_h, HV, BETA_SIGMOID, BETA_SCALE)
         b_gi = tl.load(gamma + o_i[:, None] * s_gr + o_k[None, :], mask=mi, other=0.0)
         b_f = tl.load(gamma + f * s_gr + o_k, mask=m_k, other=0.0)
 
@@ -172,7 +193,7 @@ def kda_bwd_intra_kernel(
         b_dqg = tl.zeros([16, BK], dtype=tl.float32)
         b_dkg = tl.zeros([16, BK], dtype=tl.float32)
         b_dke = tl.zeros([16, BK], dtype=tl.float32)
-        for i_v in range(0, tl.cdiv(V, BV)):
+        for i_v in tl.range(0, tl.cdiv(V, BV), num_stages=STAGES):
             o_v = i_v * BV + tl.arange(0, BV)
             m_v = o_v < V
             m_kv = m_k[:, None] & m_v[None, :]
@@ -189,28 +210,45 @@ def kda_bwd_intra_kernel(
             b_dke -= mm(b_dv, tl.trans(b_h), INTERPRET, PREC)
         b_dqg *= scale
 
-        # 2. intra-chunk terms, factored around row f.  The tiles off the diagonal (columns s < f for the rows,
-        # rows r >= f + 16 for the columns) share one exponent tile; the diagonal tile is its own product, at
-        # DIAG_PREC, with the exact columns left out.
+        # 2. intra-chunk terms, factored around row f.  Off the diagonal tile, one 16-row block j at a time with
+        # its own exponent tile: the columns s < f for the rows, the rows r >= f + 16 for the columns (no tile of
+        # the whole chunk stays live); the diagonal tile is its own product, at DIAG_PREC, with the exact columns
+        # left out.
         exact = _exact_rows(b_gi, b_f, shift, mi, CHECK)
-        left = o_c < f
-        below = o_c >= f + 16
-        b_ga = tl.load(gamma + o_c[:, None] * s_gr + o_k[None, :], mask=m, other=0.0)
-        e_a = tl.where(left[:, None], b_f[None, :] - shift - b_ga, b_ga - b_f[None, :] + shift)
-        e_a = tl.where(m & (left | below)[:, None], tl.exp(e_a), 0.0)
-        p_all = o_c[:, None] * (H * K) + o_k[None, :]
-        b_ka = tl.load(k + p_all, mask=m, other=0.0).to(tl.float32) * r_k[:, None] * e_a
-        b_qa = tl.load(q + p_all, mask=m & below[:, None], other=0.0).to(tl.float32) * r_q[:, None] * e_a
-        p_rows = o_i[:, None] * (HV * C) + o_c[None, :]
-        b_p = tl.load(d_aqk + p_rows, mask=m_i[:, None] & left[None, :], other=0.0)
-        b_ab = tl.load(d_akk + p_rows, mask=m_i[:, None] & left[None, :], other=0.0)
-        b_gq = mm(b_p, b_ka, INTERPRET, PREC)
-        b_gk = mm(b_ab, b_ka, INTERPRET, PREC)
-        p_cols = o_c[:, None] * (HV * C) + o_i[None, :]
-        b_pc = tl.load(d_aqk + p_cols, mask=(m_t & below)[:, None], other=0.0)
-        b_ac = tl.load(d_akk + p_cols, mask=(m_t & below)[:, None], other=0.0)
-        b_hc = mm(tl.trans(b_pc), b_qa, INTERPRET, PREC) \
-            + mm(tl.trans(b_ac), b_ka * b_beta[:, None], INTERPRET, PREC)
+        b_gq = tl.zeros([16, BK], dtype=tl.float32)
+        b_gk = tl.zeros([16, BK], dtype=tl.float32)
+        for j in tl.range(0, f // 16, num_stages=1):
+            o_j = 16 * j + o_16
+            m_j = o_j < n_t
+            mj = m_j[:, None] & m_k[None, :]
+            e_j = tl.exp(b_f[None, :] - shift - tl.load(gamma + o_j[:, None] * s_gr + o_k[None, :], mask=mj,
+                                                        other=0.0))
+            b_kj = tl.where(mj, tl.load(k + o_j[:, None] * (H * K) + o_k[None, :], mask=mj, other=0.0)
+                            .to(tl.float32) * e_j, 0.0)
+            if L2NORM:
+                b_kj *= _norm_factors(n_k, t0 + o_j, m_j, H)[:, None]
+            p_ij = o_i[:, None] * (HV * C) + o_j[None, :]
+            m_ij = m_i[:, None] & m_j[None, :]
+            b_gq += mm(tl.load(d_aqk + p_ij, mask=m_ij, other=0.0), b_kj, INTERPRET, PREC)
+            b_gk += mm(tl.load(d_akk + p_ij, mask=m_ij, other=0.0), b_kj, INTERPRET, PREC)
+        b_hc = tl.zeros([16, BK], dtype=tl.float32)
+        for j in tl.range(f // 16 + 1, C // 16, num_stages=1):
+            o_j = 16 * j + o_16
+            m_j = o_j < n_t
+            mj = m_j[:, None] & m_k[None, :]
+            e_j = tl.where(mj, tl.exp(tl.load(gamma + o_j[:, None] * s_gr + o_k[None, :], mask=mj, other=0.0)
+                                      - b_f[None, :] + shift), 0.0)
+            p_j = o_j[:, None] * (H * K) + o_k[None, :]
+            b_qj = tl.load(q + p_j, mask=mj, other=0.0).to(tl.float32) * e_j
+            b_kj = tl.load(k + p_j, mask=mj, other=0.0).to(tl.float32) * e_j \
+                * chunk_beta(beta, t0 + o_j, m_j, i_h, HV, BETA_SIGMOID, BETA_SCALE)[:, None]
+            if L2NORM:
+                b_qj *= _norm_factors(n_q, t0 + o_j, m_j, H)[:, None]
+                b_kj *= _norm_factors(n_k, t0 + o_j, m_j, H)[:, None]
+            p_ji = o_j[None, :] * (HV * C) + o_i[:, None]      # [s in block f, r in block j]: P[r, s] transposed
+            m_ji = m_i[:, None] & m_j[None, :]
+            b_hc += mm(tl.load(d_aqk + p_ji, mask=m_ji, other=0.0), b_qj, INTERPRET, PREC) \
+                + mm(tl.load(d_akk + p_ji, mask=m_ji, other=0.0), b_kj, INTERPRET, PREC)
         # the diagonal tile: rows r = f + i, columns s = f + j
         e_r = tl.where(mi, tl.exp(b_gi - b_f[None, :] + shift), 0.0)           # <= exp(d)
         e_s = tl.where(mi & ~exact[:, None], tl.exp(b_f[None, :] - shift - b_gi), 0.0)
@@ -232,8 +270,9 @@ def kda_bwd_intra_kernel(
                     x_c = (o_k * 0 + tl.max(x_s.to(tl.int32), 0)) > 0
                     m_s = m_k & x_c & ((o_k * 0 + s) < n_t)
                     b_gs = tl.load(gamma + s * s_gr + o_k, mask=m_k, other=0.0)
-                    b_kss = tl.load(k + s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32) \
-                        * tl.sum(tl.where(o_c == s, r_k, 0.0))
+                    b_kss = tl.load(k + s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)
+                    if L2NORM:
+                        b_kss *= tl.load(n_k + (t0 + s) * (2 * H), mask=s < n_t, other=1.0)  # unwritten past n_t
                     # its row-side entries: rows r >= s of the block
                     e_b = tl.where(((o_16 >= j) & m_i)[:, None] & m_s[None, :], tl.exp(b_gi - b_gs[None, :]), 0.0)
                     p_s = o_i * (HV * C) + s
@@ -251,11 +290,14 @@ def kda_bwd_intra_kernel(
                                        tl.exp(tl.load(gamma + o_r[:, None] * s_gr + o_k[None, :], mask=mr, other=0.0)
                                               - b_gs[None, :]), 0.0)
                         p_sc = o_r * (HV * C) + s
-                        b_col = tl.load(d_aqk + p_sc, mask=m_r, other=0.0)[:, None] \
-                            * tl.load(q + p_r, mask=mr, other=0.0).to(tl.float32) * _gather(r_q, o_r, C)[:, None] \
-                            + tl.load(d_akk + p_sc, mask=m_r, other=0.0)[:, None] \
-                            * tl.load(k + p_r, mask=mr, other=0.0).to(tl.float32) \
-                            * _gather(r_k * b_beta, o_r, C)[:, None]
+                        b_qr = tl.load(q + p_r, mask=mr, other=0.0).to(tl.float32)
+                        b_kr = tl.load(k + p_r, mask=mr, other=0.0).to(tl.float32) \
+                            * chunk_beta(beta, t0 + o_r, m_r, i_h, HV, BETA_SIGMOID, BETA_SCALE)[:, None]
+                        if L2NORM:
+                            b_qr *= _norm_factors(n_q, t0 + o_r, m_r, H)[:, None]
+                            b_kr *= _norm_factors(n_k, t0 + o_r, m_r, H)[:, None]
+                        b_col = tl.load(d_aqk + p_sc, mask=m_r, other=0.0)[:, None] * b_qr \
+                            + tl.load(d_akk + p_sc, mask=m_r, other=0.0)[:, None] * b_kr
                         b_sum += tl.sum(b_col * e_c, 0)
                     b_hc += tl.where(x_s[:, None], b_sum[None, :], 0.0)
 
@@ -278,24 +320,28 @@ def kda_bwd_intra_kernel(
             b_sda += tl.sum(b_da, 0)
         else:
             tl.store(dg + p_o, b_dgl.to(dg.dtype.element_ty), mask=mi)
-        tl.store(dq + p_o, b_dq, mask=mi)
-        tl.store(dk + p_o, b_dk, mask=mi)
+        # + 0.0 turns -0.0 into +0.0, as the prologue's sum from zeros does when it takes them over
+        tl.store(dq + p_o, b_dq + 0.0, mask=mi)
+        tl.store(dk + p_o, b_dk + 0.0, mask=mi)
     if USE_GATE:
         tl.store(ddt_part + i_ch * K + o_k, b_sdx, mask=m_k)
         tl.store(dA_part + i_ch * K + o_k, b_sda, mask=m_k)
 
 
 def chunk_bwd_intra(q, k, g, beta, A_log, dt_bias, do, fwd, dv, dhn, d_aqk, d_akk, opts, table, cfg):
-    """Run the stage on flat tensors.  Returns ``(dq, dk [TT, HV, K] float32 per value head, dg [TT, HV, K] in g's
-    dtype, dbeta_part [K blocks, TT, HV], dA_part, ddt_part [chunks, HV, K] (float32, None without the gate))``."""
+    """Run the stage on flat tensors.  Returns ``(dq, dk [TT, HV, K] float32 per value head (in q's / k's dtype and
+    final when HV == H without the L2 norm in the kernel), dg [TT, HV, K] in g's dtype, dbeta_part [K blocks, TT, HV], dA_part, ddt_part [chunks, HV, K] (float32, None without the gate))``."""
     TT, H, K = q.shape
     HV, V = dv.shape[1], dv.shape[2]
     C, NC = table.chunk_size, table.num_chunks
     dev = q.device
     BK = min(cfg.bwd_intra_BK, triton.next_power_of_2(K))
     NKB = triton.cdiv(K, BK)
-    dq = torch.empty(TT, HV, K, device=dev, dtype=torch.float32)
-    dk = torch.empty(TT, HV, K, device=dev, dtype=torch.float32)
+    # with one value head per key head and no L2 norm in the kernel, dq and dk are final here: written in q's / k's
+    # dtype (the same rounding as the prologue's cast), else float32 per value head for the prologue
+    final = intra_writes_final(H, HV, opts)
+    dq = torch.empty(TT, HV, K, device=dev, dtype=q.dtype if final else torch.float32)
+    dk = torch.empty(TT, HV, K, device=dev, dtype=k.dtype if final else torch.float32)
     dg = torch.empty(TT, HV, K, device=dev, dtype=g.dtype)
     dbeta_part = torch.empty(NKB, TT, HV, device=dev, dtype=torch.float32)
     use_gate = opts.use_gate_in_kernel
@@ -303,12 +349,13 @@ def chunk_bwd_intra(q, k, g, beta, A_log, dt_bias, do, fwd, dv, dhn, d_aqk, d_ak
     dA_part = torch.empty(NC, HV, K, device=dev, dtype=torch.float32) if use_gate else None
     ddt_part = torch.empty(NC, HV, K, device=dev, dtype=torch.float32) if use_gate else None
     gamma = fwd.gamma
+    norms = solve_stage.new_output(TT, H, 2, device=dev) if opts.use_qk_l2norm_in_kernel else dq
     lower_bound = float(opts.lower_bound) if use_lb else 0.0
     shift, check = factor_shift(use_lb, lower_bound)   # the forward's factoring, so the same gates need no check
     if NC:
         kda_bwd_intra_kernel[(NKB, NC, HV)](
             q, k, g, beta, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g, do,
-            fwd.v_new, dv, fwd.h, dhn, gamma, fwd.gc, d_aqk, d_akk, dq, dk, dg, dbeta_part,
+            fwd.v_new, dv, fwd.h, dhn, gamma, fwd.gc, d_aqk, d_akk, norms, dq, dk, dg, dbeta_part,
             dA_part if use_gate else dq, ddt_part if use_gate else dq, table.chunk_seq, table.chunk_pos, table.cu,
             float(opts.scale), lower_bound, shift, gamma.stride(0), gamma.stride(1), gamma.stride(2), TT,
             H=H, HV=HV, K=K, V=V, C=C, L2NORM=opts.use_qk_l2norm_in_kernel, USE_GATE=use_gate,
@@ -317,5 +364,6 @@ def chunk_bwd_intra(q, k, g, beta, A_log, dt_bias, do, fwd, dv, dhn, d_aqk, d_ak
             BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0,
             BK=BK, BV=min(cfg.bwd_intra_BV, triton.next_power_of_2(V)), INTERPRET=interpreting(),
             PREC=cfg.forward.precision, DIAG_PREC=diag_precision(cfg.forward.precision), CHECK=check,
+            STAGES=cfg.bwd_intra_stages,
             num_warps=cfg.bwd_intra_warps)
     return dq, dk, dg, dbeta_part, dA_part, ddt_part

@@ -4,7 +4,8 @@ One program per (token block, key head):
 
 * dq, dk: the float32 per-value-head gradients of the intra stage summed over the key head's group of value
   heads in a fixed order (deterministic, no atomics), then the L2 norm's backward ``r (dy - y (y . dy))``
-  with the raw rows; written in q's / k's dtype;
+  with the raw rows; written in q's / k's dtype (with one value head per key head and no L2 norm in the kernel the
+  intra stage writes them final, and this stage leaves them);
 * dbeta of the group's value heads: the solve stage's term plus the intra stage's per-K-block terms (fixed
   order), then the sigmoid's backward when beta arrives as logits.
 """
@@ -36,7 +37,7 @@ def _l2norm_bwd(x, dy, L2NORM: tl.constexpr):
 def kda_bwd_prologue_kernel(
     q, k, beta, dq_h, dk_h, dbeta_solve, dbeta_part, dq, dk, dbeta, TT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, NKB: tl.constexpr, L2NORM: tl.constexpr,
-    BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DQDK: tl.constexpr,
 ):
     i_t, i_kh = tl.program_id(0), tl.program_id(1)
     GROUP: tl.constexpr = HV // H
@@ -49,8 +50,9 @@ def kda_bwd_prologue_kernel(
     for i_g in tl.static_range(GROUP):
         i_h = i_kh * GROUP + i_g
         p_h = o_t[:, None] * (HV * K) + i_h * K + o_k[None, :]
-        b_dq += tl.load(dq_h + p_h, mask=m, other=0.0)
-        b_dk += tl.load(dk_h + p_h, mask=m, other=0.0)
+        if DQDK:
+            b_dq += tl.load(dq_h + p_h, mask=m, other=0.0)
+            b_dk += tl.load(dk_h + p_h, mask=m, other=0.0)
         b_db = tl.load(dbeta_solve + o_t * HV + i_h, mask=m_t, other=0.0)
         for i_kb in tl.static_range(NKB):
             b_db += tl.load(dbeta_part + i_kb * TT * HV + o_t * HV + i_h, mask=m_t, other=0.0)
@@ -58,23 +60,33 @@ def kda_bwd_prologue_kernel(
             s = tl.sigmoid(tl.load(beta + o_t * HV + i_h, mask=m_t, other=0.0).to(tl.float32))
             b_db = b_db * BETA_SCALE * s * (1.0 - s)
         tl.store(dbeta + o_t * HV + i_h, b_db.to(dbeta.dtype.element_ty), mask=m_t)
-    p_x = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]
-    b_q = tl.load(q + p_x, mask=m, other=0.0).to(tl.float32)
-    tl.store(dq + p_x, _l2norm_bwd(b_q, b_dq, L2NORM).to(dq.dtype.element_ty), mask=m)
-    b_k = tl.load(k + p_x, mask=m, other=0.0).to(tl.float32)
-    tl.store(dk + p_x, _l2norm_bwd(b_k, b_dk, L2NORM).to(dk.dtype.element_ty), mask=m)
+    if DQDK:
+        p_x = o_t[:, None] * (H * K) + i_kh * K + o_k[None, :]
+        b_q = tl.load(q + p_x, mask=m, other=0.0).to(tl.float32)
+        tl.store(dq + p_x, _l2norm_bwd(b_q, b_dq, L2NORM).to(dq.dtype.element_ty), mask=m)
+        b_k = tl.load(k + p_x, mask=m, other=0.0).to(tl.float32)
+        tl.store(dk + p_x, _l2norm_bwd(b_k, b_dk, L2NORM).to(dk.dtype.element_ty), mask=m)
+
+
+def intra_writes_final(H: int, HV: int, opts) -> bool:
+    """Whether the intra stage writes dq and dk final, in q's and k's dtype: one value head per key head and no L2
+    norm in the kernel leave nothing to sum or to differentiate here."""
+    return HV == H and not opts.use_qk_l2norm_in_kernel
 
 
 def chunk_bwd_prologue(q, k, beta, dq_h, dk_h, dbeta_solve, dbeta_part, opts, cfg):
-    """Run the stage on flat tensors; returns ``(dq [TT, H, K], dk, dbeta [TT, HV])`` in the inputs' dtypes."""
+    """Run the stage on flat tensors; returns ``(dq [TT, H, K], dk, dbeta [TT, HV])`` in the inputs' dtypes (``dq_h``
+    and ``dk_h`` themselves when the intra stage wrote them final, in q's and k's dtype)."""
     TT, H, K = q.shape
     HV = dq_h.shape[1]
-    dq, dk, dbeta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(beta)
+    final = intra_writes_final(H, HV, opts)
+    dq, dk = (dq_h.view_as(q), dk_h.view_as(k)) if final else (torch.empty_like(q), torch.empty_like(k))
+    dbeta = torch.empty_like(beta)
     BT = cfg.bwd_prologue_BT
     if TT:
         kda_bwd_prologue_kernel[(triton.cdiv(TT, BT), H)](
             q, k, beta, dq_h, dk_h, dbeta_solve, dbeta_part, dq, dk, dbeta, TT,
             H=H, HV=HV, K=K, NKB=dbeta_part.shape[0], L2NORM=opts.use_qk_l2norm_in_kernel,
             BETA_SIGMOID=opts.use_beta_sigmoid_in_kernel, BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0,
-            BT=BT, BK=triton.next_power_of_2(K), num_warps=cfg.bwd_prologue_warps)
+            BT=BT, BK=triton.next_power_of_2(K), DQDK=not final, num_warps=cfg.bwd_prologue_warps)
     return dq, dk, dbeta

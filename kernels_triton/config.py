@@ -78,11 +78,12 @@ class DecodeConfig:
 
 # The backward's own knobs, (name, type, default), by stage of chunk_bwd.py: (1) the reverse state recurrence:
 # V block (None: chosen per call), warps, pipelining depth; (2) through W, U and the inverse and (3) dq, dk, dg:
-# K/V slices and warps; (4) group sums and the prologues' backward: token block and warps.
+# K/V slices and warps, and (3) the pipelining depth of its V loop; (4) group sums and the prologues' backward:
+# token block and warps.
 BACKWARD_KNOBS = (
     ("bwd_state_BV", int | None, None), ("bwd_state_warps", int, 4), ("bwd_state_stages", int, 2),
     ("bwd_solve_BK", int, 64), ("bwd_solve_BV", int, 64), ("bwd_solve_warps", int, 8),
-    ("bwd_intra_BK", int, 32), ("bwd_intra_BV", int, 64), ("bwd_intra_warps", int, 4),
+    ("bwd_intra_BK", int, 32), ("bwd_intra_BV", int, 64), ("bwd_intra_warps", int, 4), ("bwd_intra_stages", int, 3),
     ("bwd_prologue_BT", int, 32), ("bwd_prologue_warps", int, 4),
 )
 

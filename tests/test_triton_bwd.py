@@ -38,6 +38,9 @@ CASES = {
                                     lower_bound=-3.0, drop_A_log=True),
     # gates of -1000: the float32 cumsum keeps ~6e-5 absolute, hence the looser bound (as the forward's test)
     "fp32_masked_gate": dict(op="grad", dtype="float32", B=1, T=70, H=1, HV=1, K=8, V=8, masked=True, tol=3e-4),
+    # the exact-column path with the L2 norm in ragged chunks: scratch past a chunk's rows is NaN-filled (_worker)
+    "fp32_varlen_l2_masked_c32": dict(op="grad", dtype="float32", cu=[0, 25, 60], H=1, HV=2, K=8, V=8, C=32,
+                                      l2norm=True, masked=True, tol=3e-4),
     "fp32_no_state_no_dht_k128": dict(op="grad", dtype="float32", B=1, T=64, H=1, HV=1, K=128, V=32, h0=False,
                                       dht=False),
     "bf16_gva_prologue": dict(op="grad", dtype="bfloat16", B=1, T=70, H=1, HV=2, K=32, V=32, gate="raw",
