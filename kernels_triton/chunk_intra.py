@@ -282,7 +282,8 @@ def kda_solve_kernel(
     b_beta = chunk_beta(beta, o_t, m_t, i_h, HV, BETA_SIGMOID, BETA_SCALE)
     b_x = block_inverse(base, dinv, tl.full([C], 1.0, tl.float32), C, SOLVE_PREC, SOLVE_DIAG)
     b_m = b_x * b_beta[None, :]
-    if STORE_X:  # every thread's A_kk loads feed the products above, so they precede these stores
+    if STORE_X:  # over A_kk: every thread of the program has read it before the barrier
+        tl.debug_barrier()
         tl.store(base + o_c[:, None] * C + o_c[None, :], b_x)
     for i_k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):
         o_k = i_k * BK + tl.arange(0, BK)
