@@ -5,8 +5,8 @@ state), so a change in how the forward splits into kernels only touches :func:`r
 kernels read (conventions of docs/algorithm.md, flat token axis):
 
     gamma  [chunks, HV, C, KP] float32   Gamma, chunk-local cumulative log decay (a strided view of the scratch)
-    akk    [chunks, HV, C, C]  float32   A_kk = diag(beta) A0, strictly lower, zeros elsewhere (a strided view)
-    dinv   [chunks, HV, C, 16] float32   inverses of (I + A_kk)'s 16x16 diagonal blocks (a strided view)
+    x      [chunks, HV, C, C]  float32   X = (I + A_kk)^-1, A_kk = diag(beta) A0 (a strided view, where the
+                                         forward keeps A_kk)
     aqk    [TT, HV, C]  scale * A_qk (causal), v's dtype
     w      [TT, HV, K]  W = T (k exp(Gamma)), k's dtype;     qg, kg as the forward's
     gc     [chunks, HV, K] float32   Gamma at each chunk's last row
@@ -27,8 +27,7 @@ class ForwardIntermediates:
     """What the backward reads of the forward (module docstring)."""
 
     gamma: torch.Tensor
-    akk: torch.Tensor
-    dinv: torch.Tensor
+    x: torch.Tensor
     aqk: torch.Tensor
     w: torch.Tensor
     qg: torch.Tensor
@@ -40,10 +39,10 @@ class ForwardIntermediates:
 
 def recompute_forward(q, k, v, g, beta, initial_state, A_log, dt_bias, opts, table, cfg) -> ForwardIntermediates:
     """Run the forward's intra stage and state recurrence on flat tensors (``cfg`` the forward's
-    :class:`config.ChunkConfig`), keeping Gamma, A_kk and its diagonal blocks' inverses from the intra stage's
-    scratch."""
-    intra = chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg)
+    :class:`config.ChunkConfig`), keeping Gamma and X = (I + A_kk)^-1 from the intra stage's scratch (its solve
+    kernel stores X there, so the backward does not invert again)."""
+    intra = chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg, store_inverse=True)
     h, v_new, _ = chunk_state(intra.kg, intra.w, intra.u, intra.gc, initial_state, table, opts.state_v_first, False,
                               cfg)
-    return ForwardIntermediates(intra.gamma, intra.akk, intra.dinv, intra.aqk, intra.w, intra.qg, intra.kg, intra.gc,
+    return ForwardIntermediates(intra.gamma, intra.akk, intra.aqk, intra.w, intra.qg, intra.kg, intra.gc,
                                 h, v_new)

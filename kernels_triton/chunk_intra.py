@@ -267,10 +267,11 @@ def kda_solve_kernel(
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, KP: tl.constexpr,
     BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PREC: tl.constexpr, SOLVE_PREC: tl.constexpr, SOLVE_DIAG: tl.constexpr, NUM_STAGES: tl.constexpr,
+    STORE_X: tl.constexpr,
 ):
-    """T = (I + A_kk)^-1 diag(beta) from the scratch (the inverses of A_kk's diagonal blocks stored beside it on the
-    way, for the backward); ``w = T ke`` (in place over ke, each program reads a ``[C, BK]`` block of its own chunk
-    before it writes it), ``u = T v``."""
+    """T = X diag(beta) with X = (I + A_kk)^-1 from the scratch (the inverses of A_kk's diagonal blocks stored beside
+    it on the way); ``w = T ke`` (in place over ke, each program reads a ``[C, BK]`` block of its own chunk before it
+    writes it), ``u = T v``.  With ``STORE_X`` (the backward's recompute), X replaces A_kk in the scratch."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
     base, dinv, _ = scratch_views(scratch, i_c, i_h, HV, C, KP)
@@ -279,7 +280,11 @@ def kda_solve_kernel(
     m_t = o_t < eos
 
     b_beta = chunk_beta(beta, o_t, m_t, i_h, HV, BETA_SIGMOID, BETA_SCALE)
-    b_m = block_inverse(base, dinv, b_beta, C, SOLVE_PREC, SOLVE_DIAG)
+    b_x = block_inverse(base, dinv, tl.full([C], 1.0, tl.float32), C, SOLVE_PREC, SOLVE_DIAG)
+    b_m = b_x * b_beta[None, :]
+    if STORE_X:  # over A_kk: every thread of the program has read it before the barrier
+        tl.debug_barrier()
+        tl.store(base + o_c[:, None] * C + o_c[None, :], b_x)
     for i_k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
@@ -302,8 +307,9 @@ class Intra(NamedTuple):
     """The outputs of the intra stage (the conventions of docs/algorithm.md): aqk ``[TT, HV, C]`` (scaled,
     causal, v's dtype), w ``[TT, HV, K]`` (k's dtype), u ``[TT, HV, V]`` (v's dtype), qg, kg ``[TT, HV, K]`` (q's /
     k's dtype), gc ``[chunks, HV, K]`` (float32); and three float32 views into the stage's scratch that the backward
-    reads: akk ``[chunks, HV, C, C]`` (A_kk, zeros above the diagonal), dinv ``[chunks, HV, C, 16]`` (the inverses
-    of (I + A_kk)'s 16x16 diagonal blocks, solve_tril.block_inverse's layout) and gamma ``[chunks, HV, C, KP]``."""
+    reads: akk ``[chunks, HV, C, C]`` (A_kk, zeros above the diagonal; X = (I + A_kk)^-1 when the stage ran with
+    ``store_inverse``), dinv ``[chunks, HV, C, 16]`` (the inverses of (I + A_kk)'s 16x16 diagonal blocks,
+    solve_tril.block_inverse's layout) and gamma ``[chunks, HV, C, KP]``."""
 
     aqk: torch.Tensor
     w: torch.Tensor
@@ -316,10 +322,11 @@ class Intra(NamedTuple):
     gamma: torch.Tensor
 
 
-def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg) -> Intra:
+def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg, store_inverse: bool = False) -> Intra:
     """Run the intra stage on flat tensors ``q, k [TT, H, K]``, ``v [TT, HV, V]``, ``g [TT, HV, K]`` (log decay,
     or the raw gate with ``use_gate_in_kernel``), ``beta [TT, HV]``; ``cfg`` a :class:`config.ChunkConfig`.
-    Returns :class:`Intra`."""
+    Returns :class:`Intra`; with ``store_inverse`` its ``akk`` holds X = (I + A_kk)^-1 instead (the backward's
+    recompute)."""
     TT, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     C, NC = table.chunk_size, table.num_chunks
@@ -365,5 +372,5 @@ def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg) -> Intra:
     kda_solve_kernel[(NC, HV)](
         w, v, beta, u, scratch, *chunks, HV=HV, K=K, V=V, C=C, KP=KP, **beta_flags, BK=BK, BV=BV,
         DOT_PREC=cfg.precision, SOLVE_PREC=cfg.solve_precision, SOLVE_DIAG=cfg.solve_diag, NUM_STAGES=SOLVE_STAGES,
-        num_warps=cfg.solve_warps, **cap)
+        STORE_X=store_inverse, num_warps=cfg.solve_warps, **cap)
     return out
