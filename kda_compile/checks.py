@@ -286,9 +286,22 @@ def check_serving(problem: Problem, initial_state, ssm_state_indices, num_accept
         check_accepted_values(num_accepted_tokens, ssm_state_indices.shape[1], problem, cu_seqlens)
 
 
+_SMALL = 256   # index tensors up to this size are checked as Python lists on the CPU
+
+
 def check_slot_values(slots: torch.Tensor, pool: int, written: bool) -> None:
     """Pool slots lie in ``[0, pool)`` (negative: padding); with ``written`` no slot appears twice (two
     sequences, or two tokens, would write one slot).  Reads the values: free on the CPU, a sync on a GPU."""
+    if slots.numel() <= _SMALL and slots.device.type == "cpu":  # a decode batch: Python beats three tensor ops
+        values = [s for s in slots.flatten().tolist() if s >= 0]
+        if values and max(values) >= pool:
+            raise ValueError(f"ssm_state_indices must lie in [0, {pool}) (the pool size, initial_state.shape[0]; "
+                             f"negative values mark padding), got a maximum of {max(values)}")
+        if written and len(set(values)) != len(values):
+            repeated = sorted({s for s in values if values.count(s) > 1})
+            raise ValueError(f"ssm_state_indices repeats slot(s) {repeated}: with inplace_final_state=True two "
+                             f"writes would go to one slot")
+        return
     used = slots[slots >= 0]
     if used.numel() == 0:
         return

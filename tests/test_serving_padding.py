@@ -90,3 +90,21 @@ def test_bad_pool_arguments_fail_before_running():
         with pytest.raises(ValueError, match=r"num_accepted_tokens\[0\] = 2 is larger than the 1 tokens"):
             fused_recurrent_kda(**spec, initial_state=pool, ssm_state_indices=torch.tensor([[0, 1], [2, 3]]),
                                 num_accepted_tokens=torch.tensor([2, 1]), inplace_final_state=True)
+
+
+@pytest.mark.parametrize("slots, written, error", [
+    ([3, -1, 0], True, None), ([-1, -1], True, None), ([2, 2], True, r"repeats slot\(s\) \[2\]"),
+    ([2, 2], False, None), ([0, 8], False, r"lie in \[0, 8\).*maximum of 8"), ([[0, 1], [1, -1]], True, "repeats"),
+])
+def test_slot_checks_agree_for_small_and_large_index_tensors(slots, written, error):
+    """Small CPU index tensors are checked as Python lists, others with tensor ops: same verdict, same message."""
+    from kda_compile import checks
+    small = torch.tensor(slots)
+    # the same values padded with -1 (padding) past the list path's size
+    large = torch.cat([small.flatten(), torch.full((checks._SMALL + 1,), -1)])
+    for t in (small, large):
+        if error is None:
+            checks.check_slot_values(t, 8, written)
+        else:
+            with pytest.raises(ValueError, match=error):
+                checks.check_slot_values(t, 8, written)
