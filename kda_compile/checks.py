@@ -11,6 +11,7 @@ where reading the values is free (CPU tensors, or ``cu_seqlens_cpu``) or when th
 """
 from __future__ import annotations
 
+import collections
 import os
 import warnings
 from typing import NamedTuple
@@ -294,25 +295,23 @@ def check_slot_values(slots: torch.Tensor, pool: int, written: bool) -> None:
     sequences, or two tokens, would write one slot).  Reads the values: free on the CPU, a sync on a GPU."""
     if slots.numel() <= _SMALL and slots.device.type == "cpu":  # a decode batch: Python beats three tensor ops
         values = [s for s in slots.flatten().tolist() if s >= 0]
-        if values and max(values) >= pool:
-            raise ValueError(f"ssm_state_indices must lie in [0, {pool}) (the pool size, initial_state.shape[0]; "
-                             f"negative values mark padding), got a maximum of {max(values)}")
-        if written and len(set(values)) != len(values):
-            repeated = sorted({s for s in values if values.count(s) > 1})
-            raise ValueError(f"ssm_state_indices repeats slot(s) {repeated}: with inplace_final_state=True two "
-                             f"writes would go to one slot")
-        return
-    used = slots[slots >= 0]
-    if used.numel() == 0:
-        return
-    hi = int(used.max())
-    if hi >= pool:
+        top = max(values, default=-1)
+        repeated = []
+        if written and len(set(values)) != len(values):   # counted only when some slot repeats
+            repeated = sorted(s for s, n in collections.Counter(values).items() if n > 1)
+    else:
+        used = slots[slots >= 0]
+        top = int(used.max()) if used.numel() else -1
+        repeated = []
+        if written and used.numel() and torch.unique(used).numel() != used.numel():
+            values, counts = torch.unique(used, return_counts=True)
+            repeated = values[counts > 1].tolist()
+    if top >= pool:
         raise ValueError(f"ssm_state_indices must lie in [0, {pool}) (the pool size, initial_state.shape[0]; "
-                         f"negative values mark padding), got a maximum of {hi}")
-    if written and torch.unique(used).numel() != used.numel():
-        values, counts = torch.unique(used, return_counts=True)
-        raise ValueError(f"ssm_state_indices repeats slot(s) {values[counts > 1].tolist()}: with "
-                         f"inplace_final_state=True two writes would go to one slot")
+                         f"negative values mark padding), got a maximum of {top}")
+    if repeated:
+        raise ValueError(f"ssm_state_indices repeats slot(s) {repeated}: with inplace_final_state=True two "
+                         f"writes would go to one slot")
 
 
 def check_accepted_values(num_accepted_tokens, columns: int, problem: Problem, cu_seqlens=None) -> None:
