@@ -118,18 +118,38 @@ def run_states(call: KDACall, config: dict):
                                    call.A_log, call.dt_bias, call.opts, True, config, return_states=True)
 
 
-def run_backward(call: KDACall, config: dict, do, dht):
+def run_training(call: KDACall, config: dict):
+    """The forward of a differentiable chunk ``call``, keeping X and aqk for :func:`run_backward`:
+    ``(o, final_state or None, [x, aqk])`` (:func:`kept_shapes`)."""
+    _use_prebuilt(call)
+    o, final, kept = chunk_fwd.chunk_kda_fwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state,
+                                             call.cu_seqlens, call.A_log, call.dt_bias, call.opts,
+                                             call.output_final_state, config, keep=True)
+    return o, final, list(kept)
+
+
+def kept_shapes(call: KDACall) -> list:
+    """``(shape, dtype)`` of what :func:`run_training` keeps: X (float32) and aqk (v's dtype), both ``[B*T, HV,
+    C]``, row r of a chunk at its token r."""
+    p = call.problem
+    shape = (p.B * p.T, p.HV, call.opts.chunk_size)
+    return [(shape, torch.float32), (shape, call.v.dtype)]
+
+
+def run_backward(call: KDACall, config: dict, do, dht, kept: tuple | None = None):
     """Gradients of a chunk ``call`` (kernels_triton/chunk_bwd.py): ``(dq, dk, dv, dg, dbeta, dh0, dA_log,
-    ddt_bias)``, None for absent inputs."""
+    ddt_bias)``, None for absent inputs.  ``kept``: :func:`run_training`'s X and aqk for this call, or None."""
     from .chunk_bwd import chunk_kda_bwd
+    from .chunk_intra import Kept
     _use_prebuilt(call)
     return chunk_kda_bwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens, call.A_log,
-                         call.dt_bias, call.opts, do, dht, config)
+                         call.dt_bias, call.opts, do, dht, config, kept=Kept(*kept) if kept else None)
 
 
 TRITON_BACKEND = Backend(
     name="triton", supports=supports, supports_forced=supports_forced, run=run, run_states=run_states,
-    run_backward=run_backward, chunk_state_pool=True, padding_slots=True,
+    run_backward=run_backward, run_training=run_training, kept_shapes=kept_shapes, chunk_state_pool=True,
+    padding_slots=True,
     default_config=default_config, configs=configs, check_config=check_config,
     backward_configs=backward_configs,
     description="Triton kernels: intra (Gamma, A, inverse, W/U), state recurrence, output; decode kernel with "

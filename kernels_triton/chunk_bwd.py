@@ -56,8 +56,11 @@ def check_cotangents(q, v, initial_state, do, dht, opts, num_seqs: int) -> None:
         raise ValueError(f"initial_state must hold {num_seqs} states, got {initial_state.shape[0]}")
 
 
-def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts, do, dht, config=None):
+def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts, do, dht, config=None,
+                  kept=None):
     """Chunkwise KDA backward with Triton kernels on user-layout tensors (as chunk_fwd.chunk_kda_fwd takes them).
+    ``kept``: the :class:`chunk_intra.Kept` X and aqk of the training forward on these inputs (the recompute then
+    skips A_kk, aqk and the inverse), or None.
 
     ``do [B, T, HV, V]`` is the gradient of the output, ``dht`` that of the final state (the user's state layout)
     or None.  Returns ``(dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias)`` in the inputs' dtypes, None for an input
@@ -75,7 +78,7 @@ def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
     A_log_c, dt_bias_c = (x.contiguous() if x is not None else None for x in (A_log, dt_bias))
 
     fwd = recompute_forward(q_f, k_f, v_f, g_f, beta_f, initial_state, A_log_c, dt_bias_c, opts, table,
-                            cfg.forward)
+                            cfg.forward, kept)
     dhn, dvn, dh0 = chunk_bwd_state(fwd, do_f, dht, initial_state is not None, opts.scale, table,
                                     opts.state_v_first, cfg)
     dv, dv_out, d_akk, d_aqk, dbeta_solve = chunk_bwd_solve(q_f, k_f, v_f, beta_f, do_f, fwd, dvn, opts, table, cfg)

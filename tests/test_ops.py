@@ -48,14 +48,16 @@ def test_opcheck_inplace_and_backward_ops():
     tensors, options = op_args(args)
     grad_o = torch.randn_like(args["v"])
     for backend in ("", "reference"):
-        torch.library.opcheck(OPS.kda_bwd.default, (grad_o, None, *tensors, *options, backend))
+        torch.library.opcheck(OPS.kda_bwd.default, (grad_o, None, *tensors, [], *options, backend))
+        torch.library.opcheck(OPS.chunk_kda_fwd_train.default, (*tensors, *options, True, backend))
     for backend in ("", "reference"):
         torch.library.opcheck(OPS.chunk_kda_fwd_states.default, (*tensors, *options, backend))
 
 
 # ---------------------------------------------------------------------------------- options across the ops
 
-OPTION_OPS = ("chunk_kda_fwd", "chunk_kda_fwd_states", "recurrent_kda_fwd", "recurrent_kda_inplace", "kda_bwd")
+OPTION_OPS = ("chunk_kda_fwd", "chunk_kda_fwd_train", "chunk_kda_fwd_states", "recurrent_kda_fwd", "recurrent_kda_inplace",
+              "kda_bwd")
 
 
 @pytest.mark.parametrize("name", OPTION_OPS)
@@ -170,9 +172,9 @@ def test_forward_backend_forces_the_backward(monkeypatch):
     seen = []
     real = dispatch.run_backward
 
-    def spy(call, do, dht, backend=None):
+    def spy(call, do, dht, backend=None, kept=()):
         seen.append(backend)
-        return real(call, do, dht, backend)
+        return real(call, do, dht, backend, kept)
 
     monkeypatch.setattr(dispatch, "run_backward", spy)
     args = make_inputs(B=1, T=20, K=8, V=8, dtype=torch.float32, requires_grad=True)
@@ -198,3 +200,52 @@ def test_backward_choice_falls_back_with_the_reason():
         assert choice.backend.name != "fwd_only" and "no backward" in choice.rejected["fwd_only"]
     finally:
         dispatch.unregister_backend("fwd_only")
+
+
+def _triton_runs_here():
+    import importlib.util
+    import os
+    return importlib.util.find_spec("triton") is not None and (
+        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@pytest.mark.skipif(not _triton_runs_here(), reason="Triton needs a GPU or its interpreter (conftest turns it on "
+                                                     "without a GPU)")
+def test_training_forward_keeps_what_its_backward_reads(monkeypatch):
+    """Under autograd the Triton forward keeps X and aqk, the backward receives them, and the gradients equal,
+    bit for bit, those of the backward that forms them again; eager and under torch.compile(fullgraph=True).
+    The reference keeps nothing."""
+    from kda_compile import dispatch
+    from kda_compile.kernels_triton.chunk_bwd import chunk_kda_bwd
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = make_inputs(B=1, T=45, H=1, HV=2, K=16, V=16, dtype=torch.float32, device=device)
+    names = ("q", "k", "v", "g", "beta", "initial_state")
+    do = torch.randn_like(args["v"])
+    seen = []
+    real = dispatch.run_backward
+
+    def spy(call, do, dht, backend=None, kept=()):
+        seen.append([tuple(t.shape) for t in kept])
+        return real(call, do, dht, backend, kept)
+
+    monkeypatch.setattr(dispatch, "run_backward", spy)
+
+    def step(backend, fn=chunk_kda):
+        leaves = {n: args[n].clone().requires_grad_(True) for n in names}
+        o, _ = fn(**leaves, backend=backend)
+        o.backward(do)
+        return [leaves[n].grad for n in names]
+
+    eager = step("triton")
+    TT, C = 45, 64
+    assert seen == [[(TT, 2, C), (TT, 2, C)]]
+    opts = _options(args["q"], None, False, False, False, False, None, 64, False)
+    want = chunk_kda_bwd(*(args[n] for n in names), None, None, None, opts, do, None)
+    for n, got, ref in zip(names, eager, want):
+        assert torch.equal(got, ref), f"d{n} differs from the recomputing backward"
+    compiled = step("triton", torch.compile(chunk_kda, fullgraph=True))
+    assert seen[-1] == [(TT, 2, C), (TT, 2, C)]
+    for n, got, ref in zip(names, compiled, eager):
+        assert torch.equal(got, ref), f"d{n} differs under torch.compile"
+    step("reference")
+    assert seen[-1] == []

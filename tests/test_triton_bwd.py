@@ -5,8 +5,9 @@ this file, run as a script, is the worker (``python tests/test_triton_bwd.py CAS
 case).  Each case's gradients are compared with the float64 reference backward (kda_compile/reference_bwd.py)
 and with autograd through the float64 reference, on the same (rounded) inputs; errors are
 ``||grad - ref|| / ||ref||``.  The worker fills the outputs the kernels leave uninitialised with NaN, so an element
-a kernel fails to write shows up as a non-finite gradient.  Also: determinism (two calls bitwise equal),
-causality of gradients, and the products' TF32 rounding (emulated in the interpreter, gate.EMULATE_TF32).
+a kernel fails to write shows up as a non-finite gradient.  Also: determinism (two calls bitwise equal), the
+backward from a training forward's kept X and aqk (bitwise that of the recompute), causality of gradients, and
+the products' TF32 rounding (emulated in the interpreter, gate.EMULATE_TF32).
 The GPU cases (marked gpu) run the standard shapes in bf16.
 """
 from __future__ import annotations
@@ -55,6 +56,16 @@ CASES = {
                                 gate="raw", lower_bound=-5.0, l2norm=True, beta_logits=True),
     "causal_masked_c32": dict(op="causal", dtype="float32", B=1, T=100, H=1, HV=1, K=16, V=16, causal_at=37, C=32,
                               masked=True),
+    # a training forward keeps X and aqk; the backward that reads them equals the one that recomputes them
+    "kept_ragged_gva_state_v_first": dict(op="kept", dtype="float32", B=2, T=70, H=1, HV=2, K=16, V=8,
+                                          state_v_first=True),
+    "kept_varlen_empty_one_token": dict(op="kept", dtype="bfloat16", cu=[0, 5, 50, 50, 99, 100], H=1, HV=1, K=8,
+                                        V=8),
+    "kept_gate_l2norm_sigmoid": dict(op="kept", dtype="float32", B=1, T=40, H=1, HV=2, K=32, V=8, gate="raw",
+                                     l2norm=True, beta_logits=True),
+    "kept_safe_gate_neg_eig_c32": dict(op="kept", dtype="bfloat16", B=1, T=33, H=2, HV=4, K=8, V=8, gate="raw",
+                                       lower_bound=-5.0, beta_logits=True, neg_eig=True, C=32),
+    "kept_masked_gate": dict(op="kept", dtype="float32", B=1, T=70, H=1, HV=1, K=8, V=8, masked=True),
 }
 
 # run twice, with and without TF32 emulated in the interpreter's products (gate.EMULATE_TF32): the GPU rounds the
@@ -133,6 +144,25 @@ def _determinism(case):
     return {n: None if x is None else bool(torch.equal(x, y)) for n, x, y in zip(NAMES, first, second)}
 
 
+def _kept(case):
+    """The training forward's output with and without keeping X and aqk, and the backward from what it kept
+    against the backward that recomputes them: ``{"o": equal, name: equal}``, bitwise."""
+    from kda_compile.kernels_triton.chunk_bwd import chunk_kda_bwd
+    from kda_compile.kernels_triton.chunk_fwd import chunk_kda_fwd
+    low, _, opts, do, dht = _low_inputs(case)
+    dtype = getattr(torch, case["dtype"])
+    args = [low.get(n) for n in ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "A_log", "dt_bias")]
+    o_plain, final_plain = chunk_kda_fwd(*args, opts, True)
+    o, final, kept = chunk_kda_fwd(*args, opts, True, keep=True)
+    cot = (do.to(dtype), dht.float() if dht is not None else None)
+    recomputed = chunk_kda_bwd(*args, opts, *cot)
+    from_kept = chunk_kda_bwd(*args, opts, *cot, kept=kept)
+    out = {"o": bool(torch.equal(o, o_plain) and torch.equal(final, final_plain))}
+    for n, x, y in zip(NAMES, recomputed, from_kept):
+        out[n] = None if x is None else bool(torch.equal(x, y) and torch.isfinite(x).all())
+    return out
+
+
 def _causality(case):
     """For each input: (before p unchanged bit for bit, after p exactly zero in both runs)."""
     low, _, opts, do, _ = _low_inputs(case)
@@ -170,7 +200,7 @@ def _worker(names):
     for name in names:
         case = {**CASES, **TF32_CASES}[name]
         run = {"grad": _grad_errors, "determinism": _determinism, "causal": _causality,
-               "refgrad": _ref_errors}[case["op"]]
+               "refgrad": _ref_errors, "kept": _kept}[case["op"]]
         print(json.dumps({name: run(case)}), flush=True)
 
 
@@ -225,6 +255,14 @@ def test_triton_bwd_causal(results, name):
     for n, (unchanged, zero_after) in ((n, r) for n, r in results[name].items() if r is not None):
         assert unchanged, f"{name}: d{n} before p changed when later inputs changed"
         assert zero_after, f"{name}: d{n} after p is not exactly zero"
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c["op"] == "kept"])
+def test_triton_bwd_from_kept_forward(results, name):
+    """Keeping X and aqk leaves the forward's output unchanged, and the backward that reads them gives the same
+    gradients, bit for bit, as the one that forms them again."""
+    for n, same in results[name].items():
+        assert same is None or same, f"{name}: {'the output' if n == 'o' else 'd' + n} differs with X and aqk kept"
 
 
 @pytest.mark.parametrize("name", list(TF32_CASES))
