@@ -1,9 +1,10 @@
 """Host side of the Triton chunkwise backward (docs/algorithm.md, "The chunkwise backward"): the stages in order.
 
 Same conventions as the forward (chunk_fwd.py): a flat token axis ``[TT = B*T, heads, dim]``, one chunk table
-for ragged T and cu_seqlens.  Nothing is stored by the forward; the backward recomputes it:
+for ragged T and cu_seqlens.  A training forward keeps X = (I + A_kk)^-1 and A_qk (``kept``); the rest of what the
+backward reads is recomputed:
 
-    chunk_bwd_recompute.py  0. the forward's intermediates (Gamma, A_kk, A_qk, W, qg, kg, Gamma_C, h, V_new)
+    chunk_bwd_recompute.py  0. the forward's intermediates (Gamma, X, A_qk unless kept, W, qg, kg, Gamma_C, h, V_new)
     chunk_bwd_state.py      1. reverse state recurrence: dh leaving each chunk, dV_new, dh0
     chunk_bwd_solve.py      2. through W, U and the inverse: dv, the gradients of A_kk and A_qk, beta's T term
     chunk_bwd_intra.py      3. dq, dk (per value head), dg with the reverse cumsum and the gate's backward

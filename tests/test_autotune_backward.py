@@ -245,9 +245,9 @@ def test_tuned_triton_backward_entry_is_what_the_dispatch_runs(triton_on_cpu):
     used = []
     real_run = dispatch.get_backend("triton").run_backward
 
-    def spy(call, config, do, dht):
+    def spy(call, config, do, dht, **kept):
         used.append(dict(config))
-        return real_run(call, config, do, dht)
+        return real_run(call, config, do, dht, **kept)
 
     dispatch.register_backend(dataclasses.replace(dispatch.get_backend("triton"), run_backward=spy))
     a = args_of(SHAPE)
