@@ -68,11 +68,17 @@ def get_configs() -> list[dict]:
 # ------------------------------------------------------------------------------------------------- helpers
 
 @triton.jit
-def scratch_views(scratch, i_c, i_h, HV: tl.constexpr, C: tl.constexpr, KP: tl.constexpr):
-    """The float32 scratch of chunk ``i_c`` and value head ``i_h`` (C^2 + 16 C + C KP floats): ``base`` (A_kk
-    ``[C, C]``), ``dinv`` (``[C, 16]``, the inverses of A_kk's diagonal blocks) and ``s_g`` (Gamma ``[C, KP]``)."""
-    base = scratch + (i_c.to(tl.int64) * HV + i_h) * (C * C + C * 16 + C * KP)
-    return base, base + C * C, base + C * C + C * 16
+def a_views(a_scratch, i_c, i_h, HV: tl.constexpr, C: tl.constexpr):
+    """The float32 A scratch of chunk ``i_c`` and value head ``i_h`` (C^2 + 16 C floats): ``base`` (A_kk ``[C, C]``)
+    and ``dinv`` (``[C, 16]``, the inverses of A_kk's diagonal blocks)."""
+    base = a_scratch + (i_c.to(tl.int64) * HV + i_h) * (C * C + C * 16)
+    return base, base + C * C
+
+
+@triton.jit
+def gamma_rows(g_scratch, i_c, i_h, HV: tl.constexpr, C: tl.constexpr, KP: tl.constexpr):
+    """Gamma ``[C, KP]`` (float32) of chunk ``i_c`` and value head ``i_h`` in the Gamma scratch."""
+    return g_scratch + (i_c.to(tl.int64) * HV + i_h) * (C * KP)
 
 
 @triton.jit
@@ -149,7 +155,7 @@ def diag_block_elementwise(q, k, s_g, r_cols, t0, eos, i, i_kh, H: tl.constexpr,
 
 @triton.jit
 def kda_gamma_kernel(
-    g, A_log, dt_bias, gc, scratch, chunk_seq, chunk_pos, cu, lower_bound,
+    g, A_log, dt_bias, gc, g_scratch, chunk_seq, chunk_pos, cu, lower_bound,
     HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
     USE_GATE: tl.constexpr, USE_LB: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
@@ -158,7 +164,7 @@ def kda_gamma_kernel(
     each load in turn."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
-    _, _, s_g = scratch_views(scratch, i_c, i_h, HV, C, KP)
+    s_g = gamma_rows(g_scratch, i_c, i_h, HV, C, KP)
     o_c = tl.arange(0, C)
     o_t = t0 + o_c
     o_k = tl.program_id(2) * BK + tl.arange(0, BK)
@@ -172,7 +178,7 @@ def kda_gamma_kernel(
 
 @triton.jit
 def kda_intra_kernel(
-    q, k, beta, aqk, qg, kg, ke, scratch, chunk_seq, chunk_pos, cu, scale, shift,
+    q, k, beta, aqk, qg, kg, ke, a_scratch, g_scratch, chunk_seq, chunk_pos, cu, scale, shift,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
     BKR: tl.constexpr, L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr,
     DOT_PREC: tl.constexpr, CHECK: tl.constexpr, NUM_STAGES: tl.constexpr, NORMS_FIRST: tl.constexpr,
@@ -184,7 +190,8 @@ def kda_intra_kernel(
     i, i_c, i_h = tl.program_id(0) % (C // 16), tl.program_id(0) // (C // 16), tl.program_id(1)
     i_kh = i_h // (HV // H)
     t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
-    base, _, s_g = scratch_views(scratch, i_c, i_h, HV, C, KP)
+    base, _ = a_views(a_scratch, i_c, i_h, HV, C)
+    s_g = gamma_rows(g_scratch, i_c, i_h, HV, C, KP)
     o_16 = tl.arange(0, 16)
     o_i = 16 * i + o_16
     t_i = t0 + o_i
@@ -268,7 +275,7 @@ def kda_intra_kernel(
 
 @triton.jit
 def kda_solve_kernel(
-    w, v, beta, u, scratch, x, chunk_seq, chunk_pos, cu,
+    w, v, beta, u, a_scratch, x, chunk_seq, chunk_pos, cu,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, KP: tl.constexpr,
     BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PREC: tl.constexpr, SOLVE_PREC: tl.constexpr, SOLVE_DIAG: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -289,7 +296,7 @@ def kda_solve_kernel(
     if X_MODE == X_LOAD:  # the rows past the chunk's end read as 0: only valid rows are stored below
         b_x = tl.load(p_x, mask=m_t[:, None], other=0.0)
     else:
-        base, dinv, _ = scratch_views(scratch, i_c, i_h, HV, C, KP)
+        base, dinv = a_views(a_scratch, i_c, i_h, HV, C)
         b_x = block_inverse(base, dinv, tl.full([C], 1.0, tl.float32), C, SOLVE_PREC, SOLVE_DIAG)
         if X_MODE == X_STORE:
             tl.store(p_x, b_x, mask=m_t[:, None])
@@ -315,7 +322,7 @@ def factor_shift(use_lower_bound: bool, lower_bound: float) -> tuple[float, bool
 class Intra(NamedTuple):
     """The outputs of the intra stage (the conventions of docs/algorithm.md): aqk ``[TT, HV, C]`` (scaled,
     causal, v's dtype), w ``[TT, HV, K]`` (k's dtype), u ``[TT, HV, V]`` (v's dtype), qg, kg ``[TT, HV, K]`` (q's /
-    k's dtype), gc ``[chunks, HV, K]`` (float32), gamma ``[chunks, HV, C, KP]`` (float32, a view into the stage's
+    k's dtype), gc ``[chunks, HV, K]`` (float32), gamma ``[chunks, HV, C, KP]`` (float32, the stage's Gamma
     scratch) and x ``[TT, HV, C]`` (X = (I + A_kk)^-1, float32, token-indexed: row r of a chunk at its token r;
     None unless the stage was asked to keep it or given it)."""
 
@@ -370,8 +377,10 @@ def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg, keep_x: bool
     # every K slice
     row = max(BK, BKA, KPOW)
     KP = triton.cdiv(K, row) * row
-    scratch = torch.empty(NC, HV, C * C + C * BLOCK + C * KP, device=dev, dtype=torch.float32)
-    out = Intra(aqk, w, u, qg, kg, gc, scratch[:, :, C * C + C * BLOCK:].unflatten(2, (C, KP)), x)
+    # A_kk and its diagonal inverses (not needed when X is kept), and Gamma: float32 scratch per chunk and head
+    a_scratch = torch.empty(NC, HV, C * C + C * BLOCK if kept is None else 1, device=dev, dtype=torch.float32)
+    gamma = torch.empty(NC, HV, C, KP, device=dev, dtype=torch.float32)
+    out = Intra(aqk, w, u, qg, kg, gc, gamma, x)
     if not NC:
         return out
     chunks = (table.chunk_seq, table.chunk_pos, table.cu)
@@ -381,12 +390,12 @@ def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg, keep_x: bool
     beta_flags = dict(BETA_SIGMOID=opts.use_beta_sigmoid_in_kernel, BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0)
 
     kda_gamma_kernel[(NC, HV, triton.cdiv(K, BKG))](
-        g, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g, gc, scratch, *chunks,
+        g, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g, gc, gamma, *chunks,
         lower_bound, HV=HV, K=K, C=C, KP=KP, BK=BKG, USE_GATE=use_gate, USE_LB=use_lb,
         HAS_A=use_gate and A_log is not None, HAS_BIAS=use_gate and dt_bias is not None, num_warps=GAMMA_WARPS)
     shift, check = factor_shift(use_lb, lower_bound)
     kda_intra_kernel[(C // BLOCK * NC, HV)](
-        q, k, beta, aqk, qg, kg, w, scratch, *chunks, float(opts.scale), shift,
+        q, k, beta, aqk, qg, kg, w, a_scratch, gamma, *chunks, float(opts.scale), shift,
         H=H, HV=HV, K=K, C=C, KP=KP, BK=BKA, BKR=BKR, L2NORM=opts.use_qk_l2norm_in_kernel, **beta_flags,
         DOT_PREC=cfg.precision, CHECK=check, NUM_STAGES=INTRA_STAGES, NORMS_FIRST=cfg.intra_norms == "first",
         FORM_A=kept is None, num_warps=cfg.intra_warps)
@@ -394,7 +403,7 @@ def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg, keep_x: bool
     cap = {"maxnreg": cfg.solve_maxnreg} if cfg.solve_maxnreg and dev.type == "cuda" else {}
     mode = X_LOAD if kept is not None else X_STORE if keep_x else X_NONE
     kda_solve_kernel[(NC, HV)](
-        w, v, beta, u, scratch, x if x is not None else scratch, *chunks, HV=HV, K=K, V=V, C=C, KP=KP,
+        w, v, beta, u, a_scratch, x if x is not None else a_scratch, *chunks, HV=HV, K=K, V=V, C=C, KP=KP,
         **beta_flags, BK=BK, BV=BV, DOT_PREC=cfg.precision, SOLVE_PREC=cfg.solve_precision,
         SOLVE_DIAG=cfg.solve_diag, NUM_STAGES=SOLVE_STAGES, X_MODE=mode.value, num_warps=cfg.solve_warps, **cap)
     return out
