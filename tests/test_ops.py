@@ -249,3 +249,8 @@ def test_training_forward_keeps_what_its_backward_reads(monkeypatch):
         assert torch.equal(got, ref), f"d{n} differs under torch.compile"
     step("reference")
     assert seen[-1] == []
+    from kda_compile import explain
+    leaves = {n: args[n] for n in names}
+    assert "under autograd the forward runs on 'triton': it keeps" in explain(
+        **leaves, op="chunk_backward", backend="triton").reason
+    assert "under autograd" not in explain(**leaves, op="chunk_backward", backend="reference").reason
