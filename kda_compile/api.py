@@ -9,7 +9,6 @@ arguments, which backend a call would use and why, without running it.
 from __future__ import annotations
 
 import dataclasses
-
 import functools
 
 import torch
