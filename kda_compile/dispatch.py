@@ -391,22 +391,29 @@ def run_backward(call: KDACall, do: torch.Tensor, dht: torch.Tensor | None, back
 
 def training_backend(call: KDACall, backend: str | None = None) -> Backend | None:
     """The backend whose forward keeps intermediates for its own backward (``run_training``) in a differentiable
-    chunk ``call``, or None (the plain forward runs and the backward recomputes).  The named backend (``backend=``
-    or KDA_COMPILE_BACKEND) when it has a training forward and can run the call's forward and backward; unnamed,
-    the first backend of the default order that can run both, if it has one.  Decided from what the call's
-    lengths do not change (device, dtypes, head dims, options, names), never from tuned tables, so that the ops'
-    fake implementations, which may see symbolic lengths, decide the same."""
+    chunk ``call``, or None (the plain forward runs and the backward recomputes): the backend named with
+    ``backend=`` when it has a training forward and can run the call's forward and backward; else the one named by
+    KDA_COMPILE_BACKEND, or unnamed the first of the default order, that can run both as :func:`choose` and
+    :func:`choose_backward` check them (never one the tables found unfit for the dtype), if it has a training
+    forward.  Decided from what the call's lengths do not change (device, dtypes, head dims, options, names,
+    unfit verdicts), never from the tables' per-length choices, so that the ops' fake implementations, which may
+    see symbolic lengths, decide the same; so the forward under autograd may run on another backend than the
+    tables pick for it, and a backward the tables give to another backend recomputes (``explain`` says so)."""
     _load_plugins()
-    wanted = backend or os.environ.get(ENV_BACKEND, "").strip() or None
-    if wanted:
-        named = _REGISTRY.get(wanted)
-        if named is None or named.run_training is None:
-            return None
-        check = named.supports_forced or named.supports   # as choose_backward checks a named backend
-        return named if check(call) is None and backward_reason(named, call, forced=True) is None else None
+    if backend:
+        named = get_backend(backend)
+        ok = named.run_training is not None and (named.supports_forced or named.supports)(call) is None \
+            and backward_reason(named, call, forced=True) is None
+        return named if ok else None
+    unfit = {**tuning_table.unfit_backends(call), **tuning_table.unfit_backends(call, op=BACKWARD_OP)}
+    wanted = os.environ.get(ENV_BACKEND, "").strip()
+    if wanted in _REGISTRY:
+        named = _REGISTRY[wanted]
+        ok = wanted not in unfit and named.supports(call) is None and backward_reason(named, call, forced=True) is None
+        return named if ok and named.run_training is not None else None
     for name in _ORDER:
         candidate = _REGISTRY[name]
-        if candidate.supports(call) is None and backward_reason(candidate, call) is None:
+        if name not in unfit and candidate.supports(call) is None and backward_reason(candidate, call) is None:
             return candidate if candidate.run_training is not None else None
     return None
 

@@ -128,7 +128,9 @@ def _training_call(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, 
 
 def chunk_kda_fwd_train(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
     """``chunk_kda_fwd`` for autograd: ``(o, final_state, kept)``, ``kept`` what the backend that will compute the
-    gradients keeps for them (dispatch.training_backend; empty when none does)."""
+    gradients keeps for them (dispatch.training_backend; empty when none does).  The fake implementation makes the
+    same decision when a graph is traced, from the registered backends and KDA_COMPILE_BACKEND: changing either
+    after compiling needs a recompile (``torch.compiler.reset()``)."""
     opts, (output_final_state, backend) = _options(rest)
     call = _training_call(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts, output_final_state)
     trainer = dispatch.training_backend(call, backend or None)

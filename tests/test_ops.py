@@ -254,3 +254,32 @@ def test_training_forward_keeps_what_its_backward_reads(monkeypatch):
     assert "under autograd the forward runs on 'triton': it keeps" in explain(
         **leaves, op="chunk_backward", backend="triton").reason
     assert "under autograd" not in explain(**leaves, op="chunk_backward", backend="reference").reason
+
+
+def test_training_backend_follows_the_dispatch_rules(monkeypatch):
+    """The backend whose forward keeps tensors under autograd: the first of the default order that runs the call's
+    forward and backward, or the one named; never one the tables found unfit unless named with backend=."""
+    from kda_compile import dispatch, tuning_table
+    from kda_compile.checks import Problem
+    from kda_compile.reference_backend import run_reference, run_reference_backward
+    keeper = dispatch.Backend(name="keeper", supports=lambda call: None, run=run_reference,
+                              run_backward=run_reference_backward,
+                              run_training=lambda call, config: (*run_reference(call, config), []))
+    dispatch.register_backend(keeper, before="reference")
+    monkeypatch.delenv("KDA_COMPILE_BACKEND", raising=False)
+    try:
+        args = make_inputs(B=1, T=5, K=8, V=8, dtype=torch.float32)
+        problem = Problem(1, 5, 1, 1, 8, 8, 1, False, torch.float32, torch.device("cpu"))
+        call = dispatch.KDACall("chunk", problem, KDAOptions(scale=8 ** -0.5), args["q"], args["k"], args["v"],
+                                args["g"], args["beta"])
+        assert dispatch.training_backend(call) is dispatch.get_backend("keeper")
+        assert dispatch.training_backend(call, "reference") is None          # named: no training forward
+        monkeypatch.setenv("KDA_COMPILE_BACKEND", "keeper")
+        assert dispatch.training_backend(call) is dispatch.get_backend("keeper")
+        monkeypatch.setattr(tuning_table, "unfit_backends", lambda call, op=None: {"keeper": "outside tolerance"})
+        assert dispatch.training_backend(call) is None                      # unfit: not by the environment
+        monkeypatch.delenv("KDA_COMPILE_BACKEND")
+        assert dispatch.training_backend(call) is None                      # nor unnamed
+        assert dispatch.training_backend(call, "keeper") is dispatch.get_backend("keeper")   # backend= wins
+    finally:
+        dispatch.unregister_backend("keeper")
