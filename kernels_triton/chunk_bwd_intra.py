@@ -330,7 +330,8 @@ def kda_bwd_intra_kernel(
 
 def chunk_bwd_intra(q, k, g, beta, A_log, dt_bias, do, fwd, dv, dhn, d_aqk, d_akk, opts, table, cfg):
     """Run the stage on flat tensors.  Returns ``(dq, dk [TT, HV, K] float32 per value head (in q's / k's dtype and
-    final when HV == H without the L2 norm in the kernel), dg [TT, HV, K] in g's dtype, dbeta_part [K blocks, TT, HV], dA_part, ddt_part [chunks, HV, K] (float32, None without the gate))``."""
+    final when HV == H without the L2 norm in the kernel), dg [TT, HV, K] in g's dtype, dbeta_part [K blocks, TT,
+    HV], dA_part, ddt_part [chunks, HV, K] (float32, None without the gate))``."""
     TT, H, K = q.shape
     HV, V = dv.shape[1], dv.shape[2]
     C, NC = table.chunk_size, table.num_chunks
