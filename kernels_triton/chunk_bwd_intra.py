@@ -23,9 +23,10 @@ emulated), reaches every row; it is summed on the walk from the walk's own d(kg)
    row-side entries (rows r >= s of the block) and its column-side sum; the choice looks at rows up to s only, so
    the gradients stay causal bit for bit;
 3. dGamma, its reverse cumulative sum plus what the later blocks carry (dg of the log decay, less Gamma_C's share),
-   and with the gate in the kernel the gate's backward: dg of the raw gate, and per-chunk partial sums of dA_log
-   and ddt_bias (reduced in a fixed order on the host: deterministic);
-4. after the walk, Gamma_C's share of every row, through the gate's backward (linear in dGamma) with the gate.
+   stored in float32;
+4. after the walk, Gamma_C's share added to every row, and with the gate in the kernel the gate's backward: dg of
+   the raw gate, and per-chunk partial sums of dA_log and ddt_bias (reduced in a fixed order on the host:
+   deterministic).
 dq and dk are per value head and float32 (gradients of the L2-normalised q, k); the prologue stage sums the groups
 and applies the L2 norm's backward.
 """
@@ -151,8 +152,6 @@ def kda_bwd_intra_kernel(
     # (d(kg) = V_new dhn^T is the walk's own product) and added to the rows after it (step 4)
     b_carry = tl.zeros([BK], dtype=tl.float32)     # what the later blocks' rows add to dGamma
     b_dgc = tl.zeros([BK], dtype=tl.float32)
-    b_sdx = tl.zeros([BK], dtype=tl.float32)       # the block sums of the gate's dt_bias and A_log terms
-    b_sda = tl.zeros([BK], dtype=tl.float32)
     for i_b in range(0, C // 16):
         f = C - 16 - 16 * i_b                      # the block's first row, last block first
         o_i = f + o_16
@@ -292,20 +291,13 @@ def kda_bwd_intra_kernel(
         b_dgc += tl.sum(b_dkg * b_ki * e_c, 0)                    # d(kg) kg, kg = k exp(gc - Gamma)
         tl.store(dbeta_part + o_i * HV, tl.sum(b_ki * b_gk, 1), mask=m_i)
         p_o = o_i[:, None] * (HV * K) + o_k[None, :]
-        if USE_GATE:   # the gate's backward is linear in dGamma: d(Gamma_C)'s share is added in step 4
-            b_dx, b_da = _gate_bwd(b_dgl, g, A_log, dt_bias, lower_bound, p_o, mi, i_h, o_k, m_k, K, USE_LB, HAS_A,
-                                   HAS_BIAS)
-            tl.store(dgp + p_o, b_dx, mask=mi)
-            b_sdx += tl.sum(b_dx, 0)
-            b_sda += tl.sum(b_da, 0)
-        else:
-            tl.store(dgp + p_o, b_dgl, mask=mi)
+        tl.store(dgp + p_o, b_dgl, mask=mi)
         # + 0.0 turns -0.0 into +0.0, as the prologue's sum from zeros does when it takes them over
         tl.store(dq + p_o, b_dq + 0.0, mask=mi)
         tl.store(dk + p_o, b_dk + 0.0, mask=mi)
 
-    # 4. d(Gamma_C) complete: exp(gc) rowsum(h * dhn) joins it, then every row of the chunk gets it (through the
-    # gate's backward with the gate in the kernel), over the float32 partial values the walk stored
+    # 4. d(Gamma_C) complete: exp(gc) rowsum(h * dhn) joins it, then every row of the chunk gets it, over the
+    # float32 partial values the walk stored, and with the gate in the kernel the gate's backward runs on the sum
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -314,20 +306,22 @@ def kda_bwd_intra_kernel(
                         * tl.load(dhn + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32), 1)
     b_dgc += tl.exp(b_gc) * b_hdh
     b_fix = tl.zeros([16, BK], dtype=tl.float32) + b_dgc[None, :]
+    b_sdx = tl.zeros([BK], dtype=tl.float32)       # the chunk's sums of the gate's dt_bias and A_log terms
+    b_sda = tl.zeros([BK], dtype=tl.float32)
     tl.debug_barrier()   # the partial values are read back by other threads of the program
     for i_b in range(0, C // 16):
         o_i = 16 * i_b + o_16
         mi = (o_i < n_t)[:, None] & m_k[None, :]
         p_o = o_i[:, None] * (HV * K) + o_k[None, :]
-        b_part = tl.load(dgp + p_o, mask=mi, other=0.0)
+        b_dgl = tl.load(dgp + p_o, mask=mi, other=0.0) + b_fix
         if USE_GATE:
-            b_dx, b_da = _gate_bwd(b_fix, g, A_log, dt_bias, lower_bound, p_o, mi, i_h, o_k, m_k, K, USE_LB, HAS_A,
+            b_dx, b_da = _gate_bwd(b_dgl, g, A_log, dt_bias, lower_bound, p_o, mi, i_h, o_k, m_k, K, USE_LB, HAS_A,
                                    HAS_BIAS)
-            tl.store(dg + p_o, (b_part + b_dx).to(dg.dtype.element_ty), mask=mi)
+            tl.store(dg + p_o, b_dx.to(dg.dtype.element_ty), mask=mi)
             b_sdx += tl.sum(b_dx, 0)
             b_sda += tl.sum(b_da, 0)
         else:
-            tl.store(dg + p_o, (b_part + b_fix).to(dg.dtype.element_ty), mask=mi)
+            tl.store(dg + p_o, b_dgl.to(dg.dtype.element_ty), mask=mi)
     if USE_GATE:
         tl.store(ddt_part + i_ch * K + o_k, b_sdx, mask=m_k)
         tl.store(dA_part + i_ch * K + o_k, b_sda, mask=m_k)
@@ -348,7 +342,7 @@ def chunk_bwd_intra(q, k, g, beta, A_log, dt_bias, do, fwd, dv, dhn, d_aqk, d_ak
     dq = torch.empty(TT, HV, K, device=dev, dtype=q.dtype if final else torch.float32)
     dk = torch.empty(TT, HV, K, device=dev, dtype=k.dtype if final else torch.float32)
     dg = torch.empty(TT, HV, K, device=dev, dtype=g.dtype)
-    # dGamma (or the raw gate's gradient) before d(Gamma_C)'s share, float32: in dg itself when it is float32
+    # dGamma before d(Gamma_C)'s share, float32: in dg itself when g is float32 (an extra buffer for bf16 or fp16 g)
     dg_part = dg if g.dtype == torch.float32 else torch.empty(TT, HV, K, device=dev, dtype=torch.float32)
     dbeta_part = torch.empty(NKB, TT, HV, device=dev, dtype=torch.float32)
     use_gate = opts.use_gate_in_kernel
