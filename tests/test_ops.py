@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from kda_compile import chunk_kda, fused_recurrent_kda
+from kda_compile import chunk_kda, explain, fused_recurrent_kda
 from kda_compile.api import _options
 from kda_compile.reference import KDAOptions
 
@@ -202,6 +202,32 @@ def test_backward_choice_falls_back_with_the_reason():
         dispatch.unregister_backend("fwd_only")
 
 
+def test_triton_backward_refuses_float32_accurate_products_on_a_gpu():
+    """The Triton backward leaves float32 GPU calls under 'highest' matmul precision to the next backend, with
+    the reason (its solve kernel faults there); TF32 products, other dtypes and the CPU interpreter are not refused."""
+    from kda_compile import dispatch
+    from kda_compile.checks import Problem
+    from kda_compile.kernels_triton.backend import TRITON_BACKEND
+    args = make_inputs(B=1, T=5, K=16, V=16, dtype=torch.float32)
+    gpu = Problem(1, 5, 1, 1, 16, 16, 1, False, torch.float32, torch.device("cuda"))
+
+    def reason(problem):
+        call = dispatch.KDACall("chunk", problem, KDAOptions(scale=0.25), args["q"], args["k"], args["v"],
+                                args["g"], args["beta"])
+        return TRITON_BACKEND.supports_backward(call)
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert "'highest'" in reason(gpu) and "set_float32_matmul_precision('high')" in reason(gpu)
+        assert reason(gpu._replace(dtype=torch.bfloat16)) is None
+        assert reason(gpu._replace(device=torch.device("cpu"))) is None
+        torch.set_float32_matmul_precision("high")
+        assert reason(gpu) is None
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _triton_runs_here():
     import importlib.util
     import os
@@ -218,7 +244,10 @@ def test_training_forward_keeps_what_its_backward_reads(monkeypatch):
     from kda_compile import dispatch
     from kda_compile.kernels_triton.chunk_bwd import chunk_kda_bwd
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    args = make_inputs(B=1, T=45, H=1, HV=2, K=16, V=16, dtype=torch.float32, device=device)
+    # float32 in the interpreter; bfloat16 on a GPU, where float32 under 'highest' is not the Triton backward's
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    args = make_inputs(B=1, T=45, H=1, HV=2, K=16, V=16, dtype=dtype, device=device)
+    args["initial_state"] = args["initial_state"].float()
     names = ("q", "k", "v", "g", "beta", "initial_state")
     do = torch.randn_like(args["v"])
     seen = []
@@ -240,7 +269,8 @@ def test_training_forward_keeps_what_its_backward_reads(monkeypatch):
     TT, C = 45, 64
     assert seen == [[(TT, 2, C), (TT, 2, C)]]
     opts = _options(args["q"], None, False, False, False, False, None, 64, False)
-    want = chunk_kda_bwd(*(args[n] for n in names), None, None, None, opts, do, None)
+    config = explain(**args, op="chunk_backward", backend="triton").config  # a GPU's tables may tune it
+    want = chunk_kda_bwd(*(args[n] for n in names), None, None, None, opts, do, None, config)
     for n, got, ref in zip(names, eager, want):
         assert torch.equal(got, ref), f"d{n} differs from the recomputing backward"
     compiled = step("triton", torch.compile(chunk_kda, fullgraph=True))
@@ -249,7 +279,6 @@ def test_training_forward_keeps_what_its_backward_reads(monkeypatch):
         assert torch.equal(got, ref), f"d{n} differs under torch.compile"
     step("reference")
     assert seen[-1] == []
-    from kda_compile import explain
     leaves = {n: args[n] for n in names}
     assert "under autograd the forward runs on 'triton': it keeps" in explain(
         **leaves, op="chunk_backward", backend="triton").reason
