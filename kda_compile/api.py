@@ -8,6 +8,7 @@ arguments, which backend a call would use and why, without running it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -200,7 +201,14 @@ def explain(q, k, v, g, beta, op: str = "chunk", **kwargs) -> dispatch.Choice:
     if op == "chunk_backward":
         call = dispatch.KDACall("chunk", problem, opts, q, k, v, g, beta, a.get("initial_state"), a.get("cu_seqlens"),
                                 a.get("A_log"), a.get("dt_bias"), output_final_state=bool(a.get("output_final_state")))
-        return dispatch.choose_backward(call, backend or None)
+        choice = dispatch.choose_backward(call, backend or None)
+        trainer = dispatch.training_backend(call, backend or None)
+        if trainer is None:
+            return choice
+        kept = ("it keeps what this backward would form again" if trainer is choice.backend else
+                "this backward does not read what it keeps and recomputes")
+        return dataclasses.replace(choice, reason=f"{choice.reason}; under autograd the forward runs on "
+                                                  f"'{trainer.name}': {kept}")
     call = dispatch.KDACall(op, problem, opts, q, k, v, g, beta, a.get("initial_state"), a.get("cu_seqlens"),
                             a.get("A_log"), a.get("dt_bias"),
                             output_final_state=bool(a.get("output_final_state") or a.get("inplace_final_state")),

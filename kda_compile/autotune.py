@@ -12,9 +12,10 @@ and a rerun resumes where it stopped.  Bit-changing knobs and the backend are fi
 class's first tuned bucket (batch invariance).  The end of a run prints each bucket's gain over the default.
 
 Backward buckets (op ``chunk_bwd``) search each backend's backward configs (``Backend.backward_configs``): a config
-is timed as the backward alone (``run_backward`` with fixed random output and final-state gradients; no forward is
-needed, the backward recomputes what it reads) and checked, every gradient, against the float64 reference backward
-(:mod:`kda_compile.reference_bwd`) within :data:`BACKWARD_TOLERANCE`.
+is timed as the backward alone (``run_backward`` with fixed random output and final-state gradients), from what the
+backend's training forward keeps for it (``run_training``, run once before, untimed) as a training call runs it, or
+recomputing everything for a backend without one, and checked, every gradient, against the float64 reference
+backward (:mod:`kda_compile.reference_bwd`) within :data:`BACKWARD_TOLERANCE`.
 """
 from __future__ import annotations
 
@@ -150,11 +151,21 @@ def check_config(backend: dispatch.Backend, config: dict, call: dispatch.KDACall
     return _compare([("output", o, ref_o), ("final state", state, ref_state)], tolerance)
 
 
+def _kept(backend: dispatch.Backend, call: dispatch.KDACall) -> dict:
+    """``run_backward``'s keywords for ``call`` as a training call passes them: what the backend's training forward
+    keeps (``{"kept": ...}``), or none for a backend without one."""
+    if backend.run_training is None:
+        return {}
+    return {"kept": tuple(dispatch.run_training(call, backend, backend.name)[2])}
+
+
 def check_backward_config(backend: dispatch.Backend, config: dict, call: dispatch.KDACall, do: torch.Tensor,
                           dht: torch.Tensor, tolerance: float) -> str | None:
-    """Run one backward config on the chunk ``call`` with gradients ``do``, ``dht`` and compare every gradient
-    with the float64 reference backward; the reason it fails, or None."""
-    grads, reason = _run_guarded(lambda: backend.run_backward(call, dict(config), do, dht), call.q.is_cuda)
+    """Run one backward config on the chunk ``call`` with gradients ``do``, ``dht`` (after the backend's training
+    forward, when it has one) and compare every gradient with the float64 reference backward; the reason it fails,
+    or None."""
+    grads, reason = _run_guarded(lambda: backend.run_backward(call, dict(config), do, dht, **_kept(backend, call)),
+                                 call.q.is_cuda)
     if reason:
         return reason
     q, k, v, g, beta, state0, A_log, dt_bias = _float64_inputs(call)
@@ -185,9 +196,10 @@ def time_config(backend: dispatch.Backend, config: dict, call: dispatch.KDACall)
 
 def time_backward_config(backend: dispatch.Backend, config: dict, call: dispatch.KDACall, do: torch.Tensor,
                          dht: torch.Tensor) -> float:
-    """Median milliseconds of the backward of the chunk ``call`` alone, for the fixed gradients ``do``, ``dht``
-    (the backward recomputes what it needs of the forward; no forward runs here)."""
-    return _median_ms(lambda: backend.run_backward(call, dict(config), do, dht), call.q.is_cuda)
+    """Median milliseconds of the backward of the chunk ``call`` alone, for the fixed gradients ``do``, ``dht``,
+    from what the backend's training forward keeps (run once, untimed), or recomputing everything without one."""
+    kept = _kept(backend, call)
+    return _median_ms(lambda: backend.run_backward(call, dict(config), do, dht, **kept), call.q.is_cuda)
 
 
 def _median_ms(fn, cuda: bool) -> float:

@@ -2,8 +2,9 @@
 
 The key holds everything a backend's ``supports``, a tuned table's bucket and a default config may depend on:
 the op, the :class:`~kda_compile.checks.Problem` (sizes, dtype, device), the options, which optional tensors
-are present (and the state's dtype and contiguity), the serving flags, the ``backend=`` argument and the
-environment variables the dispatch reads.  A decision is dropped when the backend registry changes
+are present (and the state's dtype and contiguity), the serving flags, the ``backend=`` argument, the
+environment variables the dispatch reads and, for float32 calls, PyTorch's float32 matmul precision (a backend
+may refuse float32-accurate products).  A decision is dropped when the backend registry changes
 (:mod:`kda_compile.dispatch` clears :data:`DECISIONS`) or when the tuning tables are reloaded (each decision
 remembers the tables it was made with and is used only while those are still the loaded ones).
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import os
 from typing import Callable
+
+import torch
 
 from . import tuning_table
 from .buckets import longest_sequence
@@ -45,7 +48,8 @@ def decision_key(call, backend: str | None, op: str | None = None) -> tuple:
             call.cu_seqlens is None,
             call.A_log is None, call.dt_bias is None, call.output_final_state,
             _tensor_flags(call.ssm_state_indices), call.num_accepted_tokens is None, call.inplace_final_state,
-            backend, environment())
+            backend, environment(),
+            torch.get_float32_matmul_precision() if call.problem.dtype is torch.float32 else None)
 
 
 def cached(call, backend: str | None, choose: Callable, op: str | None = None):

@@ -97,6 +97,13 @@ class Backend:
     # that its recompute runs).
     backward_default_config: Callable[[KDACall], dict] = field(default=lambda call: {})
     backward_configs: Callable[[KDACall], list] = field(default=lambda call: [{}])
+    # Chunk calls only: ``run_training(call, config) -> (o, final_state or None, kept)``, the forward of a call
+    # whose gradients this backend computes, also returning ``kept``: tensors its backward would otherwise form
+    # again, passed back as ``run_backward(..., kept=kept)``.  ``kept_shapes(call)`` lists their ``(shape,
+    # dtype)``, from the inputs' shapes alone (the ops' fake implementations use it).  None: the backward
+    # recomputes everything.
+    run_training: Callable | None = None
+    kept_shapes: Callable[[KDACall], list] = field(default=lambda call: [])
     # Chunk calls with a state pool (``ssm_state_indices``, ``inplace_final_state``): True when ``run`` reads
     # the initial states from the pool slots (and writes the final states back in place).
     chunk_state_pool: bool = False
@@ -370,11 +377,54 @@ def _choose_backward(call: KDACall, backend: str | None = None) -> Choice:
     raise RuntimeError("no KDA backend can run this backward: " + "; ".join(f"{k}: {v}" for k, v in rejected.items()))
 
 
-def run_backward(call: KDACall, do: torch.Tensor, dht: torch.Tensor | None, backend: str | None = None):
+def run_backward(call: KDACall, do: torch.Tensor, dht: torch.Tensor | None, backend: str | None = None,
+                 kept: tuple = ()):
     """Gradients of a chunk ``call`` for the output gradient ``do`` and final-state gradient ``dht``:
-    ``(dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias)``, None for absent inputs."""
+    ``(dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias)``, None for absent inputs.  ``kept``: what the call's
+    training forward kept (:func:`run_training`); used when the backend computing the gradients is the one that
+    kept it, else ignored (that backend recomputes)."""
     choice = choose_backward(call, backend)
+    if kept and choice.backend is training_backend(call, backend):
+        return choice.backend.run_backward(call, choice.config, do, dht, kept=tuple(kept))
     return choice.backend.run_backward(call, choice.config, do, dht)
+
+
+def training_backend(call: KDACall, backend: str | None = None) -> Backend | None:
+    """The backend whose forward keeps intermediates for its own backward (``run_training``) in a differentiable
+    chunk ``call``, or None (the plain forward runs and the backward recomputes): the backend named with
+    ``backend=`` when it has a training forward and can run the call's forward and backward; else the one named by
+    KDA_COMPILE_BACKEND, or unnamed the first of the default order, that can run both as :func:`choose` and
+    :func:`choose_backward` check them (never one the tables found unfit for the dtype), if it has a training
+    forward.  Decided from what the call's lengths do not change (device, dtypes, head dims, options, names,
+    unfit verdicts), never from the tables' per-length choices, so that the ops' fake implementations, which may
+    see symbolic lengths, decide the same; so the forward under autograd may run on another backend than the
+    tables pick for it, and a backward the tables give to another backend recomputes (``explain`` says so)."""
+    _load_plugins()
+    if backend:
+        named = get_backend(backend)
+        ok = named.run_training is not None and (named.supports_forced or named.supports)(call) is None \
+            and backward_reason(named, call, forced=True) is None
+        return named if ok else None
+    unfit = {**tuning_table.unfit_backends(call), **tuning_table.unfit_backends(call, op=BACKWARD_OP)}
+    wanted = os.environ.get(ENV_BACKEND, "").strip()
+    if wanted in _REGISTRY:
+        named = _REGISTRY[wanted]
+        ok = wanted not in unfit and named.supports(call) is None and backward_reason(named, call, forced=True) is None
+        return named if ok and named.run_training is not None else None
+    for name in _ORDER:
+        candidate = _REGISTRY[name]
+        if name not in unfit and candidate.supports(call) is None and backward_reason(candidate, call) is None:
+            return candidate if candidate.run_training is not None else None
+    return None
+
+
+def run_training(call: KDACall, trainer: Backend, backend: str | None = None):
+    """The forward of a differentiable chunk ``call`` on ``trainer`` (:func:`training_backend`), with the config
+    the forward's dispatch would give it: ``(o, final_state or None, kept)``."""
+    choice = choose(call, backend)
+    config = choice.config if choice.backend is trainer else _tuned_config(
+        (tuning_table.lookup(call) or (None,))[0], trainer, call)
+    return trainer.run_training(call, config)
 
 
 def run(call: KDACall, backend: str | None = None):

@@ -6,11 +6,12 @@ with ``fullgraph=True``; dispatch to a backend happens inside, at run time.  Aut
 (:func:`kda_compile.dispatch.choose_backward`), so compiled training graphs stay whole too.
 
     chunk_kda_fwd          (o, final_state)        chunk form, differentiable
+    chunk_kda_fwd_train    (o, final_state, kept)  chunk form under autograd: plus what the backward reads back
     chunk_kda_fwd_states   (o, final_state, h)     chunk form + state entering each chunk (inference only)
     chunk_kda_pooled       (o, final_state)        chunk form, states in a pool (inference only, may mutate it)
     recurrent_kda_fwd      (o, final_state)        token recurrence (decode), differentiable without a pool
     recurrent_kda_inplace  o                       token recurrence writing the new state into the pool
-    kda_bwd                gradients of all tensor inputs
+    kda_bwd                gradients of all tensor inputs (from the inputs, and what the forward kept)
 
 The ops are defined with ``torch.library.Library`` (schema, kernel, fake) and, for the two differentiable ones,
 an autograd kernel written here (:func:`_differentiable`), rather than with ``torch.library.custom_op``: its
@@ -113,6 +114,41 @@ def chunk_kda_fwd_fake(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bi
     final = (q.new_empty(_state_shape(q, v, N, opts.state_v_first), dtype=state_dtype) if output_final_state
              else _no_state(q))
     return torch.empty_like(v, memory_format=torch.contiguous_format), final
+
+
+# ------------------------------------------------------------------------------ chunk fwd under autograd
+
+CHUNK_FWD_TRAIN = f"({_INPUTS}, {_OPTIONS}, bool output_final_state, str backend) -> (Tensor, Tensor, Tensor[])"
+
+
+def _training_call(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts, output_final_state):
+    return dispatch.KDACall("chunk", _problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state, cu_seqlens,
+                            A_log, dt_bias, output_final_state=output_final_state)
+
+
+def chunk_kda_fwd_train(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
+    """``chunk_kda_fwd`` for autograd: ``(o, final_state, kept)``, ``kept`` what the backend that will compute the
+    gradients keeps for them (dispatch.training_backend; empty when none does).  The fake implementation makes the
+    same decision when a graph is traced, from the registered backends and KDA_COMPILE_BACKEND: changing either
+    after compiling needs a recompile (``torch.compiler.reset()``)."""
+    opts, (output_final_state, backend) = _options(rest)
+    call = _training_call(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts, output_final_state)
+    trainer = dispatch.training_backend(call, backend or None)
+    if trainer is None:
+        o, final = dispatch.run(call, backend or None)
+        kept = []
+    else:
+        o, final, kept = dispatch.run_training(call, trainer, backend or None)
+    return o, (final if output_final_state and final is not None else _no_state(q)), list(kept)
+
+
+def chunk_kda_fwd_train_fake(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
+    opts, (output_final_state, backend) = _options(rest)
+    o, final = chunk_kda_fwd_fake(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest)
+    call = _training_call(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts, output_final_state)
+    trainer = dispatch.training_backend(call, backend or None)
+    kept = [q.new_empty(shape, dtype=dtype) for shape, dtype in trainer.kept_shapes(call)] if trainer else []
+    return o, final, kept
 
 
 # -------------------------------------------------------------------------------- chunk fwd + chunk states
@@ -234,29 +270,31 @@ def recurrent_kda_inplace_fake(q, k, v, *rest):
 
 # -------------------------------------------------------------------------------------------- backward
 
-KDA_BWD = (f"(Tensor grad_o, Tensor? grad_final_state, {_INPUTS}, {_OPTIONS}, str backend) -> "
+KDA_BWD = (f"(Tensor grad_o, Tensor? grad_final_state, {_INPUTS}, Tensor[] kept, {_OPTIONS}, str backend) -> "
            "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
-def kda_bwd(grad_o, grad_final_state, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
+def kda_bwd(grad_o, grad_final_state, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, kept, *rest):
     """Gradients of (q, k, v, g, beta, initial_state, A_log, dt_bias); absent inputs get 0-element tensors.
     The dispatch picks the backend and config (dispatch.choose_backward): the one named on the forward call when it
     has a backward for it, else the tuned tables' backward entry (``chunk_bwd``) of the call's bucket, else the
-    first of the default order that has one (the reference: autograd through the chunkwise form)."""
+    first of the default order that has one (the reference: autograd through the chunkwise form).  ``kept``:
+    what ``chunk_kda_fwd_train`` kept (may be empty)."""
     opts, (backend,) = _options(rest)
     call = dispatch.KDACall("chunk", _problem(q, v, cu_seqlens), opts, q, k, v, g, beta, initial_state, cu_seqlens,
                             A_log, dt_bias, output_final_state=grad_final_state is not None)
     # A custom op's kernel runs with the autograd keys (and, under a dispatch mode, most others) excluded;
     # restore the dispatch state of ordinary eager code, which the reference's autograd needs.
     with torch._C._ForceDispatchKeyGuard(*_EAGER_DISPATCH_TLS):
-        grads = dispatch.run_backward(call, grad_o, grad_final_state, backend or None)
+        grads = dispatch.run_backward(call, grad_o, grad_final_state, backend or None, tuple(kept))
     inputs = (q, k, v, g, beta, initial_state, A_log, dt_bias)
     return tuple(q.new_empty(0) if x is None else
                  (torch.zeros_like(x, memory_format=torch.contiguous_format) if d is None else d.to(x.dtype).contiguous())
                  for x, d in zip(inputs, grads))
 
 
-def kda_bwd_fake(grad_o, grad_final_state, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *rest):
+def kda_bwd_fake(grad_o, grad_final_state, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, kept,
+                 *rest):
     inputs = (q, k, v, g, beta, initial_state, A_log, dt_bias)
     return tuple(q.new_empty(0) if x is None else torch.empty_like(x, memory_format=torch.contiguous_format)
                  for x in inputs)
@@ -264,28 +302,34 @@ def kda_bwd_fake(grad_o, grad_final_state, q, k, v, g, beta, initial_state, cu_s
 
 def _backward(ctx, grad_o, grad_final_state):
     """Gradients of the tensor inputs (q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias)."""
-    q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias = ctx.saved_tensors
+    q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *kept = ctx.saved_tensors
     if grad_final_state is not None and grad_final_state.numel() == 0:
         grad_final_state = None
     grads = torch.ops.kda_compile.kda_bwd(grad_o.contiguous(), grad_final_state, q, k, v, g, beta, initial_state,
-                                          cu_seqlens, A_log, dt_bias, *ctx.options, ctx.backend)
+                                          cu_seqlens, A_log, dt_bias, kept, *ctx.options, ctx.backend)
     dq, dk, dv, dg, dbeta, dh0, dA, ddt = grads
     return (dq, dk, dv, dg, dbeta, dh0 if initial_state is not None else None, None,
             dA if A_log is not None else None, ddt if dt_bias is not None else None)
 
 
-def _differentiable(op, n_serving: int):
+def _differentiable(op, n_serving: int, training_op=None):
     """The autograd kernel of a differentiable op: an ``autograd.Function`` around the op's kernel when an
-    input requires grad, else a straight redispatch.  Written by hand instead of ``custom_op``'s
-    ``register_autograd``, whose generic argument handling costs about 100 µs per call."""
+    input requires grad, else a straight redispatch.  ``training_op``: run instead of the op's kernel under
+    autograd, returning the op's outputs plus a list of tensors kept for the backward.  Written by hand instead of
+    ``custom_op``'s ``register_autograd``, whose generic argument handling costs about 100 µs per call."""
     n_scalars = _N_OPTIONS + 2   # options, output_final_state, backend
 
     class KDAFunction(torch.autograd.Function):
         @staticmethod
         def forward(ctx, keyset, *args):
+            kept = []
             with _C._AutoDispatchBelowAutograd():
-                out = op.redispatch(keyset & _C._after_autograd_keyset, *args)
-            ctx.save_for_backward(*args[:_N_INPUTS])
+                if training_op is None:
+                    out = op.redispatch(keyset & _C._after_autograd_keyset, *args)
+                else:
+                    *out, kept = training_op(*args)
+                    out = tuple(out)
+            ctx.save_for_backward(*args[:_N_INPUTS], *kept)
             scalars = args[_N_INPUTS + n_serving:]
             ctx.options, ctx.backend = tuple(scalars[:_N_OPTIONS]), scalars[-1]  # backend= forces the backward
             return out
@@ -319,7 +363,7 @@ _LIB = torch.library.Library("kda_compile", "FRAGMENT")
 
 
 def _register(name: str, schema: str, impl, fake, *, differentiable_serving: int | None = None,
-              mutated: tuple = ()) -> None:
+              mutated: tuple = (), training_op=None) -> None:
     """Define ``kda_compile::name`` with ``torch.library``: the kernel (all devices), its fake (for
     ``torch.compile`` and export), and, where it applies, its autograd and mutation kernels."""
     _LIB.define(name + schema)
@@ -327,13 +371,15 @@ def _register(name: str, schema: str, impl, fake, *, differentiable_serving: int
     torch.library.register_fake(f"kda_compile::{name}", fake, lib=_LIB)
     op = getattr(torch.ops.kda_compile, name).default
     if differentiable_serving is not None:
-        _LIB.impl(name, _differentiable(op, differentiable_serving), "Autograd", with_keyset=True)
+        _LIB.impl(name, _differentiable(op, differentiable_serving, training_op), "Autograd", with_keyset=True)
     if mutated:
         _LIB.impl(name, _mutation(op, mutated), "ADInplaceOrView", with_keyset=True)
 
 
 _STATE_ARG = 5   # position of initial_state (the pool) in the ops that write it
-_register("chunk_kda_fwd", CHUNK_FWD, chunk_kda_fwd, chunk_kda_fwd_fake, differentiable_serving=0)
+_register("chunk_kda_fwd_train", CHUNK_FWD_TRAIN, chunk_kda_fwd_train, chunk_kda_fwd_train_fake)
+_register("chunk_kda_fwd", CHUNK_FWD, chunk_kda_fwd, chunk_kda_fwd_fake, differentiable_serving=0,
+          training_op=torch.ops.kda_compile.chunk_kda_fwd_train.default)
 _register("chunk_kda_fwd_states", CHUNK_FWD_STATES, chunk_kda_fwd_states, chunk_kda_fwd_states_fake)
 _register("chunk_kda_pooled", CHUNK_POOLED, chunk_kda_pooled, chunk_kda_pooled_fake, mutated=(_STATE_ARG,))
 _register("recurrent_kda_fwd", RECURRENT_FWD, recurrent_kda_fwd, recurrent_kda_fwd_fake,

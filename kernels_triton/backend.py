@@ -6,7 +6,8 @@ float32 state (contiguous when updated in place); CUDA tensors.  Chunk calls tak
 (``ssm_state_indices``): the states are gathered before the kernels and scattered back after them.  On the
 CPU, Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels are defined) runs the same kernels when
 the backend is named explicitly (``backend="triton"``): that is for checking the kernels without a GPU, not for
-speed, so the default order keeps the reference as the CPU path.
+speed, so the default order keeps the reference as the CPU path.  ``supports_backward(call)`` adds the backward's
+own limit: on a GPU, no float32 inputs with float32-accurate products (see there).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from kda_compile.kernel_config import op_config_checker
 
 from . import chunk_fwd, fused_recurrent, prebuilt
 from .chunk_intra import kda_intra_kernel
-from .config import backward_config, chunk_config, decode_config
+from .config import backward_config, chunk_config, decode_config, float32_defaults
 from .gate import interpreting
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -65,6 +66,19 @@ def supports(call: KDACall) -> str | None:
         return ("CPU tensors: Triton runs on a GPU (its interpreter, TRITON_INTERPRET=1, runs when asked for "
                 "with backend='triton')")
     return _common_reason(call)
+
+
+def supports_backward(call: KDACall) -> str | None:
+    """Why the Triton backward cannot take ``call`` beyond :func:`supports` (None: it can).  Float32 inputs under
+    ``torch.get_float32_matmul_precision() == "highest"`` ask for float32-accurate products (3xTF32, and FMA for the
+    inverse), and Triton 3.6 compiles the backward's solve kernel with them for sm_90 into shared-memory reads out
+    of bounds: an illegal address that ends the CUDA context (compute-sanitizer, H200, K = 16..128).  With TF32
+    products the same kernels run clean, so such calls go to the next backend until that is fixed."""
+    if call.problem.device.type == "cuda" and call.problem.dtype == torch.float32 and float32_defaults():
+        return ("float32 inputs with float32-accurate products (torch.get_float32_matmul_precision() is "
+                "'highest'): the Triton backward's solve kernel faults on the GPU with them (Triton 3.6, sm_90); "
+                "torch.set_float32_matmul_precision('high') runs it with TF32 products")
+    return None
 
 
 def default_config(call: KDACall) -> dict:
@@ -118,18 +132,38 @@ def run_states(call: KDACall, config: dict):
                                    call.A_log, call.dt_bias, call.opts, True, config, return_states=True)
 
 
-def run_backward(call: KDACall, config: dict, do, dht):
+def run_training(call: KDACall, config: dict):
+    """The forward of a differentiable chunk ``call``, keeping X and aqk for :func:`run_backward`:
+    ``(o, final_state or None, [x, aqk])`` (:func:`kept_shapes`)."""
+    _use_prebuilt(call)
+    o, final, kept = chunk_fwd.chunk_kda_fwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state,
+                                             call.cu_seqlens, call.A_log, call.dt_bias, call.opts,
+                                             call.output_final_state, config, keep=True)
+    return o, final, list(kept)
+
+
+def kept_shapes(call: KDACall) -> list:
+    """``(shape, dtype)`` of what :func:`run_training` keeps: X (float32) and aqk (v's dtype), both ``[B*T, HV,
+    C]``, row r of a chunk at its token r."""
+    p = call.problem
+    shape = (p.B * p.T, p.HV, call.opts.chunk_size)
+    return [(shape, torch.float32), (shape, call.v.dtype)]
+
+
+def run_backward(call: KDACall, config: dict, do, dht, kept: tuple | None = None):
     """Gradients of a chunk ``call`` (kernels_triton/chunk_bwd.py): ``(dq, dk, dv, dg, dbeta, dh0, dA_log,
-    ddt_bias)``, None for absent inputs."""
+    ddt_bias)``, None for absent inputs.  ``kept``: :func:`run_training`'s X and aqk for this call, or None."""
     from .chunk_bwd import chunk_kda_bwd
+    from .chunk_intra import Kept
     _use_prebuilt(call)
     return chunk_kda_bwd(call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.cu_seqlens, call.A_log,
-                         call.dt_bias, call.opts, do, dht, config)
+                         call.dt_bias, call.opts, do, dht, config, kept=Kept(*kept) if kept else None)
 
 
 TRITON_BACKEND = Backend(
     name="triton", supports=supports, supports_forced=supports_forced, run=run, run_states=run_states,
-    run_backward=run_backward, chunk_state_pool=True, padding_slots=True,
+    run_backward=run_backward, supports_backward=supports_backward, run_training=run_training, kept_shapes=kept_shapes, chunk_state_pool=True,
+    padding_slots=True,
     default_config=default_config, configs=configs, check_config=check_config,
     backward_configs=backward_configs,
     description="Triton kernels: intra (Gamma, A, inverse, W/U), state recurrence, output; decode kernel with "

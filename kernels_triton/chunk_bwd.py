@@ -1,9 +1,10 @@
 """Host side of the Triton chunkwise backward (docs/algorithm.md, "The chunkwise backward"): the stages in order.
 
 Same conventions as the forward (chunk_fwd.py): a flat token axis ``[TT = B*T, heads, dim]``, one chunk table
-for ragged T and cu_seqlens.  Nothing is stored by the forward; the backward recomputes it:
+for ragged T and cu_seqlens.  A training forward keeps X = (I + A_kk)^-1 and A_qk (``kept``); the rest of what the
+backward reads is recomputed:
 
-    chunk_bwd_recompute.py  0. the forward's intermediates (Gamma, A_kk, A_qk, W, qg, kg, Gamma_C, h, V_new)
+    chunk_bwd_recompute.py  0. the forward's intermediates (Gamma, X, A_qk unless kept, W, qg, kg, Gamma_C, h, V_new)
     chunk_bwd_state.py      1. reverse state recurrence: dh leaving each chunk, dV_new, dh0
     chunk_bwd_solve.py      2. through W, U and the inverse: dv, the gradients of A_kk and A_qk, beta's T term
     chunk_bwd_intra.py      3. dq, dk (per value head), dg with the reverse cumsum and the gate's backward
@@ -56,8 +57,11 @@ def check_cotangents(q, v, initial_state, do, dht, opts, num_seqs: int) -> None:
         raise ValueError(f"initial_state must hold {num_seqs} states, got {initial_state.shape[0]}")
 
 
-def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts, do, dht, config=None):
+def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts, do, dht, config=None,
+                  kept=None):
     """Chunkwise KDA backward with Triton kernels on user-layout tensors (as chunk_fwd.chunk_kda_fwd takes them).
+    ``kept``: the :class:`chunk_intra.Kept` X and aqk of the training forward on these inputs (the recompute then
+    skips A_kk, aqk and the inverse), or None.
 
     ``do [B, T, HV, V]`` is the gradient of the output, ``dht`` that of the final state (the user's state layout)
     or None.  Returns ``(dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias)`` in the inputs' dtypes, None for an input
@@ -75,7 +79,7 @@ def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
     A_log_c, dt_bias_c = (x.contiguous() if x is not None else None for x in (A_log, dt_bias))
 
     fwd = recompute_forward(q_f, k_f, v_f, g_f, beta_f, initial_state, A_log_c, dt_bias_c, opts, table,
-                            cfg.forward)
+                            cfg.forward, kept)
     dhn, dvn, dh0 = chunk_bwd_state(fwd, do_f, dht, initial_state is not None, opts.scale, table,
                                     opts.state_v_first, cfg)
     dv, dv_out, d_akk, d_aqk, dbeta_solve = chunk_bwd_solve(q_f, k_f, v_f, beta_f, do_f, fwd, dvn, opts, table, cfg)

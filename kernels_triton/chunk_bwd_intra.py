@@ -2,11 +2,12 @@
 backward", sections 2, 4, 5 and the gate of 6).  One program per (K block, chunk, value head); the K channels
 never mix here, except in beta's row term, which is written per K block and summed by the prologue stage.
 
-The program first takes the gradient of Gamma_C, exp(Gamma_C) rowsum(h * dhn) + sum_r d(kg)_r kg_r with
-d(kg) = V_new dhn^T, whose operands are exact in TF32 (with kg inside a TF32 product instead, dg's error doubled
-and dA_log's and ddt_bias's grew 6-15x on the CPU with TF32 emulated), then walks the chunk's 16-row blocks from
-the last to the first, so that Gamma's reverse cumulative sum carries from block to block.  Per block (first
-row f):
+The program walks the chunk's 16-row blocks from the last to the first, so that Gamma's reverse cumulative sum
+carries from block to block.  The gradient of Gamma_C, exp(Gamma_C) rowsum(h * dhn) + sum_r d(kg)_r kg_r with
+d(kg) = V_new dhn^T (operands exact in TF32, kg = k exp(Gamma_C - Gamma) in float32 outside the product: with kg
+inside a TF32 product instead, dg's error doubled and dA_log's and ddt_bias's grew 6-15x on the CPU with TF32
+emulated), reaches every row; it is summed on the walk from the walk's own d(kg) and added to the rows at the end
+(step 4), over the float32 partial values the walk stored.  Per block (first row f):
 
 1. inter-chunk terms of its rows, one V block at a time: d(qg) = scale dO h^T, d(kg) = V_new dhn^T, d(ke) = -dv h^T;
 2. intra-chunk terms from P (gradient of A_qk / scale) and Abar (gradient of A_kk), from the solve stage, factored
@@ -21,9 +22,11 @@ row f):
    than SPAN_MAX from Gamma_f - d) is left out of the products and taken element-wise, every exponent <= 0: its
    row-side entries (rows r >= s of the block) and its column-side sum; the choice looks at rows up to s only, so
    the gradients stay causal bit for bit;
-3. dGamma, its reverse cumulative sum plus what the later blocks and Gamma_C carry (dg of the log decay), and with
-   the gate in the kernel the gate's backward: dg of the raw gate, and per-chunk partial sums of dA_log and
-   ddt_bias (reduced in a fixed order on the host: deterministic).
+3. dGamma, its reverse cumulative sum plus what the later blocks carry (dg of the log decay, less Gamma_C's share),
+   stored in float32;
+4. after the walk, Gamma_C's share added to every row, and with the gate in the kernel the gate's backward: dg of
+   the raw gate, and per-chunk partial sums of dA_log and ddt_bias (reduced in a fixed order on the host:
+   deterministic).
 dq and dk are per value head and float32 (gradients of the L2-normalised q, k); the prologue stage sums the groups
 and applies the L2 norm's backward.
 """
@@ -98,7 +101,7 @@ def _exact_rows(b_gi, b_f, shift, mi, CHECK: tl.constexpr):
 @triton.jit
 def kda_bwd_intra_kernel(
     q, k, g, beta, A_log, dt_bias, do, v_new, dv, h, dhn, gamma, gc, d_aqk, d_akk, norms,
-    dq, dk, dg, dbeta_part, dA_part, ddt_part, chunk_seq, chunk_pos, cu, scale, lower_bound, shift,
+    dq, dk, dg, dgp, dbeta_part, dA_part, ddt_part, chunk_seq, chunk_pos, cu, scale, lower_bound, shift,
     s_gc, s_gh, s_gr, TT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     L2NORM: tl.constexpr, USE_GATE: tl.constexpr, USE_LB: tl.constexpr, HAS_A: tl.constexpr,
@@ -138,42 +141,17 @@ def kda_bwd_intra_kernel(
     dq += t0 * (HV * K) + i_h * K
     dk += t0 * (HV * K) + i_h * K
     dg += t0 * (HV * K) + i_h * K
+    dgp += t0 * (HV * K) + i_h * K
     dbeta_part += i_kb.to(tl.int64) * TT * HV + t0 * HV + i_h
     o_16 = tl.arange(0, 16)
     o_k = i_kb * BK + tl.arange(0, BK)
     m_k = o_k < K
     b_gc = tl.load(gc + i_ch * K + o_k, mask=m_k, other=0.0)
 
-    # 0. d(Gamma_C) = exp(gc) rowsum(h * dhn) + sum_r d(kg)_r kg_r, with d(kg) = V_new dhn^T (both factors in the
-    # inputs' dtype, exact in TF32) and kg = k exp(gc - Gamma) in float32 outside the product, 16 rows at a time
-    b_hdh = tl.zeros([BK], dtype=tl.float32)
-    for i_v in range(0, tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_kv = m_k[:, None] & (o_v < V)[None, :]
-        b_hdh += tl.sum(tl.load(h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
-                        * tl.load(dhn + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32), 1)
-    b_carry = tl.exp(b_gc) * b_hdh                 # what the rows after the current block add to dg
-    for i_p in range(0, C // 16):
-        o_p = 16 * i_p + o_16
-        m_p = o_p < n_t
-        mp = m_p[:, None] & m_k[None, :]
-        b_kp = tl.load(k + o_p[:, None] * (H * K) + o_k[None, :], mask=mp, other=0.0).to(tl.float32)
-        if L2NORM:
-            b_kp *= _norm_factors(n_k, t0 + o_p, m_p, H)[:, None]
-        b_kp = tl.where(mp, b_kp * tl.exp(b_gc[None, :] - tl.load(gamma + o_p[:, None] * s_gr + o_k[None, :],
-                                                                  mask=mp, other=0.0)), 0.0)
-        b_dkp = tl.zeros([16, BK], dtype=tl.float32)
-        for i_v in range(0, tl.cdiv(V, BV)):
-            o_v = i_v * BV + tl.arange(0, BV)
-            m_v = o_v < V
-            b_dh = tl.load(dhn + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
-                           other=0.0).to(tl.float32)
-            b_vn = tl.load(v_new + o_p[:, None] * (HV * V) + o_v[None, :], mask=m_p[:, None] & m_v[None, :],
-                           other=0.0).to(tl.float32)
-            b_dkp += mm(b_vn, tl.trans(b_dh), INTERPRET, PREC)
-        b_carry += tl.sum(b_dkp * b_kp, 0)
-    b_sdx = tl.zeros([BK], dtype=tl.float32)       # the block sums of the gate's dt_bias and A_log terms
-    b_sda = tl.zeros([BK], dtype=tl.float32)
+    # d(Gamma_C) = exp(gc) rowsum(h * dhn) + sum_r d(kg)_r kg_r reaches every row's dGamma; it is summed on the walk
+    # (d(kg) = V_new dhn^T is the walk's own product) and added to the rows after it (step 4)
+    b_carry = tl.zeros([BK], dtype=tl.float32)     # what the later blocks' rows add to dGamma
+    b_dgc = tl.zeros([BK], dtype=tl.float32)
     for i_b in range(0, C // 16):
         f = C - 16 - 16 * i_b                      # the block's first row, last block first
         o_i = f + o_16
@@ -308,10 +286,34 @@ def kda_bwd_intra_kernel(
         b_dk = b_dkg * e_c + b_dke * e_g + b_gk * b_bi[:, None] + b_hc
         b_dG = b_qi * b_dq + b_ki * (b_dke * e_g - b_dkg * e_c + b_bi[:, None] * b_gk - b_hc)
         b_dG = tl.where(mi, b_dG, 0.0)
-        b_dgl = tl.cumsum(b_dG, 0, reverse=True) + b_carry[None, :]
+        b_dgl = tl.cumsum(b_dG, 0, reverse=True) + b_carry[None, :]    # without d(Gamma_C) yet
         b_carry += tl.sum(b_dG, 0)
+        b_dgc += tl.sum(b_dkg * b_ki * e_c, 0)                    # d(kg) kg, kg = k exp(gc - Gamma)
         tl.store(dbeta_part + o_i * HV, tl.sum(b_ki * b_gk, 1), mask=m_i)
         p_o = o_i[:, None] * (HV * K) + o_k[None, :]
+        tl.store(dgp + p_o, b_dgl, mask=mi)
+        # + 0.0 turns -0.0 into +0.0, as the prologue's sum from zeros does when it takes them over
+        tl.store(dq + p_o, b_dq + 0.0, mask=mi)
+        tl.store(dk + p_o, b_dk + 0.0, mask=mi)
+
+    # 4. d(Gamma_C) complete: exp(gc) rowsum(h * dhn) joins it, then every row of the chunk gets it, over the
+    # float32 partial values the walk stored, and with the gate in the kernel the gate's backward runs on the sum
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_kv = m_k[:, None] & (o_v < V)[None, :]
+        b_hdh += tl.sum(tl.load(h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+                        * tl.load(dhn + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32), 1)
+    b_dgc += tl.exp(b_gc) * b_hdh
+    b_fix = tl.zeros([16, BK], dtype=tl.float32) + b_dgc[None, :]
+    b_sdx = tl.zeros([BK], dtype=tl.float32)       # the chunk's sums of the gate's dt_bias and A_log terms
+    b_sda = tl.zeros([BK], dtype=tl.float32)
+    tl.debug_barrier()   # the partial values are read back by other threads of the program
+    for i_b in range(0, C // 16):
+        o_i = 16 * i_b + o_16
+        mi = (o_i < n_t)[:, None] & m_k[None, :]
+        p_o = o_i[:, None] * (HV * K) + o_k[None, :]
+        b_dgl = tl.load(dgp + p_o, mask=mi, other=0.0) + b_fix
         if USE_GATE:
             b_dx, b_da = _gate_bwd(b_dgl, g, A_log, dt_bias, lower_bound, p_o, mi, i_h, o_k, m_k, K, USE_LB, HAS_A,
                                    HAS_BIAS)
@@ -320,9 +322,6 @@ def kda_bwd_intra_kernel(
             b_sda += tl.sum(b_da, 0)
         else:
             tl.store(dg + p_o, b_dgl.to(dg.dtype.element_ty), mask=mi)
-        # + 0.0 turns -0.0 into +0.0, as the prologue's sum from zeros does when it takes them over
-        tl.store(dq + p_o, b_dq + 0.0, mask=mi)
-        tl.store(dk + p_o, b_dk + 0.0, mask=mi)
     if USE_GATE:
         tl.store(ddt_part + i_ch * K + o_k, b_sdx, mask=m_k)
         tl.store(dA_part + i_ch * K + o_k, b_sda, mask=m_k)
@@ -330,7 +329,8 @@ def kda_bwd_intra_kernel(
 
 def chunk_bwd_intra(q, k, g, beta, A_log, dt_bias, do, fwd, dv, dhn, d_aqk, d_akk, opts, table, cfg):
     """Run the stage on flat tensors.  Returns ``(dq, dk [TT, HV, K] float32 per value head (in q's / k's dtype and
-    final when HV == H without the L2 norm in the kernel), dg [TT, HV, K] in g's dtype, dbeta_part [K blocks, TT, HV], dA_part, ddt_part [chunks, HV, K] (float32, None without the gate))``."""
+    final when HV == H without the L2 norm in the kernel), dg [TT, HV, K] in g's dtype, dbeta_part [K blocks, TT,
+    HV], dA_part, ddt_part [chunks, HV, K] (float32, None without the gate))``."""
     TT, H, K = q.shape
     HV, V = dv.shape[1], dv.shape[2]
     C, NC = table.chunk_size, table.num_chunks
@@ -343,6 +343,8 @@ def chunk_bwd_intra(q, k, g, beta, A_log, dt_bias, do, fwd, dv, dhn, d_aqk, d_ak
     dq = torch.empty(TT, HV, K, device=dev, dtype=q.dtype if final else torch.float32)
     dk = torch.empty(TT, HV, K, device=dev, dtype=k.dtype if final else torch.float32)
     dg = torch.empty(TT, HV, K, device=dev, dtype=g.dtype)
+    # dGamma before d(Gamma_C)'s share, float32: in dg itself when g is float32 (an extra buffer for bf16 or fp16 g)
+    dg_part = dg if g.dtype == torch.float32 else torch.empty(TT, HV, K, device=dev, dtype=torch.float32)
     dbeta_part = torch.empty(NKB, TT, HV, device=dev, dtype=torch.float32)
     use_gate = opts.use_gate_in_kernel
     use_lb = use_gate and opts.lower_bound is not None
@@ -355,7 +357,7 @@ def chunk_bwd_intra(q, k, g, beta, A_log, dt_bias, do, fwd, dv, dhn, d_aqk, d_ak
     if NC:
         kda_bwd_intra_kernel[(NKB, NC, HV)](
             q, k, g, beta, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g, do,
-            fwd.v_new, dv, fwd.h, dhn, gamma, fwd.gc, d_aqk, d_akk, norms, dq, dk, dg, dbeta_part,
+            fwd.v_new, dv, fwd.h, dhn, gamma, fwd.gc, d_aqk, d_akk, norms, dq, dk, dg, dg_part, dbeta_part,
             dA_part if use_gate else dq, ddt_part if use_gate else dq, table.chunk_seq, table.chunk_pos, table.cu,
             float(opts.scale), lower_bound, shift, gamma.stride(0), gamma.stride(1), gamma.stride(2), TT,
             H=H, HV=HV, K=K, V=V, C=C, L2NORM=opts.use_qk_l2norm_in_kernel, USE_GATE=use_gate,

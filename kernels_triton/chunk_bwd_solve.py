@@ -1,8 +1,8 @@
 """Stage 2 of the Triton backward: through W = T ke, U = T v and the triangular inverse (docs/algorithm.md,
 "The chunkwise backward", sections 2-3).
 
-One program per (chunk, value head).  X = (I + A_kk)^-1 comes from the recompute (the forward's solve kernel stores
-it where it kept A_kk), T = X diag(beta).  Then, one V block at a time (keS = ke h by a K loop, ke = k r_k exp(Gamma)):
+One program per (chunk, value head).  X = (I + A_kk)^-1 comes from the recompute's solve kernel or the training
+forward (``[TT, HV, C]``, token-indexed), T = X diag(beta).  Then, one V block at a time (keS = ke h by a K loop, ke = k r_k exp(Gamma)):
 
     dv    = T^T dV_new = diag(beta) X^T dV_new   (the whole gradient of v)
     dT   += dV_new (v - ke h)^T                  (= dV_new v^T + dW ke^T with dW = -dV_new h^T)
@@ -29,7 +29,7 @@ def get_configs() -> list[dict]:
 @triton.jit
 def kda_bwd_solve_kernel(
     q, k, v, beta, do, v_new, dvn, h, x, gamma, dv, dv_out, d_akk, d_aqk, dbeta, chunk_seq, chunk_pos, cu, scale,
-    s_xc, s_xh, s_gc, s_gh, s_gr,
+    s_gc, s_gh, s_gr,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr, SOLVE_PREC: tl.constexpr,
@@ -43,7 +43,8 @@ def kda_bwd_solve_kernel(
     m_t = o_t < eos
     i_ch = i_c.to(tl.int64) * HV + i_h
     b_beta = chunk_beta(beta, o_t, m_t, i_h, HV, BETA_SIGMOID, BETA_SCALE)
-    b_x = tl.load(x + i_c.to(tl.int64) * s_xc + i_h * s_xh + o_c[:, None] * C + o_c[None, :])
+    # X's rows are token-indexed; past the chunk's end they read as 0 (nothing there reaches a stored value)
+    b_x = tl.load(x + o_t[:, None] * (HV * C) + i_h * C + o_c[None, :], mask=m_t[:, None], other=0.0)
     _, r_k = l2norm_factors(q, k, o_t, m_t, i_kh, H, K, C, BK, L2NORM)
     p_h = h + i_ch * (K * V)
     p_g = gamma + i_c.to(tl.int64) * s_gc + i_h * s_gh
@@ -112,12 +113,12 @@ def chunk_bwd_solve(q, k, v, beta, do, fwd, dvn, opts, table, cfg):
     d_aqk = new_output(TT, HV, C, device=dev)
     dbeta = new_output(TT, HV, device=dev)
     x, gamma = fwd.x, fwd.gamma
-    if x.stride()[2:] != (C, 1) or gamma.stride(3) != 1:
-        raise ValueError("the recomputed inverse must have contiguous tiles and Gamma contiguous rows")
+    if tuple(x.shape) != (TT, HV, C) or not x.is_contiguous() or gamma.stride(3) != 1:
+        raise ValueError("the recomputed inverse must be a contiguous [TT, HV, C] and Gamma have contiguous rows")
     if table.num_chunks:
         kda_bwd_solve_kernel[(table.num_chunks, HV)](
             q, k, v, beta, do, fwd.v_new, dvn, fwd.h, x, gamma, dv, dv_out, d_akk, d_aqk, dbeta,
-            table.chunk_seq, table.chunk_pos, table.cu, float(opts.scale), *x.stride()[:2], *gamma.stride()[:3],
+            table.chunk_seq, table.chunk_pos, table.cu, float(opts.scale), *gamma.stride()[:3],
             H=H, HV=HV, K=K, V=V, C=C, L2NORM=opts.use_qk_l2norm_in_kernel,
             BETA_SIGMOID=opts.use_beta_sigmoid_in_kernel, BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0,
             BK=min(cfg.bwd_solve_BK, triton.next_power_of_2(K)),

@@ -15,6 +15,7 @@ from __future__ import annotations
 from kda_compile.chunks import chunk_table
 
 from . import chunk_intra, chunk_o, chunk_state
+from .chunk_intra import Kept
 from .chunk_intra import chunk_intra as run_intra
 from .chunk_o import chunk_o as run_output
 from .chunk_state import chunk_state as run_state
@@ -23,12 +24,13 @@ from .state_pool import gather_states, scatter_states, zero_skipped
 
 
 def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts, output_final_state: bool,
-                  config: dict | None = None, return_states: bool = False):
+                  config: dict | None = None, return_states: bool = False, keep: bool = False):
     """Chunkwise KDA forward with the Triton kernels on user-layout tensors (see ``kda_compile.chunk_kda``).
 
     Returns ``(o [B, T, HV, V], final_state or None)``, plus ``h`` (state entering each chunk, in k's dtype and
     the ``state_v_first`` layout: ``[B, NT, HV, K, V]``, varlen ``[1, total chunks, HV, K, V]``) with
-    ``return_states``.  ``config``: a :class:`config.ChunkConfig` as a dict (missing keys at their defaults).
+    ``return_states``, or plus the :class:`chunk_intra.Kept` X and aqk for the backward with ``keep`` (a training
+    forward: ``chunk_bwd.chunk_kda_bwd`` then does not form them again).  ``config``: a :class:`config.ChunkConfig` as a dict (missing keys at their defaults).
     """
     cfg = chunk_config(config, q.dtype)
     B, T, H, K = q.shape
@@ -39,7 +41,7 @@ def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
     beta = beta.reshape(B * T, HV).contiguous()
     A_log, dt_bias = (x.contiguous() if x is not None else None for x in (A_log, dt_bias))
 
-    intra = run_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg)
+    intra = run_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg, keep_x=keep)
     h, v_new, final = run_state(intra.kg, intra.w, intra.u, intra.gc, initial_state, table, opts.state_v_first,
                                 output_final_state, cfg)
     o = run_output(intra.qg, h, intra.aqk, v_new, opts.scale, table, cfg).view(B, T, HV, V)
@@ -48,6 +50,8 @@ def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
         hs = h.transpose(-1, -2) if opts.state_v_first else h
         hs = hs.unsqueeze(0) if cu_seqlens is not None else hs.view(B, -1, *hs.shape[1:])
         return o, final, hs.contiguous()
+    if keep:
+        return o, final, Kept(intra.x, intra.aqk)
     return o, final
 
 

@@ -45,6 +45,8 @@ from .gate import SPAN_MAX, beta_act, chunk_beta, chunk_bounds, chunk_gamma, fin
 from .solve_tril import block_inverse, t_times_v
 
 BLOCK = 16         # row block of the A products and diagonal block of the inverse
+# the solve kernel's X_MODE: what it does with the token-indexed X (none, store it, load it instead of inverting)
+X_NONE, X_STORE, X_LOAD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 SAFE_BOUND = 8.0   # largest |lower_bound| of the safe gate for which no row needs the range check
 # launch constants measured on the H100 (docs/triton.md): the Gamma kernel at 4 warps; the intra kernel without
 # software pipelining (349 µs against 440 with the compiler's default, B2·T8192·H16); the solve kernel's K loop
@@ -66,11 +68,17 @@ def get_configs() -> list[dict]:
 # ------------------------------------------------------------------------------------------------- helpers
 
 @triton.jit
-def scratch_views(scratch, i_c, i_h, HV: tl.constexpr, C: tl.constexpr, KP: tl.constexpr):
-    """The float32 scratch of chunk ``i_c`` and value head ``i_h`` (C^2 + 16 C + C KP floats): ``base`` (A_kk
-    ``[C, C]``), ``dinv`` (``[C, 16]``, the inverses of A_kk's diagonal blocks) and ``s_g`` (Gamma ``[C, KP]``)."""
-    base = scratch + (i_c.to(tl.int64) * HV + i_h) * (C * C + C * 16 + C * KP)
-    return base, base + C * C, base + C * C + C * 16
+def a_views(a_scratch, i_c, i_h, HV: tl.constexpr, C: tl.constexpr):
+    """The float32 A scratch of chunk ``i_c`` and value head ``i_h`` (C^2 + 16 C floats): ``base`` (A_kk ``[C, C]``)
+    and ``dinv`` (``[C, 16]``, the inverses of A_kk's diagonal blocks)."""
+    base = a_scratch + (i_c.to(tl.int64) * HV + i_h) * (C * C + C * 16)
+    return base, base + C * C
+
+
+@triton.jit
+def gamma_rows(g_scratch, i_c, i_h, HV: tl.constexpr, C: tl.constexpr, KP: tl.constexpr):
+    """Gamma ``[C, KP]`` (float32) of chunk ``i_c`` and value head ``i_h`` in the Gamma scratch."""
+    return g_scratch + (i_c.to(tl.int64) * HV + i_h) * (C * KP)
 
 
 @triton.jit
@@ -147,7 +155,7 @@ def diag_block_elementwise(q, k, s_g, r_cols, t0, eos, i, i_kh, H: tl.constexpr,
 
 @triton.jit
 def kda_gamma_kernel(
-    g, A_log, dt_bias, gc, scratch, chunk_seq, chunk_pos, cu, lower_bound,
+    g, A_log, dt_bias, gc, g_scratch, chunk_seq, chunk_pos, cu, lower_bound,
     HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
     USE_GATE: tl.constexpr, USE_LB: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
@@ -156,7 +164,7 @@ def kda_gamma_kernel(
     each load in turn."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
-    _, _, s_g = scratch_views(scratch, i_c, i_h, HV, C, KP)
+    s_g = gamma_rows(g_scratch, i_c, i_h, HV, C, KP)
     o_c = tl.arange(0, C)
     o_t = t0 + o_c
     o_k = tl.program_id(2) * BK + tl.arange(0, BK)
@@ -170,18 +178,20 @@ def kda_gamma_kernel(
 
 @triton.jit
 def kda_intra_kernel(
-    q, k, beta, aqk, qg, kg, ke, scratch, chunk_seq, chunk_pos, cu, scale, shift,
+    q, k, beta, aqk, qg, kg, ke, a_scratch, g_scratch, chunk_seq, chunk_pos, cu, scale, shift,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
     BKR: tl.constexpr, L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr,
     DOT_PREC: tl.constexpr, CHECK: tl.constexpr, NUM_STAGES: tl.constexpr, NORMS_FIRST: tl.constexpr,
+    FORM_A: tl.constexpr,
 ):
-    """Row block ``i`` of chunk ``i_c``: its rows of qg, kg, ke, and its rows of A_kk (scratch, zeros above the
-    diagonal) and aqk.  ``BKR``: K slice of the first round over the block's own rows (whole rows when >= K);
-    ``BK``: K slice of the products; ``shift``: d of the module docstring; Gamma from the scratch."""
+    """Row block ``i`` of chunk ``i_c``: its rows of qg, kg, ke, and (``FORM_A``) its rows of A_kk (scratch, zeros
+    above the diagonal) and aqk.  ``BKR``: K slice of the first round over the block's own rows (whole rows when
+    >= K); ``BK``: K slice of the products; ``shift``: d of the module docstring; Gamma from the scratch."""
     i, i_c, i_h = tl.program_id(0) % (C // 16), tl.program_id(0) // (C // 16), tl.program_id(1)
     i_kh = i_h // (HV // H)
     t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
-    base, _, s_g = scratch_views(scratch, i_c, i_h, HV, C, KP)
+    base, _ = a_views(a_scratch, i_c, i_h, HV, C)
+    s_g = gamma_rows(g_scratch, i_c, i_h, HV, C, KP)
     o_16 = tl.arange(0, 16)
     o_i = 16 * i + o_16
     t_i = t0 + o_i
@@ -213,78 +223,84 @@ def kda_intra_kernel(
         b_k = tl.load(k + p_r, mask=mr, other=0.0).to(tl.float32)
         b_g = tl.load(s_g + o_i[:, None] * KP + o_r[None, :], mask=mr, other=0.0)
         block_outputs(qg, kg, ke, s_g, r_q, r_k, b_q, b_k, b_g, t0, last, t_i, mr, o_r, i_h, HV, K, KP)
-        if CHECK:
+        if CHECK and FORM_A:
             b_fr = tl.load(s_g + 16 * i * KP + o_r, mask=o_r < K, other=0.0)
             out = tl.maximum(out, tl.max(tl.where(mr, tl.abs(b_g - b_fr[None, :] + shift), 0.0), 1))
 
-    # round 2: one product per K slice, rows against the columns s < 16 (i + 1), factored around the first row:
-    # exp(Gamma_r - Gamma_f + d) * exp(Gamma_f - d - Gamma_s); the columns' norms accumulate on the way
-    b_akk = tl.zeros([16, C], dtype=tl.float32)
-    b_aqk = tl.zeros([16, C], dtype=tl.float32)
-    for i_k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        mi = m_i[:, None] & m_k[None, :]
-        ms = cols[:, None] & m_k[None, :]
-        p_i = t_i[:, None] * (H * K) + i_kh * K + o_k[None, :]
-        b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32)
-        b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32)
-        b_gi = tl.load(s_g + o_i[:, None] * KP + o_k[None, :])
-        b_gs = tl.load(s_g + o_c[:, None] * KP + o_k[None, :])
-        b_f = tl.load(s_g + 16 * i * KP + o_k, mask=m_k, other=0.0)
-        e_r = tl.where(mi, tl.exp(b_gi - b_f[None, :] + shift), 0.0)
-        b_ki = b_ki * e_r
-        b_qi = b_qi * e_r
-        b_ks = tl.load(k + (t0 + o_c)[:, None] * (H * K) + i_kh * K + o_k[None, :], mask=ms, other=0.0)
-        b_ks = b_ks.to(tl.float32)
-        e_s = tl.where(ms, tl.exp(b_f[None, :] - shift - b_gs), 0.0)
-        b_ks = tl.trans(b_ks * e_s)
-        b_akk += tl.dot(b_ki, b_ks, input_precision=DOT_PREC)
-        b_aqk += tl.dot(b_qi, b_ks, input_precision=DOT_PREC)
-    if CHECK:
-        # row r is in range when it and every earlier row of its block keep |Gamma - Gamma_f + d| <= SPAN_MAX
-        exact = tl.max(tl.where(o_16[None, :] <= o_16[:, None], out[None, :], 0.0), 1) > SPAN_MAX
-        any_exact = tl.max(exact.to(tl.int32), 0) > 0
-    else:
-        exact = o_16 < 0
-        any_exact = False
-    if L2NORM:  # the columns' norm factors, after the products (fewer values live in them)
-        if not NORMS_FIRST:
-            r_s = row_norms(k, t0 + o_c, cols, i_kh, H, K, C, BK)
-        b_akk = b_akk * r_s[None, :]
-        b_aqk = b_aqk * r_s[None, :]
-    if any_exact:  # rows out of range (rare: masked tokens, g ~ -1000): their diagonal tile element-wise
-        x_kk, x_qk = diag_block_elementwise(q, k, s_g, r_k, t0, eos, i, i_kh, H, K, C, KP, BK)
-        diag = (o_c[None, :] // 16 == i) & exact[:, None]
-        b_akk = tl.where(diag, x_kk, b_akk)
-        b_aqk = tl.where(diag, x_qk, b_aqk)
-    store_a_block(b_akk, b_aqk, base, aqk, beta, r_q, r_k, t0, eos, i, i_h, scale, HV, C, BETA_SIGMOID, BETA_SCALE)
+    if FORM_A:
+        # round 2: one product per K slice, rows against the columns s < 16 (i + 1), factored around the first row:
+        # exp(Gamma_r - Gamma_f + d) * exp(Gamma_f - d - Gamma_s); the columns' norms accumulate on the way
+        b_akk = tl.zeros([16, C], dtype=tl.float32)
+        b_aqk = tl.zeros([16, C], dtype=tl.float32)
+        for i_k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            mi = m_i[:, None] & m_k[None, :]
+            ms = cols[:, None] & m_k[None, :]
+            p_i = t_i[:, None] * (H * K) + i_kh * K + o_k[None, :]
+            b_ki = tl.load(k + p_i, mask=mi, other=0.0).to(tl.float32)
+            b_qi = tl.load(q + p_i, mask=mi, other=0.0).to(tl.float32)
+            b_gi = tl.load(s_g + o_i[:, None] * KP + o_k[None, :])
+            b_gs = tl.load(s_g + o_c[:, None] * KP + o_k[None, :])
+            b_f = tl.load(s_g + 16 * i * KP + o_k, mask=m_k, other=0.0)
+            e_r = tl.where(mi, tl.exp(b_gi - b_f[None, :] + shift), 0.0)
+            b_ki = b_ki * e_r
+            b_qi = b_qi * e_r
+            b_ks = tl.load(k + (t0 + o_c)[:, None] * (H * K) + i_kh * K + o_k[None, :], mask=ms, other=0.0)
+            b_ks = b_ks.to(tl.float32)
+            e_s = tl.where(ms, tl.exp(b_f[None, :] - shift - b_gs), 0.0)
+            b_ks = tl.trans(b_ks * e_s)
+            b_akk += tl.dot(b_ki, b_ks, input_precision=DOT_PREC)
+            b_aqk += tl.dot(b_qi, b_ks, input_precision=DOT_PREC)
+        if CHECK:
+            # row r is in range when it and every earlier row of its block keep |Gamma - Gamma_f + d| <= SPAN_MAX
+            exact = tl.max(tl.where(o_16[None, :] <= o_16[:, None], out[None, :], 0.0), 1) > SPAN_MAX
+            any_exact = tl.max(exact.to(tl.int32), 0) > 0
+        else:
+            exact = o_16 < 0
+            any_exact = False
+        if L2NORM:  # the columns' norm factors, after the products (fewer values live in them)
+            if not NORMS_FIRST:
+                r_s = row_norms(k, t0 + o_c, cols, i_kh, H, K, C, BK)
+            b_akk = b_akk * r_s[None, :]
+            b_aqk = b_aqk * r_s[None, :]
+        if any_exact:  # rows out of range (rare: masked tokens, g ~ -1000): their diagonal tile element-wise
+            x_kk, x_qk = diag_block_elementwise(q, k, s_g, r_k, t0, eos, i, i_kh, H, K, C, KP, BK)
+            diag = (o_c[None, :] // 16 == i) & exact[:, None]
+            b_akk = tl.where(diag, x_kk, b_akk)
+            b_aqk = tl.where(diag, x_qk, b_aqk)
+        store_a_block(b_akk, b_aqk, base, aqk, beta, r_q, r_k, t0, eos, i, i_h, scale, HV, C, BETA_SIGMOID,
+                      BETA_SCALE)
 
 
 @triton.jit
 def kda_solve_kernel(
-    w, v, beta, u, scratch, chunk_seq, chunk_pos, cu,
+    w, v, beta, u, a_scratch, x, chunk_seq, chunk_pos, cu,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, KP: tl.constexpr,
     BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PREC: tl.constexpr, SOLVE_PREC: tl.constexpr, SOLVE_DIAG: tl.constexpr, NUM_STAGES: tl.constexpr,
-    STORE_X: tl.constexpr,
+    X_MODE: tl.constexpr,
 ):
     """T = X diag(beta) with X = (I + A_kk)^-1 from the scratch (the inverses of A_kk's diagonal blocks stored beside
     it on the way); ``w = T ke`` (in place over ke, each program reads a ``[C, BK]`` block of its own chunk before it
-    writes it), ``u = T v``.  With ``STORE_X`` (the backward's recompute), X replaces A_kk in the scratch."""
+    writes it), ``u = T v``.  ``X_MODE``: X_STORE also writes the chunk's rows of X to ``x [TT, HV, C]`` (float32,
+    token-indexed, for the backward); X_LOAD reads X from there instead of inverting (A_kk was not formed)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, eos, last = chunk_bounds(i_c, chunk_seq, chunk_pos, cu, C)
-    base, dinv, _ = scratch_views(scratch, i_c, i_h, HV, C, KP)
     o_c = tl.arange(0, C)
     o_t = t0 + o_c
     m_t = o_t < eos
+    p_x = x + o_t[:, None] * (HV * C) + i_h * C + o_c[None, :]
 
     b_beta = chunk_beta(beta, o_t, m_t, i_h, HV, BETA_SIGMOID, BETA_SCALE)
-    b_x = block_inverse(base, dinv, tl.full([C], 1.0, tl.float32), C, SOLVE_PREC, SOLVE_DIAG)
+    if X_MODE == X_LOAD:  # the rows past the chunk's end read as 0: only valid rows are stored below
+        b_x = tl.load(p_x, mask=m_t[:, None], other=0.0)
+    else:
+        base, dinv = a_views(a_scratch, i_c, i_h, HV, C)
+        b_x = block_inverse(base, dinv, tl.full([C], 1.0, tl.float32), C, SOLVE_PREC, SOLVE_DIAG)
+        if X_MODE == X_STORE:
+            tl.store(p_x, b_x, mask=m_t[:, None])
     b_m = b_x * b_beta[None, :]
-    if STORE_X:  # over A_kk: every thread of the program has read it before the barrier
-        tl.debug_barrier()
-        tl.store(base + o_c[:, None] * C + o_c[None, :], b_x)
     for i_k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
@@ -306,10 +322,9 @@ def factor_shift(use_lower_bound: bool, lower_bound: float) -> tuple[float, bool
 class Intra(NamedTuple):
     """The outputs of the intra stage (the conventions of docs/algorithm.md): aqk ``[TT, HV, C]`` (scaled,
     causal, v's dtype), w ``[TT, HV, K]`` (k's dtype), u ``[TT, HV, V]`` (v's dtype), qg, kg ``[TT, HV, K]`` (q's /
-    k's dtype), gc ``[chunks, HV, K]`` (float32); and three float32 views into the stage's scratch that the backward
-    reads: akk ``[chunks, HV, C, C]`` (A_kk, zeros above the diagonal; X = (I + A_kk)^-1 when the stage ran with
-    ``store_inverse``), dinv ``[chunks, HV, C, 16]`` (the inverses of (I + A_kk)'s 16x16 diagonal blocks,
-    solve_tril.block_inverse's layout) and gamma ``[chunks, HV, C, KP]``."""
+    k's dtype), gc ``[chunks, HV, K]`` (float32), gamma ``[chunks, HV, C, KP]`` (float32, the stage's Gamma
+    scratch) and x ``[TT, HV, C]`` (X = (I + A_kk)^-1, float32, token-indexed: row r of a chunk at its token r;
+    None unless the stage was asked to keep it or given it)."""
 
     aqk: torch.Tensor
     w: torch.Tensor
@@ -317,21 +332,38 @@ class Intra(NamedTuple):
     qg: torch.Tensor
     kg: torch.Tensor
     gc: torch.Tensor
-    akk: torch.Tensor
-    dinv: torch.Tensor
     gamma: torch.Tensor
+    x: torch.Tensor | None
 
 
-def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg, store_inverse: bool = False) -> Intra:
+class Kept(NamedTuple):
+    """What a training forward keeps for its backward: X ``[TT, HV, C]`` (float32) and aqk ``[TT, HV, C]``
+    (v's dtype), as :class:`Intra` holds them."""
+
+    x: torch.Tensor
+    aqk: torch.Tensor
+
+
+def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg, keep_x: bool = False,
+                kept: Kept | None = None) -> Intra:
     """Run the intra stage on flat tensors ``q, k [TT, H, K]``, ``v [TT, HV, V]``, ``g [TT, HV, K]`` (log decay,
     or the raw gate with ``use_gate_in_kernel``), ``beta [TT, HV]``; ``cfg`` a :class:`config.ChunkConfig`.
-    Returns :class:`Intra`; with ``store_inverse`` its ``akk`` holds X = (I + A_kk)^-1 instead (the backward's
-    recompute)."""
+    Returns :class:`Intra`.  ``keep_x``: the solve kernel also stores X (its ``x``).  ``kept``: X and aqk of an
+    earlier run on the same inputs (a training forward's): A_kk and aqk are not formed again and X is read instead
+    of inverted, so only Gamma, qg, kg, w and u are computed."""
     TT, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     C, NC = table.chunk_size, table.num_chunks
     dev = q.device
-    aqk = torch.empty(TT, HV, C, device=dev, dtype=v.dtype)
+    if kept is not None:
+        aqk, x = kept.aqk, kept.x
+        if tuple(x.shape) != (TT, HV, C) or tuple(aqk.shape) != (TT, HV, C) or not (x.is_contiguous()
+                                                                                   and aqk.is_contiguous()):
+            raise ValueError(f"the kept X and aqk must be contiguous [TT, HV, C] = {[TT, HV, C]}, got "
+                             f"{list(x.shape)} and {list(aqk.shape)}")
+    else:
+        aqk = torch.empty(TT, HV, C, device=dev, dtype=v.dtype)
+        x = torch.empty(TT, HV, C, device=dev, dtype=torch.float32) if keep_x else None
     w = torch.empty(TT, HV, K, device=dev, dtype=k.dtype)
     u = torch.empty(TT, HV, V, device=dev, dtype=v.dtype)
     qg = torch.empty(TT, HV, K, device=dev, dtype=q.dtype)
@@ -345,10 +377,10 @@ def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg, store_invers
     # every K slice
     row = max(BK, BKA, KPOW)
     KP = triton.cdiv(K, row) * row
-    scratch = torch.empty(NC, HV, C * C + C * BLOCK + C * KP, device=dev, dtype=torch.float32)
-    out = Intra(aqk, w, u, qg, kg, gc, scratch[:, :, :C * C].unflatten(2, (C, C)),
-                scratch[:, :, C * C:C * C + C * BLOCK].unflatten(2, (C, BLOCK)),
-                scratch[:, :, C * C + C * BLOCK:].unflatten(2, (C, KP)))
+    # A_kk and its diagonal inverses (not needed when X is kept), and Gamma: float32 scratch per chunk and head
+    a_scratch = torch.empty(NC, HV, C * C + C * BLOCK if kept is None else 1, device=dev, dtype=torch.float32)
+    gamma = torch.empty(NC, HV, C, KP, device=dev, dtype=torch.float32)
+    out = Intra(aqk, w, u, qg, kg, gc, gamma, x)
     if not NC:
         return out
     chunks = (table.chunk_seq, table.chunk_pos, table.cu)
@@ -358,19 +390,20 @@ def chunk_intra(q, k, v, g, beta, A_log, dt_bias, opts, table, cfg, store_invers
     beta_flags = dict(BETA_SIGMOID=opts.use_beta_sigmoid_in_kernel, BETA_SCALE=2.0 if opts.allow_neg_eigval else 1.0)
 
     kda_gamma_kernel[(NC, HV, triton.cdiv(K, BKG))](
-        g, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g, gc, scratch, *chunks,
+        g, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g, gc, gamma, *chunks,
         lower_bound, HV=HV, K=K, C=C, KP=KP, BK=BKG, USE_GATE=use_gate, USE_LB=use_lb,
         HAS_A=use_gate and A_log is not None, HAS_BIAS=use_gate and dt_bias is not None, num_warps=GAMMA_WARPS)
     shift, check = factor_shift(use_lb, lower_bound)
     kda_intra_kernel[(C // BLOCK * NC, HV)](
-        q, k, beta, aqk, qg, kg, w, scratch, *chunks, float(opts.scale), shift,
+        q, k, beta, aqk, qg, kg, w, a_scratch, gamma, *chunks, float(opts.scale), shift,
         H=H, HV=HV, K=K, C=C, KP=KP, BK=BKA, BKR=BKR, L2NORM=opts.use_qk_l2norm_in_kernel, **beta_flags,
         DOT_PREC=cfg.precision, CHECK=check, NUM_STAGES=INTRA_STAGES, NORMS_FIRST=cfg.intra_norms == "first",
-        num_warps=cfg.intra_warps)
+        FORM_A=kept is None, num_warps=cfg.intra_warps)
     # register cap (NVIDIA only): trades spills for more programs per multiprocessor
     cap = {"maxnreg": cfg.solve_maxnreg} if cfg.solve_maxnreg and dev.type == "cuda" else {}
+    mode = X_LOAD if kept is not None else X_STORE if keep_x else X_NONE
     kda_solve_kernel[(NC, HV)](
-        w, v, beta, u, scratch, *chunks, HV=HV, K=K, V=V, C=C, KP=KP, **beta_flags, BK=BK, BV=BV,
-        DOT_PREC=cfg.precision, SOLVE_PREC=cfg.solve_precision, SOLVE_DIAG=cfg.solve_diag, NUM_STAGES=SOLVE_STAGES,
-        STORE_X=store_inverse, num_warps=cfg.solve_warps, **cap)
+        w, v, beta, u, a_scratch, x if x is not None else a_scratch, *chunks, HV=HV, K=K, V=V, C=C, KP=KP,
+        **beta_flags, BK=BK, BV=BV, DOT_PREC=cfg.precision, SOLVE_PREC=cfg.solve_precision,
+        SOLVE_DIAG=cfg.solve_diag, NUM_STAGES=SOLVE_STAGES, X_MODE=mode.value, num_warps=cfg.solve_warps, **cap)
     return out

@@ -245,9 +245,9 @@ def test_tuned_triton_backward_entry_is_what_the_dispatch_runs(triton_on_cpu):
     used = []
     real_run = dispatch.get_backend("triton").run_backward
 
-    def spy(call, config, do, dht):
+    def spy(call, config, do, dht, **kept):
         used.append(dict(config))
-        return real_run(call, config, do, dht)
+        return real_run(call, config, do, dht, **kept)
 
     dispatch.register_backend(dataclasses.replace(dispatch.get_backend("triton"), run_backward=spy))
     a = args_of(SHAPE)
@@ -298,3 +298,21 @@ def test_backward_bit_changing_knobs_are_fixed_by_the_sequence_class(triton_on_c
     choice = explain(**pack, op="chunk_backward")
     assert choice.config["bwd_intra_BK"] == 16 and "same sequence class" in choice.reason
 
+
+
+def test_the_backward_is_checked_and_timed_from_what_its_training_forward_keeps(triton_on_cpu):
+    """A backend with a training forward has its backward configs checked and timed as a training call runs them:
+    from the tensors that forward keeps."""
+    triton = dispatch.get_backend("triton")
+    seen = []
+
+    def spy(call, config, do, dht, kept=None):
+        seen.append(None if kept is None else len(kept))
+        return triton.run_backward(call, config, do, dht, kept=kept)
+
+    backend = dataclasses.replace(triton, run_backward=spy)
+    call = autotune.make_call(SHAPE.bucket, SHAPE.N, SHAPE.T, SHAPE.H, SHAPE.HV, "cpu", 0)
+    do, dht = autotune.make_cotangents(call, 1)
+    assert autotune.check_backward_config(backend, {}, call, do, dht, autotune.BACKWARD_TOLERANCE["fp32"]) is None
+    assert autotune.time_backward_config(backend, {}, call, do, dht) > 0
+    assert seen and all(n == 2 for n in seen)

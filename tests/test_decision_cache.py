@@ -86,3 +86,21 @@ def test_the_key_follows_the_environment_as_it_changes(monkeypatch):
     assert during[0] in ("reference", b"reference") and after[1] in ("/tmp/elsewhere", b"/tmp/elsewhere")
     monkeypatch.delenv("KDA_COMPILE_BACKEND")
     assert environment()[0] is None
+
+
+def test_float32_decisions_follow_the_matmul_precision():
+    """A backend may refuse float32-accurate products (the Triton backward on a GPU does), so PyTorch's float32
+    matmul precision is part of a float32 call's key, and of no other dtype's."""
+    call = _varlen_call([0, 10, 30])
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        highest = decision_key(call, None)
+        torch.set_float32_matmul_precision("high")
+        assert decision_key(call, None) != highest
+    finally:
+        torch.set_float32_matmul_precision(before)
+    a = make_inputs(B=1, T=9, H=1, K=16, V=16, dtype=torch.bfloat16)
+    problem, opts = _check(a["q"], a["k"], a["v"], a["g"], a["beta"])
+    bf16 = dispatch.KDACall("chunk", problem, opts, a["q"], a["k"], a["v"], a["g"], a["beta"])
+    assert decision_key(bf16, None)[-1] is None

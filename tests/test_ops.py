@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from kda_compile import chunk_kda, fused_recurrent_kda
+from kda_compile import chunk_kda, explain, fused_recurrent_kda
 from kda_compile.api import _options
 from kda_compile.reference import KDAOptions
 
@@ -48,14 +48,16 @@ def test_opcheck_inplace_and_backward_ops():
     tensors, options = op_args(args)
     grad_o = torch.randn_like(args["v"])
     for backend in ("", "reference"):
-        torch.library.opcheck(OPS.kda_bwd.default, (grad_o, None, *tensors, *options, backend))
+        torch.library.opcheck(OPS.kda_bwd.default, (grad_o, None, *tensors, [], *options, backend))
+        torch.library.opcheck(OPS.chunk_kda_fwd_train.default, (*tensors, *options, True, backend))
     for backend in ("", "reference"):
         torch.library.opcheck(OPS.chunk_kda_fwd_states.default, (*tensors, *options, backend))
 
 
 # ---------------------------------------------------------------------------------- options across the ops
 
-OPTION_OPS = ("chunk_kda_fwd", "chunk_kda_fwd_states", "recurrent_kda_fwd", "recurrent_kda_inplace", "kda_bwd")
+OPTION_OPS = ("chunk_kda_fwd", "chunk_kda_fwd_train", "chunk_kda_fwd_states", "recurrent_kda_fwd", "recurrent_kda_inplace",
+              "kda_bwd")
 
 
 @pytest.mark.parametrize("name", OPTION_OPS)
@@ -170,9 +172,9 @@ def test_forward_backend_forces_the_backward(monkeypatch):
     seen = []
     real = dispatch.run_backward
 
-    def spy(call, do, dht, backend=None):
+    def spy(call, do, dht, backend=None, kept=()):
         seen.append(backend)
-        return real(call, do, dht, backend)
+        return real(call, do, dht, backend, kept)
 
     monkeypatch.setattr(dispatch, "run_backward", spy)
     args = make_inputs(B=1, T=20, K=8, V=8, dtype=torch.float32, requires_grad=True)
@@ -198,3 +200,115 @@ def test_backward_choice_falls_back_with_the_reason():
         assert choice.backend.name != "fwd_only" and "no backward" in choice.rejected["fwd_only"]
     finally:
         dispatch.unregister_backend("fwd_only")
+
+
+def test_triton_backward_refuses_float32_accurate_products_on_a_gpu():
+    """The Triton backward leaves float32 GPU calls under 'highest' matmul precision to the next backend, with
+    the reason (its solve kernel faults there); TF32 products, other dtypes and the CPU interpreter are not refused."""
+    from kda_compile import dispatch
+    from kda_compile.checks import Problem
+    from kda_compile.kernels_triton.backend import TRITON_BACKEND
+    args = make_inputs(B=1, T=5, K=16, V=16, dtype=torch.float32)
+    gpu = Problem(1, 5, 1, 1, 16, 16, 1, False, torch.float32, torch.device("cuda"))
+
+    def reason(problem):
+        call = dispatch.KDACall("chunk", problem, KDAOptions(scale=0.25), args["q"], args["k"], args["v"],
+                                args["g"], args["beta"])
+        return TRITON_BACKEND.supports_backward(call)
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert "'highest'" in reason(gpu) and "set_float32_matmul_precision('high')" in reason(gpu)
+        assert reason(gpu._replace(dtype=torch.bfloat16)) is None
+        assert reason(gpu._replace(device=torch.device("cpu"))) is None
+        torch.set_float32_matmul_precision("high")
+        assert reason(gpu) is None
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _triton_runs_here():
+    import importlib.util
+    import os
+    return importlib.util.find_spec("triton") is not None and (
+        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@pytest.mark.skipif(not _triton_runs_here(), reason="Triton needs a GPU or its interpreter (conftest turns it on "
+                                                     "without a GPU)")
+def test_training_forward_keeps_what_its_backward_reads(monkeypatch):
+    """Under autograd the Triton forward keeps X and aqk, the backward receives them, and the gradients equal,
+    bit for bit, those of the backward that forms them again; eager and under torch.compile(fullgraph=True).
+    The reference keeps nothing."""
+    from kda_compile import dispatch
+    from kda_compile.kernels_triton.chunk_bwd import chunk_kda_bwd
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # float32 in the interpreter; bfloat16 on a GPU, where float32 under 'highest' is not the Triton backward's
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    args = make_inputs(B=1, T=45, H=1, HV=2, K=16, V=16, dtype=dtype, device=device)
+    args["initial_state"] = args["initial_state"].float()
+    names = ("q", "k", "v", "g", "beta", "initial_state")
+    do = torch.randn_like(args["v"])
+    seen = []
+    real = dispatch.run_backward
+
+    def spy(call, do, dht, backend=None, kept=()):
+        seen.append([tuple(t.shape) for t in kept])
+        return real(call, do, dht, backend, kept)
+
+    monkeypatch.setattr(dispatch, "run_backward", spy)
+
+    def step(backend, fn=chunk_kda):
+        leaves = {n: args[n].clone().requires_grad_(True) for n in names}
+        o, _ = fn(**leaves, backend=backend)
+        o.backward(do)
+        return [leaves[n].grad for n in names]
+
+    eager = step("triton")
+    TT, C = 45, 64
+    assert seen == [[(TT, 2, C), (TT, 2, C)]]
+    opts = _options(args["q"], None, False, False, False, False, None, 64, False)
+    config = explain(**args, op="chunk_backward", backend="triton").config  # a GPU's tables may tune it
+    want = chunk_kda_bwd(*(args[n] for n in names), None, None, None, opts, do, None, config)
+    for n, got, ref in zip(names, eager, want):
+        assert torch.equal(got, ref), f"d{n} differs from the recomputing backward"
+    compiled = step("triton", torch.compile(chunk_kda, fullgraph=True))
+    assert seen[-1] == [(TT, 2, C), (TT, 2, C)]
+    for n, got, ref in zip(names, compiled, eager):
+        assert torch.equal(got, ref), f"d{n} differs under torch.compile"
+    step("reference")
+    assert seen[-1] == []
+    leaves = {n: args[n] for n in names}
+    assert "under autograd the forward runs on 'triton': it keeps" in explain(
+        **leaves, op="chunk_backward", backend="triton").reason
+    assert "under autograd" not in explain(**leaves, op="chunk_backward", backend="reference").reason
+
+
+def test_training_backend_follows_the_dispatch_rules(monkeypatch):
+    """The backend whose forward keeps tensors under autograd: the first of the default order that runs the call's
+    forward and backward, or the one named; never one the tables found unfit unless named with backend=."""
+    from kda_compile import dispatch, tuning_table
+    from kda_compile.checks import Problem
+    from kda_compile.reference_backend import run_reference, run_reference_backward
+    keeper = dispatch.Backend(name="keeper", supports=lambda call: None, run=run_reference,
+                              run_backward=run_reference_backward,
+                              run_training=lambda call, config: (*run_reference(call, config), []))
+    dispatch.register_backend(keeper, before="reference")
+    monkeypatch.delenv("KDA_COMPILE_BACKEND", raising=False)
+    try:
+        args = make_inputs(B=1, T=5, K=8, V=8, dtype=torch.float32)
+        problem = Problem(1, 5, 1, 1, 8, 8, 1, False, torch.float32, torch.device("cpu"))
+        call = dispatch.KDACall("chunk", problem, KDAOptions(scale=8 ** -0.5), args["q"], args["k"], args["v"],
+                                args["g"], args["beta"])
+        assert dispatch.training_backend(call) is dispatch.get_backend("keeper")
+        assert dispatch.training_backend(call, "reference") is None          # named: no training forward
+        monkeypatch.setenv("KDA_COMPILE_BACKEND", "keeper")
+        assert dispatch.training_backend(call) is dispatch.get_backend("keeper")
+        monkeypatch.setattr(tuning_table, "unfit_backends", lambda call, op=None: {"keeper": "outside tolerance"})
+        assert dispatch.training_backend(call) is None                      # unfit: not by the environment
+        monkeypatch.delenv("KDA_COMPILE_BACKEND")
+        assert dispatch.training_backend(call) is None                      # nor unnamed
+        assert dispatch.training_backend(call, "keeper") is dispatch.get_backend("keeper")   # backend= wins
+    finally:
+        dispatch.unregister_backend("keeper")
