@@ -205,7 +205,7 @@ def explain(q, k, v, g, beta, op: str = "chunk", **kwargs) -> dispatch.Choice:
         trainer = dispatch.training_backend(call, backend or None)
         if trainer is None:
             return choice
-        kept = ("it keeps what this backward would form again" if trainer is choice.backend else
+        kept = ("it keeps tensors this backward reads instead of forming them again" if trainer is choice.backend else
                 "this backward does not read what it keeps and recomputes")
         return dataclasses.replace(choice, reason=f"{choice.reason}; under autograd the forward runs on "
                                                   f"'{trainer.name}': {kept}")

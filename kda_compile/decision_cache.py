@@ -3,8 +3,8 @@
 The key holds everything a backend's ``supports``, a tuned table's bucket and a default config may depend on:
 the op, the :class:`~kda_compile.checks.Problem` (sizes, dtype, device), the options, which optional tensors
 are present (and the state's dtype and contiguity), the serving flags, the ``backend=`` argument, the
-environment variables the dispatch reads and, for float32 calls, PyTorch's float32 matmul precision (a backend
-may refuse float32-accurate products).  A decision is dropped when the backend registry changes
+environment variables the dispatch reads and, for float32 calls, whether PyTorch lets float32 matmuls use TF32
+(a backend may refuse float32-accurate products; :mod:`kda_compile.matmul_precision`).  A decision is dropped when the backend registry changes
 (:mod:`kda_compile.dispatch` clears :data:`DECISIONS`) or when the tuning tables are reloaded (each decision
 remembers the tables it was made with and is used only while those are still the loaded ones).
 """
@@ -17,6 +17,7 @@ import torch
 
 from . import tuning_table
 from .buckets import longest_sequence
+from .matmul_precision import float32_allows_tf32
 
 DECISIONS: dict = {}       # key -> (choice, tables key, tables object)
 MAX_DECISIONS = 4096       # a bound for processes that see very many shapes; the cache starts over past it
@@ -49,7 +50,7 @@ def decision_key(call, backend: str | None, op: str | None = None) -> tuple:
             call.A_log is None, call.dt_bias is None, call.output_final_state,
             _tensor_flags(call.ssm_state_indices), call.num_accepted_tokens is None, call.inplace_final_state,
             backend, environment(),
-            torch.get_float32_matmul_precision() if call.problem.dtype is torch.float32 else None)
+            float32_allows_tf32() if call.problem.dtype is torch.float32 else None)
 
 
 def cached(call, backend: str | None, choose: Callable, op: str | None = None):

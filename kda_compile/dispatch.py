@@ -324,7 +324,7 @@ def backward_reason(backend: Backend, call: KDACall, forced: bool = False) -> st
     if backend.run_backward is None:
         return "has no backward"
     check = (backend.supports_forced or backend.supports) if forced else backend.supports
-    return backend.supports_backward(call) or check(call)
+    return check(call) or backend.supports_backward(call)
 
 
 def choose_backward(call: KDACall, backend: str | None = None) -> Choice:

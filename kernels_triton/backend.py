@@ -69,14 +69,15 @@ def supports(call: KDACall) -> str | None:
 
 
 def supports_backward(call: KDACall) -> str | None:
-    """Why the Triton backward cannot take ``call`` beyond :func:`supports` (None: it can).  Float32 inputs under
-    ``torch.get_float32_matmul_precision() == "highest"`` ask for float32-accurate products (3xTF32, and FMA for the
-    inverse), and Triton 3.6 compiles the backward's solve kernel with them for sm_90 into shared-memory reads out
-    of bounds: an illegal address that ends the CUDA context (compute-sanitizer, H200, K = 16..128).  With TF32
-    products the same kernels run clean, so such calls go to the next backend until that is fixed."""
+    """Why the Triton backward cannot take ``call`` beyond :func:`supports` (None: it can).  Float32 inputs while
+    PyTorch asks for float32-accurate matmuls ("highest", its default) get float32-accurate products (3xTF32, and
+    FMA for the inverse), and Triton 3.6 compiles the backward's solve kernel with them for sm_90 into
+    shared-memory reads out of bounds: an illegal address that ends the CUDA context (compute-sanitizer on the
+    H200: K = 64 or 128 in one chunk, K = 16 over two chunks).  With TF32 products the same kernels run clean, so
+    such calls go to the next backend, on every GPU until a fix has run there (chunk_bwd.check_products)."""
     if call.problem.device.type == "cuda" and call.problem.dtype == torch.float32 and float32_defaults():
-        return ("float32 inputs with float32-accurate products (torch.get_float32_matmul_precision() is "
-                "'highest'): the Triton backward's solve kernel faults on the GPU with them (Triton 3.6, sm_90); "
+        return ("float32 inputs with float32-accurate products (PyTorch's float32 matmul precision is 'highest'): "
+                "the Triton backward's solve kernel faults on the GPU with them (seen with Triton 3.6 on sm_90); "
                 "torch.set_float32_matmul_precision('high') runs it with TF32 products")
     return None
 

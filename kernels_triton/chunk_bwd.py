@@ -57,6 +57,18 @@ def check_cotangents(q, v, initial_state, do, dht, opts, num_seqs: int) -> None:
         raise ValueError(f"initial_state must hold {num_seqs} states, got {initial_state.shape[0]}")
 
 
+def check_products(cfg, device: torch.device) -> None:
+    """On a GPU, refuse a config whose products ask for float32 accuracy ("tf32x3" or "ieee"), before any kernel
+    runs: Triton 3.6 compiles the solve stage with them for sm_90 into shared-memory reads out of bounds, which end
+    the CUDA context (backend.supports_backward keeps float32 calls under "highest" away; this catches a config
+    that names them)."""
+    asked = {cfg.forward.precision, cfg.forward.solve_precision} & {"tf32x3", "ieee"}
+    if device.type == "cuda" and asked:
+        raise ValueError(f"the Triton backward on a GPU takes precision and solve_precision 'tf32' only, got "
+                         f"{sorted(asked)}: its solve kernel faults with float32-accurate products (seen with Triton "
+                         f"3.6 on sm_90); for float32-accurate gradients use another backend")
+
+
 def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, opts, do, dht, config=None,
                   kept=None):
     """Chunkwise KDA backward with Triton kernels on user-layout tensors (as chunk_fwd.chunk_kda_fwd takes them).
@@ -70,6 +82,7 @@ def chunk_kda_bwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     cfg = backward_config(config, q.dtype)
+    check_products(cfg, q.device)
     table = chunk_table(B, T, cu_seqlens, opts.chunk_size, q.device)
     check_cotangents(q, v, initial_state, do, dht, opts, table.num_seqs)
     q_f, k_f, v_f = (x.reshape(B * T, x.shape[2], x.shape[3]).contiguous() for x in (q, k, v))

@@ -8,7 +8,8 @@ measurement that chose it (docs/triton.md).
 Precision of the float32 products (A, W/U, and the state/output products for float32 inputs):
 ``precision`` ("tf32", "tf32x3" or "ieee") and the inverse's ``solve_precision`` / ``solve_diag``.  bf16/fp16
 inputs default to TF32 for the float32 intermediates; float32 inputs follow PyTorch's
-``torch.set_float32_matmul_precision`` ("highest", PyTorch's default, gives float32-accurate products).
+``torch.set_float32_matmul_precision`` or ``torch.backends.cuda.matmul.fp32_precision`` ("highest" / "ieee",
+PyTorch's default, gives float32-accurate products; :mod:`kda_compile.matmul_precision`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from kda_compile.kernel_config import check_one_of, config_from_dict
+from kda_compile.matmul_precision import float32_allows_tf32
 
 PRECISIONS = ("tf32", "tf32x3", "ieee")
 # how the inverse takes its 16x16 diagonal blocks: forward substitution, or products at one of the precisions
@@ -102,10 +104,10 @@ BackwardConfig = dataclasses.make_dataclass(
 
 
 def float32_defaults() -> dict:
-    """Precision fields for float32 inputs, following ``torch.get_float32_matmul_precision()``: "highest"
-    gives float32-accurate products (3xTF32, the inverse in float32 FMA with forward substitution),
-    "high"/"medium" allow TF32 (~1e-3 error)."""
-    if torch.get_float32_matmul_precision() == "highest":
+    """Precision fields for float32 inputs, following PyTorch's float32 matmul precision: "highest" (or
+    fp32_precision "ieee") gives float32-accurate products (3xTF32, the inverse in float32 FMA with forward
+    substitution), "high"/"medium" (or "tf32") allow TF32 (~1e-3 error)."""
+    if not float32_allows_tf32():
         return {"precision": "tf32x3", "solve_precision": "ieee", "solve_diag": "subst"}
     return {}
 

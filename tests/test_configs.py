@@ -76,6 +76,27 @@ def test_triton_float32_products_follow_pytorch_precision(restore_matmul_precisi
     torch.set_float32_matmul_precision("highest")
     assert chunk_config({}, torch.bfloat16).precision == "tf32"     # half inputs keep TF32 intermediates
     assert chunk_config({"precision": "ieee"}, torch.float32).precision == "ieee"   # an explicit choice wins
+    before = torch.backends.cuda.matmul.fp32_precision
+    try:  # the newer API, after which torch.get_float32_matmul_precision() raises
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        assert chunk_config({}, torch.float32).precision == "tf32"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert chunk_config({}, torch.float32).precision == "tf32x3"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_backward_refuses_float32_accurate_products_on_a_gpu_before_any_kernel():
+    """A config naming "tf32x3" or "ieee" products for the Triton backward is an error on a GPU (its solve kernel
+    faults with them), and fine in the interpreter."""
+    from kda_compile.kernels_triton.chunk_bwd import check_products
+    from kda_compile.kernels_triton.config import backward_config
+    for asked in ({"precision": "tf32x3"}, {"solve_precision": "ieee"}):
+        with pytest.raises(ValueError, match="precision and solve_precision 'tf32' only"):
+            check_products(backward_config(asked, torch.bfloat16), torch.device("cuda"))
+        check_products(backward_config(asked, torch.bfloat16), torch.device("cpu"))
+    check_products(backward_config({}, torch.bfloat16), torch.device("cuda"))
 
 
 def test_default_order_is_explicit_not_import_order():

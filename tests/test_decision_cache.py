@@ -104,3 +104,21 @@ def test_float32_decisions_follow_the_matmul_precision():
     problem, opts = _check(a["q"], a["k"], a["v"], a["g"], a["beta"])
     bf16 = dispatch.KDACall("chunk", problem, opts, a["q"], a["k"], a["v"], a["g"], a["beta"])
     assert decision_key(bf16, None)[-1] is None
+
+
+def test_the_newer_precision_api_leaves_float32_calls_working():
+    """Once ``torch.backends.cuda.matmul.fp32_precision`` is set, ``torch.get_float32_matmul_precision()`` raises;
+    float32 calls read the precision another way and still run, and the key still follows it."""
+    from kda_compile import chunk_kda
+    call = _varlen_call([0, 10, 30])
+    a = make_inputs(B=1, T=9, H=1, K=16, V=16, dtype=torch.float32)
+    before = torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        tf32 = decision_key(call, None)
+        o, _ = chunk_kda(**a)
+        assert torch.isfinite(o).all()
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert decision_key(call, None) != tf32
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before

@@ -39,6 +39,7 @@ def test_the_check_finds_a_read_past_the_input():
 CHUNK_CASES = {
     "ragged_gva": dict(B=2, T=70, H=1, HV=2),
     "varlen_empty_one_token_c32": dict(cu_seqlens=[0, 1, 40, 40, 77], H=2, HV=2, chunk_size=32),
+    "bf16_ragged_gva": dict(B=2, T=70, H=1, HV=2, dtype=torch.bfloat16),
     "gate_l2_sigmoid_safe": dict(B=1, T=45, H=1, HV=2, gate="raw", beta_logits=True,
                                  flags=dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
                                             use_beta_sigmoid_in_kernel=True, lower_bound=-5.0)),
@@ -53,7 +54,9 @@ def test_chunk_training_stays_inside_its_tensors(name):
     case = dict(CHUNK_CASES[name])
     flags = case.pop("flags", {})
     chunk_size = case.pop("chunk_size", 64)
-    a = make_inputs(K=D, V=D, dtype=torch.float32, seed=0, **case)
+    a = make_inputs(K=D, V=D, seed=0, **{"dtype": torch.float32, **case})
+    if "initial_state" in a:
+        a["initial_state"] = a["initial_state"].float()
     names = [n for n in ("q", "k", "v", "g", "beta", "initial_state", "A_log", "dt_bias") if n in a]
     opts = dict(flags, chunk_size=chunk_size, cu_seqlens=a.get("cu_seqlens"), output_final_state=True,
                 backend="triton")
@@ -69,7 +72,7 @@ def test_chunk_training_stays_inside_its_tensors(name):
                        False, flags.get("lower_bound"), chunk_size, False)
         chunk_kda_bwd(a["q"], a["k"], a["v"], a["g"], a["beta"], a["initial_state"], a.get("cu_seqlens"),
                       a.get("A_log"), a.get("dt_bias"), cfg, torch.randn_like(a["v"]), torch.randn_like(ht))
-    assert counts["launches"] >= 20, counts     # 26 today: three forwards' stages and two backwards' stages
+    assert counts["launches"] >= 20 and counts["accesses"] > 1000, counts   # 26 launches today
     assert all(torch.isfinite(leaves[n].grad).all() for n in names)
 
 
@@ -88,4 +91,4 @@ def test_state_pools_with_padding_slots_stay_inside_their_tensors():
                         seed=3)
         chunk_kda(**m, initial_state=pool, ssm_state_indices=torch.tensor([2, -1, 3], dtype=torch.int32),
                   inplace_final_state=True, backend="triton")
-    assert counts["launches"] >= 5, counts      # 9 today: two decode calls and a pooled chunk forward
+    assert counts["launches"] >= 5 and counts["accesses"] > 100, counts     # 9 launches today

@@ -24,7 +24,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = ("q", "k", "v", "g", "beta", "initial_state", "A_log", "dt_bias")
 TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
-GPU_F32_TOL = 1e-2   # float32 cases on a GPU run with TF32 products (see _worker)
+GPU_F32_TOL = 3e-3   # float32 cases on a GPU run with TF32 products (see _worker): 5.7e-4 at most on the CPU
+                     # with TF32 rounding emulated
 
 # name -> case; fields as tests/test_chunk_bwd.case_inputs, plus dtype, op (grad | determinism | causal), tol
 CASES = {
@@ -245,7 +246,12 @@ def _run_worker(names, jobs: int = 1, **env_extra) -> dict:
                               stderr=subprocess.PIPE, text=True, env=env) for part in parts]
     out, errors = {}, []
     for part, proc in zip(parts, procs):
-        stdout, stderr = proc.communicate(timeout=1800)
+        try:
+            stdout, stderr = proc.communicate(timeout=1800)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
         got = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
         for result in got:
             out.update(result)
@@ -263,8 +269,11 @@ def results():
 
 @pytest.fixture(scope="module")
 def gpu_results():
-    """The cases run by the GPU's compiled kernels (float32 cases with float32-accurate products, as on the CPU)."""
-    return _run_worker(list(CASES), jobs=min(8, os.cpu_count() or 1), TRITON_INTERPRET="0", KDA_TEST_CUDA="1")
+    """The cases run by the GPU's compiled kernels (float32 cases with TF32 products: see _worker), in worker
+    processes sharing the CPUs with pytest-xdist's (each xdist worker computes this fixture once)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    jobs = max(1, min(8, (os.cpu_count() or 1) // workers))
+    return _run_worker(list(CASES), jobs=jobs, TRITON_INTERPRET="0", KDA_TEST_CUDA="1")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ On a GPU an access outside every allocation is an illegal address, reported late
 only when a later call synchronises), and an access past a tensor that stays inside the caching allocator's block
 is not reported at all; the interpreter reads host memory and reports nothing either.  :func:`checked_accesses`
 makes every active (unmasked) load and store of an interpreted kernel check that its address lies inside the
-storage of one of the kernel's tensor arguments, and raise :class:`OutOfBoundsAccess` naming the kernel
+storage of one of the kernel's tensor arguments (all elements of one access in the same storage: a tile that runs
+off one tensor into a neighbour on the heap is caught too), and raise :class:`OutOfBoundsAccess` naming the kernel
 otherwise.  Accesses past a view but inside its storage are not caught.
 """
 from __future__ import annotations
@@ -59,12 +60,15 @@ def checked_accesses():
             return
         counts["accesses"] += 1
         size = np.dtype(it._get_np_dtype(ptrs.get_element_ty())).itemsize
+        first, last = int(addr.min()), int(addr.max()) + size
+        if any(lo <= first and last <= hi for lo, hi in ranges):
+            return
         inside = np.zeros(addr.shape, dtype=bool)
         for lo, hi in ranges:
             inside |= (addr >= lo) & (addr + size <= hi)
-        if not inside.all():
-            raise OutOfBoundsAccess(f"{kernel}: {what} of {int((~inside).sum())} element(s) outside every tensor "
-                                    f"argument's storage (the first at {int(addr[~inside][0]):#x})")
+        where = (f"{int((~inside).sum())} element(s) outside every tensor argument's storage (the first at "
+                 f"{int(addr[~inside][0]):#x})" if not inside.all() else "elements in more than one storage")
+        raise OutOfBoundsAccess(f"{kernel}: {what} of {where}")
 
     def checked_load(self, ptrs, mask, other, cache_policy, is_volatile):
         check(ptrs, mask, "a load")
