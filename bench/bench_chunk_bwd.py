@@ -13,7 +13,8 @@ Settings (D = 128, bf16 q/k/v, float32 g and beta):
 One timed call is the forward and ``torch.autograd.grad`` of every differentiable input for a random output
 gradient.  Memory is ``torch.cuda.max_memory_allocated`` during one such call minus what was allocated before
 it (inputs excluded), in MiB.  Times are medians in ms; a provider that does not import or cannot run the
-call is skipped with the reason printed.
+call is skipped with the reason printed.  Each shape's numbers are printed as a ``[row]`` line when measured; a
+run stopped by SIGTERM (``timeout``) still writes its setting's table with the rows it has, titled as stopped.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (LOWER_BOUND, STANDARD_SHAPES, TINY_SHAPES, add_provider_options, check_runs,  # noqa: E402
                     dense_cu_seqlens, emit, header, make_inputs, markdown_table, measure, parse_shape,
-                    parser, pick_device, providers_for, Skip, with_ratios)
+                    parser, pick_device, providers_for, Skip, stopped_by_sigterm, with_ratios)
 
 SETTINGS = ("prenorm_log", "l2_log", "l2_safe")
 PEERS = ("fla", "cudnn", "sdpa")
@@ -139,28 +140,41 @@ def main(argv=None) -> int:
     shapes = [parse_shape(s) for s in args.shapes] if args.shapes else TINY_SHAPES if device == "cpu" \
         else STANDARD_SHAPES
     providers = providers_for(args, device, PEERS)
-    for setting in settings:
-        rows = []
-        for B, T, H in shapes:
-            x, kw = setting_inputs(setting, B, T, H, D, device)
-            times, mems = [], []
-            for provider in providers:
-                times.append(measure(provider, lambda: build(provider, x, kw), device))
-                try:
-                    mems.append(peak_mib(build(provider, x, kw), device))
-                except Exception:
-                    mems.append(float("nan"))
-            rows.append([B, T, H, *times, *mems])
-            print(f"[row] {setting} B{B} T{T} H{H}: " + ", ".join(f"{p} {t:.3f} ms {m:.0f} MiB" for p, t, m in
-                                                             zip(providers, times, mems)), flush=True)
-            del x
-        names = [f"{p} (ms)" for p in providers]
-        headers, table = with_ratios(["B", "T", "H", *names, *(f"{p} (MiB)" for p in providers)], rows,
-                                     providers, "ms")
-        headers, table = with_ratios(headers, table, providers, "ms", peer="cudnn")
-        emit(f"\n{header(f'Forward + backward, {setting}, D = {D}, bf16, median ms and peak extra MiB', device)}"
-             f"\n{markdown_table(headers, table)}\n", args.out)
+    with stopped_by_sigterm():   # a run stopped by `timeout` still writes the rows it measured
+        for setting in settings:
+            rows = []
+            try:
+                for B, T, H in shapes:
+                    rows.append(measure_row(setting, B, T, H, D, device, providers))
+            finally:
+                if rows:
+                    emit_table(setting, rows, len(shapes), D, device, providers, args.out)
     return 0
+
+
+def measure_row(setting, B, T, H, D, device, providers) -> list:
+    """``[B, T, H, times..., MiB...]`` of one shape, printed as a ``[row]`` line."""
+    x, kw = setting_inputs(setting, B, T, H, D, device)
+    times, mems = [], []
+    for provider in providers:
+        times.append(measure(provider, lambda: build(provider, x, kw), device))
+        try:
+            mems.append(peak_mib(build(provider, x, kw), device))
+        except Exception:
+            mems.append(float("nan"))
+    print(f"[row] {setting} B{B} T{T} H{H}: " + ", ".join(f"{p} {t:.3f} ms {m:.0f} MiB" for p, t, m in
+                                                     zip(providers, times, mems)), flush=True)
+    return [B, T, H, *times, *mems]
+
+
+def emit_table(setting, rows, n_shapes, D, device, providers, out) -> None:
+    """The markdown table of one setting, its title saying when the run stopped before its last shape."""
+    names = [f"{p} (ms)" for p in providers]
+    headers, table = with_ratios(["B", "T", "H", *names, *(f"{p} (MiB)" for p in providers)], rows, providers, "ms")
+    headers, table = with_ratios(headers, table, providers, "ms", peer="cudnn")
+    stopped = f" (stopped after {len(rows)} of {n_shapes} shapes)" if len(rows) < n_shapes else ""
+    title = f"Forward + backward, {setting}, D = {D}, bf16, median ms and peak extra MiB{stopped}"
+    emit(f"\n{header(title, device)}\n{markdown_table(headers, table)}\n", out)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,14 @@ on the CPU (to check the scripts at tiny sizes) the median wall time of a few ca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
 import os
 import platform
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -282,6 +284,19 @@ def with_ratios(headers: list[str], rows: list[list], providers: list[str], ylab
     headers = headers + [f"{p[5:]} / {peer}" for p in ours]
     rows = [row + [row[col[p]] / row[col[peer]] if row[col[peer]] else float("nan") for p in ours] for row in rows]
     return headers, rows
+
+
+@contextlib.contextmanager
+def stopped_by_sigterm():
+    """Within the block, SIGTERM (what ``timeout`` sends) raises ``SystemExit(143)`` in the main thread, so the
+    ``finally`` clauses of a bench run and it can write the rows it has measured before it stops."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def emit(text: str, out: str | None) -> None:

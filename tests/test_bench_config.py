@@ -148,3 +148,24 @@ def test_breakdown_script_runs_on_the_cpu(args, tmp_path, capsys):
     text = out.read_text()
     assert ("forward + backward" in text) == ("--training" in args)
     assert "ours:reference" in text and "**total**" in text
+
+
+def test_a_training_bench_stopped_by_timeout_writes_the_rows_it_measured(tmp_path):
+    """SIGTERM (what `timeout` sends) mid-run: the rows measured so far reach --out, titled as a stopped run."""
+    import signal
+    import subprocess
+    out = tmp_path / "results.md"
+    cmd = [sys.executable, os.path.join(BENCH, "bench_chunk_bwd.py"), "--device", "cpu", "--settings", "prenorm_log",
+           "--providers", "ours", "--backends", "reference", "--out", str(out), "--shapes", *["1,64,2"] * 200]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("[row]"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    text = out.read_text()
+    assert "(stopped after" in text and "of 200 shapes)" in text and "| 1 | 64 | 2 |" in text
