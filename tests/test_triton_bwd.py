@@ -226,6 +226,9 @@ def _worker(names):
     torch.set_num_threads(1)
     if os.environ.get("KDA_TEST_CUDA") == "1":  # float32 under 'highest' goes to another backend on a GPU
         torch.set_float32_matmul_precision("high")
+    if os.environ.get("KDA_CHECK_TRITON_BOUNDS") == "1" and os.environ.get("TRITON_INTERPRET") == "1":
+        from triton_bounds import checked_accesses   # conftest.py: the sweep reaches the worker processes too
+        checked_accesses().__enter__()
     for name in names:
         case = {**CASES, **TF32_CASES}[name]
         run = {"grad": _grad_errors, "determinism": _determinism, "causal": _causality,
