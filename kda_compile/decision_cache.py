@@ -4,9 +4,10 @@ The key holds everything a backend's ``supports``, a tuned table's bucket and a 
 the op, the :class:`~kda_compile.checks.Problem` (sizes, dtype, device), the options, which optional tensors
 are present (and the state's dtype and contiguity), the serving flags, the ``backend=`` argument, the
 environment variables the dispatch reads and, for float32 calls, whether PyTorch lets float32 matmuls use TF32
-(a backend may refuse float32-accurate products; :mod:`kda_compile.matmul_precision`).  A decision is dropped when the backend registry changes
-(:mod:`kda_compile.dispatch` clears :data:`DECISIONS`) or when the tuning tables are reloaded (each decision
-remembers the tables it was made with and is used only while those are still the loaded ones).
+(a backend may refuse float32-accurate products; :mod:`kda_compile.matmul_precision`).  A decision is dropped when
+the backend registry changes (:mod:`kda_compile.dispatch` clears :data:`DECISIONS`) or when the tuning tables are
+reloaded (each decision remembers the tables it was made with and is used only while those are still the loaded
+ones).
 """
 from __future__ import annotations
 

@@ -402,8 +402,8 @@ def training_backend(call: KDACall, backend: str | None = None) -> Backend | Non
     _load_plugins()
     if backend:
         named = get_backend(backend)
-        ok = named.run_training is not None and (named.supports_forced or named.supports)(call) is None \
-            and backward_reason(named, call, forced=True) is None
+        # backward_reason checks the forward's support too (forced: as a named backend)
+        ok = named.run_training is not None and backward_reason(named, call, forced=True) is None
         return named if ok else None
     unfit = {**tuning_table.unfit_backends(call), **tuning_table.unfit_backends(call, op=BACKWARD_OP)}
     wanted = os.environ.get(ENV_BACKEND, "").strip()
@@ -413,7 +413,7 @@ def training_backend(call: KDACall, backend: str | None = None) -> Backend | Non
         return named if ok and named.run_training is not None else None
     for name in _ORDER:
         candidate = _REGISTRY[name]
-        if name not in unfit and candidate.supports(call) is None and backward_reason(candidate, call) is None:
+        if name not in unfit and backward_reason(candidate, call) is None:   # supports, then the backward's
             return candidate if candidate.run_training is not None else None
     return None
 

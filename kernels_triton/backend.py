@@ -18,7 +18,7 @@ from kda_compile.kernel_config import op_config_checker
 
 from . import chunk_fwd, fused_recurrent, prebuilt
 from .chunk_intra import kda_intra_kernel
-from .config import backward_config, chunk_config, decode_config, float32_defaults
+from .config import backward_config, chunk_config, decode_config, float32_accurate_products
 from .gate import interpreting
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -74,8 +74,10 @@ def supports_backward(call: KDACall) -> str | None:
     FMA for the inverse), and Triton 3.6 compiles the backward's solve kernel with them for sm_90 into
     shared-memory reads out of bounds: an illegal address that ends the CUDA context (compute-sanitizer on the
     H200: K = 64 or 128 in one chunk, K = 16 over two chunks).  With TF32 products the same kernels run clean, so
-    such calls go to the next backend, on every GPU until a fix has run there (chunk_bwd.check_products)."""
-    if call.problem.device.type == "cuda" and call.problem.dtype == torch.float32 and float32_defaults():
+    such calls go to the next backend, on every GPU until a fix has run there: the rule of chunk_bwd.check_products,
+    applied to the call's default precision fields (those of float32 inputs under "highest")."""
+    p = call.problem
+    if p.device.type == "cuda" and float32_accurate_products(chunk_config(None, p.dtype)):
         return ("float32 inputs with float32-accurate products (PyTorch's float32 matmul precision is 'highest'): "
                 "the Triton backward's solve kernel faults on the GPU with them (seen with Triton 3.6 on sm_90); "
                 "torch.set_float32_matmul_precision('high') runs it with TF32 products")
@@ -163,8 +165,8 @@ def run_backward(call: KDACall, config: dict, do, dht, kept: tuple | None = None
 
 TRITON_BACKEND = Backend(
     name="triton", supports=supports, supports_forced=supports_forced, run=run, run_states=run_states,
-    run_backward=run_backward, supports_backward=supports_backward, run_training=run_training, kept_shapes=kept_shapes, chunk_state_pool=True,
-    padding_slots=True,
+    run_backward=run_backward, supports_backward=supports_backward, run_training=run_training,
+    kept_shapes=kept_shapes, chunk_state_pool=True, padding_slots=True,
     default_config=default_config, configs=configs, check_config=check_config,
     backward_configs=backward_configs,
     description="Triton kernels: intra (Gamma, A, inverse, W/U), state recurrence, output; decode kernel with "

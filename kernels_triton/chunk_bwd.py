@@ -30,7 +30,7 @@ from .chunk_bwd_prologue import chunk_bwd_prologue
 from .chunk_bwd_recompute import recompute_forward
 from .chunk_bwd_solve import chunk_bwd_solve
 from .chunk_bwd_state import chunk_bwd_state
-from .config import backward_config
+from .config import backward_config, float32_accurate_products
 
 
 def get_configs() -> list[dict]:
@@ -62,10 +62,10 @@ def check_products(cfg, device: torch.device) -> None:
     runs: Triton 3.6 compiles the solve stage with them for sm_90 into shared-memory reads out of bounds, which end
     the CUDA context (backend.supports_backward keeps float32 calls under "highest" away; this catches a config
     that names them)."""
-    asked = {cfg.forward.precision, cfg.forward.solve_precision} & {"tf32x3", "ieee"}
+    asked = float32_accurate_products(cfg.forward)
     if device.type == "cuda" and asked:
         raise ValueError(f"the Triton backward on a GPU takes precision and solve_precision 'tf32' only, got "
-                         f"{sorted(asked)}: its solve kernel faults with float32-accurate products (seen with Triton "
+                         f"{asked}: its solve kernel faults with float32-accurate products (seen with Triton "
                          f"3.6 on sm_90); for float32-accurate gradients use another backend")
 
 

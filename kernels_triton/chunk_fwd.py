@@ -30,7 +30,8 @@ def chunk_kda_fwd(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, o
     Returns ``(o [B, T, HV, V], final_state or None)``, plus ``h`` (state entering each chunk, in k's dtype and
     the ``state_v_first`` layout: ``[B, NT, HV, K, V]``, varlen ``[1, total chunks, HV, K, V]``) with
     ``return_states``, or plus the :class:`chunk_intra.Kept` X and aqk for the backward with ``keep`` (a training
-    forward: ``chunk_bwd.chunk_kda_bwd`` then does not form them again).  ``config``: a :class:`config.ChunkConfig` as a dict (missing keys at their defaults).
+    forward: ``chunk_bwd.chunk_kda_bwd`` then does not form them again).  ``config``: a :class:`config.ChunkConfig`
+    as a dict (missing keys at their defaults).
     """
     cfg = chunk_config(config, q.dtype)
     B, T, H, K = q.shape

@@ -103,6 +103,12 @@ BackwardConfig = dataclasses.make_dataclass(
         "forward's config, whose intra and state stages it runs again (and whose precision fields it follows).")})
 
 
+def float32_accurate_products(cfg: ChunkConfig) -> list[str]:
+    """The float32-accurate product precisions ("tf32x3", "ieee") among ``cfg``'s ``precision`` and
+    ``solve_precision``: the ones the Triton backward's solve kernel faults with on a GPU (chunk_bwd.check_products)."""
+    return sorted({cfg.precision, cfg.solve_precision} & {"tf32x3", "ieee"})
+
+
 def float32_defaults() -> dict:
     """Precision fields for float32 inputs, following PyTorch's float32 matmul precision: "highest" (or
     fp32_precision "ieee") gives float32-accurate products (3xTF32, the inverse in float32 FMA with forward
